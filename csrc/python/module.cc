@@ -1,0 +1,315 @@
+// flashckpt._C: the Python binding of the C++ core. All bindings live in this
+// file. It links flashckpt_core only, never libtorch: the Python layer hands
+// over raw pointers, sizes, dtype names and device ordinals, so one build serves
+// PyTorch 1.13 and 2.x. Every call that can block (copy, I/O, waits) releases
+// the GIL; flashckpt::Error becomes one of the classes of flashckpt.errors.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "flashckpt/checkpointer.h"
+#include "flashckpt/config.h"
+#include "flashckpt/errors.h"
+
+namespace py = pybind11;
+
+namespace flashckpt {
+namespace {
+
+const char* ErrorCodeName(ErrorCode code) {
+  switch (code) {
+    case ErrorCode::kInvalidArgument: return "INVALID_ARGUMENT";
+    case ErrorCode::kNotFound: return "NOT_FOUND";
+    case ErrorCode::kCorruption: return "CORRUPTION";
+    case ErrorCode::kResourceExhausted: return "RESOURCE_EXHAUSTED";
+    case ErrorCode::kPermissionDenied: return "PERMISSION_DENIED";
+    case ErrorCode::kFailedPrecondition: return "FAILED_PRECONDITION";
+    case ErrorCode::kDeadlineExceeded: return "DEADLINE_EXCEEDED";
+    case ErrorCode::kUnavailable: return "UNAVAILABLE";
+    case ErrorCode::kInternal: return "INTERNAL";
+  }
+  return "INTERNAL";
+}
+
+// Raises flashckpt.errors.<class for code>(message). Falls back to
+// RuntimeError if the Python package cannot be imported (bare _C use).
+void RaiseError(const Error& e) {
+  try {
+    py::object cls = py::module_::import("flashckpt.errors").attr("error_class")(
+        ErrorCodeName(e.code()));
+    PyErr_SetString(cls.ptr(), e.what());
+  } catch (py::error_already_set&) {
+    PyErr_Clear();
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+}
+
+// A loaded step as Python sees it: metadata plus the buffer protocol over the
+// one data buffer, so torch.frombuffer(snapshot, ...) wraps tensors without a
+// copy and keeps the snapshot alive for as long as any such tensor lives.
+struct PySnapshot {
+  std::unique_ptr<LoadedSnapshot> snap;
+};
+
+py::dict TensorInfoToDict(const TensorInfo& t, const void* base) {
+  py::dict d;
+  d["key"] = t.key;
+  d["dtype"] = t.dtype;
+  d["shape"] = t.shape;
+  d["strides"] = t.strides;
+  d["storage_offset"] = t.storage_offset;
+  d["storage_key"] = t.storage_key;
+  d["element_size"] = t.element_size;
+  d["nbytes"] = t.nbytes;
+  d["crc32c"] = t.crc32c;
+  if (t.data != nullptr && base != nullptr) {
+    d["offset"] = static_cast<int64_t>(static_cast<const char*>(t.data) -
+                                       static_cast<const char*>(base));
+  } else {
+    d["offset"] = py::none();
+  }
+  return d;
+}
+
+TensorRef TensorRefFromTuple(const py::handle& item) {
+  // (key, data_ptr, nbytes, dtype, shape, element_size, device, cuda_stream,
+  //  strides, storage_offset, storage_key)
+  auto t = item.cast<py::tuple>();
+  if (t.size() != 11) throw py::value_error("tensor record must have 11 fields");
+  TensorRef r;
+  r.key = t[0].cast<std::string>();
+  r.data = reinterpret_cast<const void*>(t[1].cast<uintptr_t>());
+  r.nbytes = t[2].cast<uint64_t>();
+  r.dtype = t[3].cast<std::string>();
+  r.shape = t[4].cast<std::vector<int64_t>>();
+  r.element_size = t[5].cast<uint32_t>();
+  r.device = t[6].cast<int>();
+  r.cuda_stream = reinterpret_cast<void*>(t[7].cast<uintptr_t>());
+  r.strides = t[8].cast<std::vector<int64_t>>();
+  r.storage_offset = t[9].cast<int64_t>();
+  r.storage_key = t[10].cast<std::string>();
+  return r;
+}
+
+LoadOptions MakeLoadOptions(std::optional<int64_t> step, bool prefer_memory,
+                            bool allow_fallback, bool verify) {
+  LoadOptions o;
+  o.step = step;
+  o.prefer_memory = prefer_memory;
+  o.allow_fallback = allow_fallback;
+  o.verify = verify;
+  return o;
+}
+
+}  // namespace
+}  // namespace flashckpt
+
+PYBIND11_MODULE(_C, m) {
+  using namespace flashckpt;
+  m.doc() = "flashckpt core binding (internal: use the flashckpt package)";
+  m.attr("__version__") = FLASHCKPT_VERSION;
+  m.attr("have_cuda") = static_cast<bool>(FLASHCKPT_HAVE_CUDA);
+  m.attr("format_version") = kFormatVersion;
+
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const Error& e) {
+      RaiseError(e);
+    }
+  });
+
+  py::class_<SaveHandle>(m, "SaveHandle")
+      .def_property_readonly("step", &SaveHandle::step)
+      .def("wait_snapshot", &SaveHandle::wait_snapshot,
+           py::call_guard<py::gil_scoped_release>())
+      .def(
+          "wait_durable",
+          [](const SaveHandle& h, std::optional<double> timeout_s) {
+            py::gil_scoped_release nogil;
+            if (!timeout_s) {
+              h.wait_durable();
+              return true;
+            }
+            auto ms = std::chrono::milliseconds(
+                static_cast<int64_t>(*timeout_s * 1000.0 + 0.5));
+            return h.wait_durable_for(ms);
+          },
+          py::arg("timeout") = py::none(),
+          "Blocks until durable; with a timeout (seconds) returns False when it expires.")
+      .def("persisted", &SaveHandle::persisted);
+
+  py::class_<PySnapshot>(m, "Snapshot", py::buffer_protocol())
+      .def_property_readonly("step", [](const PySnapshot& s) { return s.snap->step(); })
+      .def_property_readonly("rank", [](const PySnapshot& s) { return s.snap->rank(); })
+      .def_property_readonly("world_size",
+                             [](const PySnapshot& s) { return s.snap->world_size(); })
+      .def_property_readonly("source",
+                             [](const PySnapshot& s) {
+                               return s.snap->source() == Source::kMemory ? "memory"
+                                                                          : "storage";
+                             })
+      .def_property_readonly("data_bytes",
+                             [](const PySnapshot& s) { return s.snap->data_bytes(); })
+      .def_property_readonly("tensors",
+                             [](const PySnapshot& s) {
+                               py::list out;
+                               for (const auto& t : s.snap->tensors())
+                                 out.append(TensorInfoToDict(t, s.snap->buffer()));
+                               return out;
+                             })
+      .def_property_readonly("blobs",
+                             [](const PySnapshot& s) {
+                               py::dict out;
+                               for (const auto& [k, v] : s.snap->blobs())
+                                 out[py::str(k)] = py::bytes(v);
+                               return out;
+                             })
+      .def_buffer([](PySnapshot& s) -> py::buffer_info {
+        // Writable: the buffer is owned by the snapshot, not the shared slot.
+        void* p = const_cast<void*>(s.snap->buffer());
+        auto n = static_cast<py::ssize_t>(p ? s.snap->data_bytes() : 0);
+        return py::buffer_info(p, 1, py::format_descriptor<uint8_t>::format(), 1, {n}, {1},
+                               /*readonly=*/false);
+      });
+
+  py::class_<Checkpointer>(m, "Checkpointer")
+      .def(py::init([](std::string directory, int rank, int world_size, std::string run_id,
+                       std::string shm_dir, int num_slots, uint64_t reserve_bytes,
+                       bool reserve_in_background, int copy_threads, bool persist,
+                       int persist_every, int keep_last, bool use_io_uring,
+                       bool use_direct_io, uint32_t io_chunk_bytes, int io_queue_depth,
+                       double commit_timeout_s, bool unlink_memory_on_close,
+                       bool reuse_memory) {
+             CheckpointerOptions o;
+             o.directory = std::move(directory);
+             o.rank = rank;
+             o.world_size = world_size;
+             o.run_id = std::move(run_id);
+             if (!shm_dir.empty()) o.shm_dir = std::move(shm_dir);
+             o.num_slots = num_slots;
+             o.reserve_bytes = reserve_bytes;
+             o.reserve_in_background = reserve_in_background;
+             o.copy_threads = copy_threads;
+             o.persist = persist;
+             o.persist_every = persist_every;
+             o.keep_last = keep_last;
+             o.use_io_uring = use_io_uring;
+             o.use_direct_io = use_direct_io;
+             o.io_chunk_bytes = io_chunk_bytes;
+             o.io_queue_depth = io_queue_depth;
+             o.commit_timeout = std::chrono::milliseconds(
+                 static_cast<int64_t>(commit_timeout_s * 1000.0));
+             o.unlink_memory_on_close = unlink_memory_on_close;
+             o.reuse_memory = reuse_memory;
+             py::gil_scoped_release nogil;
+             return std::make_unique<Checkpointer>(std::move(o));
+           }),
+           py::arg("directory"), py::arg("rank") = 0, py::arg("world_size") = 1,
+           py::arg("run_id") = "", py::arg("shm_dir") = "/dev/shm", py::arg("num_slots") = 2,
+           py::arg("reserve_bytes") = 0, py::arg("reserve_in_background") = true,
+           py::arg("copy_threads") = 0, py::arg("persist") = true,
+           py::arg("persist_every") = 1, py::arg("keep_last") = 3,
+           py::arg("use_io_uring") = true, py::arg("use_direct_io") = true,
+           py::arg("io_chunk_bytes") = 8u << 20, py::arg("io_queue_depth") = 8,
+           py::arg("commit_timeout_s") = 600.0, py::arg("unlink_memory_on_close") = true,
+           py::arg("reuse_memory") = true)
+      .def(
+          "save",
+          [](Checkpointer& c, int64_t step, const py::list& tensors, const py::list& blobs,
+             bool blocking) {
+            std::vector<TensorRef> refs;
+            refs.reserve(tensors.size());
+            for (const auto& item : tensors) refs.push_back(TensorRefFromTuple(item));
+            std::vector<BlobRef> brefs;
+            brefs.reserve(blobs.size());
+            for (const auto& item : blobs) {
+              auto t = item.cast<py::tuple>();
+              brefs.push_back(BlobRef{t[0].cast<std::string>(), t[1].cast<std::string>()});
+            }
+            py::gil_scoped_release nogil;
+            return c.save(step, refs, brefs, blocking);
+          },
+          py::arg("step"), py::arg("tensors"), py::arg("blobs"), py::arg("blocking") = true)
+      .def(
+          "load",
+          [](Checkpointer& c, std::optional<int64_t> step, bool prefer_memory,
+             bool allow_fallback, bool verify) {
+            auto opt = MakeLoadOptions(step, prefer_memory, allow_fallback, verify);
+            std::unique_ptr<LoadedSnapshot> snap;
+            {
+              py::gil_scoped_release nogil;
+              snap = c.load(opt);
+            }
+            return std::make_unique<PySnapshot>(PySnapshot{std::move(snap)});
+          },
+          py::arg("step") = py::none(), py::arg("prefer_memory") = true,
+          py::arg("allow_fallback") = false, py::arg("verify") = true)
+      .def(
+          "load_into",
+          [](Checkpointer& c, const py::dict& dest, std::optional<int64_t> step,
+             bool prefer_memory, bool allow_fallback, bool verify) {
+            // dest: key -> (data_ptr, nbytes, dtype, shape)
+            std::map<std::string, MutableTensorRef> refs;
+            for (const auto& [k, v] : dest) {
+              auto t = v.cast<py::tuple>();
+              MutableTensorRef r;
+              r.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
+              r.nbytes = t[1].cast<uint64_t>();
+              r.dtype = t[2].cast<std::string>();
+              r.shape = t[3].cast<std::vector<int64_t>>();
+              refs.emplace(k.cast<std::string>(), std::move(r));
+            }
+            auto opt = MakeLoadOptions(step, prefer_memory, allow_fallback, verify);
+            std::map<std::string, std::string> blobs;
+            int64_t loaded;
+            {
+              py::gil_scoped_release nogil;
+              loaded = c.load_into(refs, &blobs, opt);
+            }
+            py::dict out;
+            for (const auto& [k, v] : blobs) out[py::str(k)] = py::bytes(v);
+            return py::make_tuple(loaded, out);
+          },
+          py::arg("dest"), py::arg("step") = py::none(), py::arg("prefer_memory") = true,
+          py::arg("allow_fallback") = false, py::arg("verify") = true)
+      .def("latest_step", &Checkpointer::latest_step, py::call_guard<py::gil_scoped_release>())
+      .def("latest_memory_step", &Checkpointer::latest_memory_step,
+           py::call_guard<py::gil_scoped_release>())
+      .def("steps",
+           [](Checkpointer& c) {
+             std::vector<StepInfo> v;
+             {
+               py::gil_scoped_release nogil;
+               v = c.steps();
+             }
+             py::list out;
+             for (const auto& s : v) {
+               py::dict d;
+               d["step"] = s.step;
+               d["committed"] = s.committed;
+               d["in_memory"] = s.in_memory;
+               d["bytes"] = s.bytes;
+               d["world_size"] = s.world_size;
+               out.append(d);
+             }
+             return out;
+           })
+      .def("wait_all", &Checkpointer::wait_all, py::call_guard<py::gil_scoped_release>())
+      .def("close", &Checkpointer::close, py::call_guard<py::gil_scoped_release>())
+      .def("unlink_memory", &Checkpointer::unlink_memory,
+           py::call_guard<py::gil_scoped_release>())
+      .def("memory_segment_path", &Checkpointer::memory_segment_path)
+      .def_property_readonly("directory",
+                             [](const Checkpointer& c) { return c.options().directory; })
+      .def_property_readonly("rank", [](const Checkpointer& c) { return c.options().rank; })
+      .def_property_readonly("world_size",
+                             [](const Checkpointer& c) { return c.options().world_size; });
+}

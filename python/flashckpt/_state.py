@@ -1,0 +1,422 @@
+"""Turning a nested training state into tensor records plus one pickled blob, and back.
+
+A state is any nesting of dicts (including OrderedDict with ``_metadata``),
+lists, tuples (including namedtuples), tensors and picklable values. Saving
+replaces every tensor by a ``_TensorLeaf`` placeholder naming a tensor entry,
+pickles the rest (the *structure*), and hands the tensors to the core as raw
+records: pointer, byte count, dtype name, shape, device.
+
+Storage sharing is kept:
+  * the same tensor reached twice (tied weights) is one entry, restored as one
+    tensor object;
+  * distinct views of one storage (a slice and its base, a transpose) become one
+    ``<key>@storage`` entry holding the bytes they span, plus views recorded with
+    ``storage_key``/``strides``/``storage_offset`` and restored as views of one
+    restored storage.
+A non-contiguous tensor whose elements are dense in memory (a transpose, a
+permute) is saved as its bytes with its strides, without a copy; other
+non-contiguous tensors are copied with ``.contiguous()`` first.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import pickle
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+STRUCTURE_BLOB = "__flashckpt__/structure"
+STRUCTURE_VERSION = 1
+
+
+class _TensorLeaf:
+    """Stands for a tensor inside the pickled structure."""
+
+    __slots__ = ("key", "parameter", "requires_grad")
+
+    def __init__(self, key: str, parameter: bool = False, requires_grad: bool = False):
+        self.key = key
+        self.parameter = parameter
+        self.requires_grad = requires_grad
+
+    def __getstate__(self):
+        return (self.key, self.parameter, self.requires_grad)
+
+    def __setstate__(self, s):
+        self.key, self.parameter, self.requires_grad = s
+
+    def __repr__(self):
+        return f"_TensorLeaf({self.key!r})"
+
+
+def _path_repr(path: Tuple[Any, ...]) -> str:
+    return "state" + "".join(f"[{p!r}]" for p in path)
+
+
+def _key_of(path: Tuple[Any, ...]) -> str:
+    return "/".join(str(p) for p in path) if path else "<root>"
+
+
+def storage_of(t: torch.Tensor) -> Tuple[int, int]:
+    """(data pointer, byte size) of a tensor's storage, on PyTorch 1.13 and 2.x."""
+    if hasattr(t, "untyped_storage"):
+        s = t.untyped_storage()
+        return s.data_ptr(), s.nbytes()
+    s = t.storage()
+    return s.data_ptr(), s.nbytes()
+
+
+def _span(t: torch.Tensor) -> Tuple[int, int]:
+    """[lo, hi) element offsets of a non-empty tensor within its storage."""
+    lo = t.storage_offset()
+    hi = lo + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    return lo, hi
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when the tensor's elements fill [lo, hi) exactly once (any dim order)."""
+    dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    attr = name[len("torch."):] if name.startswith("torch.") else name
+    dt = getattr(torch, attr, None)
+    if not isinstance(dt, torch.dtype):
+        raise TypeError(f"unknown tensor dtype {name!r} in checkpoint")
+    return dt
+
+
+def _device_index(t: torch.Tensor) -> int:
+    if t.device.type == "cpu":
+        return -1
+    if t.device.type == "cuda":
+        return t.device.index if t.device.index is not None else torch.cuda.current_device()
+    raise TypeError(f"tensors on device {t.device} are not supported")
+
+
+@dataclass
+class FlatState:
+    """What save() hands to the core."""
+
+    records: List[tuple] = field(default_factory=list)  # core TensorRef tuples
+    blobs: List[Tuple[str, bytes]] = field(default_factory=list)
+    keepalive: List[torch.Tensor] = field(default_factory=list)  # temporaries and sources
+    nbytes: int = 0
+    has_cuda: bool = False
+
+
+def _check_tensor(t: torch.Tensor, path) -> None:
+    if t.layout != torch.strided:
+        raise TypeError(f"cannot save {_path_repr(path)}: tensors with layout {t.layout} "
+                        "are not supported (convert with .to_dense())")
+    if getattr(t, "is_quantized", False):
+        raise TypeError(f"cannot save {_path_repr(path)}: quantized tensors are not supported")
+    if t.device.type not in ("cpu", "cuda"):
+        raise TypeError(f"cannot save {_path_repr(path)}: tensors on device {t.device} "
+                        "are not supported")
+
+
+def _copy_mapping(d: dict) -> dict:
+    if type(d) is dict:
+        return {}
+    try:
+        new = copy.copy(d)  # keeps the type and attributes such as state_dict()._metadata
+        new.clear()
+        return new
+    except Exception:
+        return {}
+
+
+def _find_unpicklable(obj, path) -> Optional[Tuple[Tuple[Any, ...], Exception]]:
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            r = _find_unpicklable(v, path + (k,))
+            if r:
+                return r
+        return None
+    if isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            r = _find_unpicklable(v, path + (i,))
+            if r:
+                return r
+        return None
+    try:
+        pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # PicklingError, AttributeError, TypeError...
+        return path, e
+    return None
+
+
+def flatten(state: Any, cuda_stream_of=None) -> FlatState:
+    """Splits ``state`` into tensor records and the pickled structure."""
+    leaves: List[Tuple[str, torch.Tensor]] = []
+    by_id: Dict[int, _TensorLeaf] = {}
+    used_keys = set()
+
+    def unique(key: str) -> str:
+        if key not in used_keys and not key.endswith("@storage"):
+            used_keys.add(key)
+            return key
+        i = 1
+        while f"{key}#{i}" in used_keys:
+            i += 1
+        used_keys.add(f"{key}#{i}")
+        return f"{key}#{i}"
+
+    def walk(obj, path):
+        if isinstance(obj, torch.Tensor):
+            leaf = by_id.get(id(obj))
+            if leaf is None:
+                _check_tensor(obj, path)
+                leaf = _TensorLeaf(unique(_key_of(path)), isinstance(obj, torch.nn.Parameter),
+                                   bool(obj.requires_grad))
+                by_id[id(obj)] = leaf
+                leaves.append((leaf.key, obj))
+            return leaf
+        if isinstance(obj, dict):
+            new = _copy_mapping(obj)
+            for k, v in obj.items():
+                new[k] = walk(v, path + (k,))
+            return new
+        if isinstance(obj, list):
+            return [walk(v, path + (i,)) for i, v in enumerate(obj)]
+        if isinstance(obj, tuple):
+            items = [walk(v, path + (i,)) for i, v in enumerate(obj)]
+            if hasattr(obj, "_fields"):  # namedtuple
+                return type(obj)(*items)
+            return tuple(items) if type(obj) is tuple else type(obj)(items)
+        return obj
+
+    structure = walk(state, ())
+    flat = FlatState()
+    devices: Dict[str, str] = {}
+    # Distinct tensor objects over identical bytes (same storage, dtype, shape,
+    # strides, offset): the later key points at the first one's entry.
+    aliases: Dict[str, str] = {}
+
+    # Group tensors by storage so that views of one storage are saved once.
+    groups: Dict[Tuple[str, int], List[Tuple[str, torch.Tensor]]] = {}
+    singles: List[Tuple[str, torch.Tensor]] = []
+    for key, t in leaves:
+        if t.numel() == 0:
+            singles.append((key, t))
+            continue
+        ptr, _ = storage_of(t)
+        groups.setdefault((str(t.device), ptr), []).append((key, t))
+
+    def stream_of(t: torch.Tensor) -> int:
+        if t.device.type != "cuda":
+            return 0
+        flat.has_cuda = True
+        if cuda_stream_of is not None:
+            return cuda_stream_of(t.device)
+        return torch.cuda.current_stream(t.device).cuda_stream
+
+    def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key=""):
+        dev = _device_index(t)
+        flat.records.append((key, ptr, nbytes, str(t.dtype), list(shape), t.element_size(), dev,
+                             stream_of(t), list(strides), storage_offset, storage_key))
+        devices[key] = str(t.device)
+        if not storage_key:
+            flat.nbytes += nbytes
+
+    def add_single(key, t):
+        t = t.detach()
+        if t.numel() == 0:
+            add_record(key, t, 0, 0, t.shape, [], 0)
+        elif t.is_contiguous():
+            add_record(key, t, t.data_ptr(), t.numel() * t.element_size(), t.shape, [], 0)
+        elif _is_dense(t):
+            lo, _ = _span(t)
+            es = t.element_size()
+            base = t.data_ptr() - (t.storage_offset() - lo) * es
+            add_record(key, t, base, t.numel() * es, t.shape, t.stride(),
+                       t.storage_offset() - lo)
+        else:
+            c = t.contiguous()
+            flat.keepalive.append(c)
+            add_record(key, c, c.data_ptr(), c.numel() * c.element_size(), c.shape, [], 0)
+
+    for key, t in singles:
+        add_single(key, t)
+    for members in groups.values():
+        views = {}
+        for key, t in members:
+            sig = (t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+            views.setdefault(sig, (key, t))
+        distinct = list(views.values())
+        if len(distinct) == 1 or len({t.dtype for _, t in distinct}) > 1:
+            # Sharing across dtypes is not expressible with one base; copy each.
+            seen_sig = {}
+            for key, t in members:
+                sig = (t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
+                if sig in seen_sig:
+                    # Another tensor object over the very same bytes: one entry.
+                    aliases[key] = seen_sig[sig]
+                    continue
+                seen_sig[sig] = key
+                add_single(key, t)
+            continue
+        es = distinct[0][1].element_size()
+        spans = [_span(t) for _, t in distinct]
+        lo = min(s[0] for s in spans)
+        hi = max(s[1] for s in spans)
+        first_key, first = distinct[0]
+        base_key = unique(first_key + "@storage")
+        base_ptr = first.data_ptr() - (first.storage_offset() - lo) * es
+        add_record(base_key, first.detach(), base_ptr, (hi - lo) * es, [hi - lo], [], 0)
+        for key, t in members:
+            add_record(key, t.detach(), t.data_ptr(), t.numel() * es, t.shape, t.stride(),
+                       t.storage_offset() - lo, base_key)
+
+    blob = {
+        "version": STRUCTURE_VERSION,
+        "state": structure,
+        "devices": devices,
+        "aliases": aliases,
+        "torch_version": torch.__version__,
+    }
+    try:
+        data = pickle.dumps(blob, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        found = _find_unpicklable(structure, ())
+        if found is None:
+            raise TypeError(f"cannot save state: {e}") from e
+        path, err = found
+        raise TypeError(f"cannot save {_path_repr(path)}: a {type(_get(state, path)).__name__} "
+                        f"cannot be pickled ({err})") from err
+    flat.blobs.append((STRUCTURE_BLOB, data))
+    return flat
+
+
+def _get(state, path):
+    for p in path:
+        state = state[p]
+    return state
+
+
+def _contiguous_strides(shape) -> List[int]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= max(n, 1)
+    return list(reversed(strides))
+
+
+def _resolve_device(saved: str, map_location) -> torch.device:
+    if map_location is None:
+        return torch.device(saved)
+    if isinstance(map_location, dict):
+        return torch.device(map_location.get(saved, saved))
+    if callable(map_location):
+        return torch.device(map_location(saved))
+    return torch.device(map_location)
+
+
+def tensors_from_snapshot(snapshot, devices: Dict[str, str], map_location=None) -> Dict[str, torch.Tensor]:
+    """Wraps every entry of a core snapshot as a tensor without a copy (CPU targets)."""
+    infos = snapshot.tensors
+    flats: Dict[str, torch.Tensor] = {}
+    out: Dict[str, torch.Tensor] = {}
+
+    def flat_of(info) -> torch.Tensor:
+        key = info["key"]
+        t = flats.get(key)
+        if t is not None:
+            return t
+        dtype = dtype_from_name(info["dtype"])
+        es = info["element_size"] or torch.empty((), dtype=dtype).element_size()
+        count = info["nbytes"] // es
+        if count == 0 or info["offset"] is None:
+            t = torch.empty(0, dtype=dtype)
+        else:
+            t = torch.frombuffer(snapshot, dtype=dtype, count=count, offset=info["offset"])
+        target = _resolve_device(devices.get(key, "cpu"), map_location)
+        if target.type != "cpu":
+            t = t.to(target)
+        flats[key] = t
+        return t
+
+    by_key = {i["key"]: i for i in infos}
+    for info in infos:
+        if info["storage_key"]:
+            base_info = by_key.get(info["storage_key"])
+            if base_info is None:
+                raise KeyError(f"tensor {info['key']!r} is a view of missing entry "
+                               f"{info['storage_key']!r}")
+            base = flat_of(base_info)
+            dtype = dtype_from_name(info["dtype"])
+            if base.dtype != dtype:
+                base = base.view(dtype)
+        else:
+            base = flat_of(info)
+        shape = list(info["shape"])
+        if info["storage_key"] or info["strides"]:
+            strides = list(info["strides"]) or _contiguous_strides(shape)
+            if math.prod(shape) == 0:
+                out[info["key"]] = torch.empty(shape, dtype=base.dtype, device=base.device)
+            else:
+                out[info["key"]] = base.as_strided(shape, strides, info["storage_offset"])
+        else:
+            out[info["key"]] = base.view(shape)
+    return out
+
+
+def unflatten(snapshot, map_location=None) -> Any:
+    """The state saved in a core snapshot, with tensors in place of placeholders."""
+    blobs = snapshot.blobs
+    raw = blobs.get(STRUCTURE_BLOB)
+    if raw is None:
+        # Saved by another front end (C++): a flat dict of tensors and raw blobs.
+        tensors = tensors_from_snapshot(snapshot, {}, map_location)
+        out: Dict[str, Any] = dict(tensors)
+        out.update({k: v for k, v in blobs.items()})
+        return out
+    meta = pickle.loads(raw)
+    if meta.get("version", 0) > STRUCTURE_VERSION:
+        from .errors import FailedPreconditionError
+
+        raise FailedPreconditionError(
+            f"step {snapshot.step} was written by a newer flashckpt (structure version "
+            f"{meta.get('version')}, this one reads {STRUCTURE_VERSION})")
+    tensors = tensors_from_snapshot(snapshot, meta.get("devices", {}), map_location)
+    aliases = meta.get("aliases", {})
+
+    def tensor_for(leaf: _TensorLeaf) -> torch.Tensor:
+        key = aliases.get(leaf.key, leaf.key)
+        t = tensors[key]
+        if leaf.parameter:
+            t = torch.nn.Parameter(t, requires_grad=leaf.requires_grad)
+            tensors[key] = t
+        elif leaf.requires_grad and t.is_floating_point():
+            t.requires_grad_(True)
+        return t
+
+    def restore(obj):
+        if isinstance(obj, _TensorLeaf):
+            return tensor_for(obj)
+        if isinstance(obj, dict):
+            for k in list(obj.keys()):
+                obj[k] = restore(obj[k])
+            return obj
+        if isinstance(obj, list):
+            for i, v in enumerate(obj):
+                obj[i] = restore(v)
+            return obj
+        if isinstance(obj, tuple):
+            items = [restore(v) for v in obj]
+            if hasattr(obj, "_fields"):
+                return type(obj)(*items)
+            return tuple(items) if type(obj) is tuple else type(obj)(items)
+        return obj
+
+    return restore(meta["state"])

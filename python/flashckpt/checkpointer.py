@@ -1,0 +1,499 @@
+"""The Python Checkpointer: nested training state in, snapshot in shared memory,
+persisted in the background by the C++ core."""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import os
+import threading
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from . import _native, _state
+from ._heartbeat import heartbeat
+from .errors import (DeadlineExceededError, FailedPreconditionError, InvalidArgumentError,
+                     NotFoundError, PermissionDeniedError, StateDictMismatchError)
+
+# (real directory, rank) of every open Checkpointer of this process: a second
+# writer on the same files would corrupt the first one's steps.
+_open_lock = threading.Lock()
+_open: Dict[tuple, "weakref.ref[Checkpointer]"] = {}
+_all: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all_at_exit():
+    for c in list(_all):
+        try:
+            c.close()
+        except Exception:
+            pass
+
+
+def _default_run_id(directory: str, rank: int) -> str:
+    # The segment must be found again by a restarted process on this directory,
+    # and two runs on other directories must not share one.
+    env = os.environ.get("FLASHCKPT_RUN_ID")
+    if env:
+        return env
+    digest = hashlib.sha1(os.path.realpath(directory).encode()).hexdigest()[:12]
+    return f"d{digest}"
+
+
+def _dist():
+    try:
+        import torch.distributed as dist
+    except ImportError:
+        return None
+    if dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+class SaveHandle:
+    """The result of ``Checkpointer.save``.
+
+    ``wait()`` blocks until the step is durable (data and COMMIT on storage);
+    ``fence()`` until the bytes are in memory (needed only after
+    ``blocking=False``, before the saved tensors change).
+    """
+
+    def __init__(self, core_handle, keepalive: List[torch.Tensor], nbytes: int, step: int,
+                 blocking: bool):
+        self._h = core_handle
+        self._keepalive = keepalive
+        self._snapshotted = blocking
+        self.nbytes = nbytes
+        self.step = step
+
+    def fence(self) -> None:
+        if not self._snapshotted:
+            self._h.wait_snapshot()
+            self._snapshotted = True
+            self._keepalive = []
+
+    wait_snapshot = fence
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Blocks until durable; raises DeadlineExceededError after ``timeout`` seconds."""
+        self.fence()
+        if not self._h.wait_durable(timeout):
+            raise DeadlineExceededError(
+                f"step {self.step} not durable after {timeout:.1f} s")
+
+    def done(self) -> bool:
+        """True once the step is durable (False while pending or when skipped)."""
+        return self._h.persisted()
+
+    def __repr__(self):
+        return f"<flashckpt.SaveHandle step={self.step} bytes={self.nbytes}>"
+
+
+@dataclass
+class LoadInfo:
+    step: int
+    source: str  # "memory" or "storage"
+    nbytes: int
+    seconds: float
+
+
+@dataclass
+class LoadResult:
+    """What ``load_into`` did."""
+
+    step: int
+    state: Any  # the whole loaded structure (for the entries load_into did not consume)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    mismatched: List[str] = field(default_factory=list)
+
+    def __getitem__(self, key):
+        return self.state[key]
+
+
+class Checkpointer:
+    """Saves nested training state to shared memory and persists it in the background.
+
+    Args:
+      directory: the checkpoint directory (created if missing). All ranks of
+        one job use the same directory.
+      keep_last: committed steps kept on storage (0: all).
+      persist_every: persist every N-th save; the others stay in memory only.
+      rank, world_size: default to ``torch.distributed`` when it is initialized,
+        else to ``$RANK``/``$WORLD_SIZE``, else 0 and 1.
+      run_id: names the shared-memory segment; default ``$FLASHCKPT_RUN_ID`` or
+        a hash of the directory (a restarted process finds its segment again).
+      num_slots: snapshots kept in memory per rank (>= 2).
+      reserve_bytes: allocate and touch the slots up front (first save as fast
+        as later ones).
+      persist: False keeps snapshots in memory only.
+      commit_timeout: seconds rank 0 waits for other ranks before failing a commit.
+      process_group: the group ``load()`` agrees on a step in (default: WORLD).
+      Any other keyword is passed to the core (``copy_threads``, ``use_io_uring``,
+      ``use_direct_io``, ``io_chunk_bytes``, ``io_queue_depth``, ``shm_dir``,
+      ``reserve_in_background``, ``unlink_memory_on_close``, ``reuse_memory``).
+    """
+
+    def __init__(self, directory, *, keep_last: int = 3, persist_every: int = 1,
+                 rank: Optional[int] = None, world_size: Optional[int] = None,
+                 run_id: Optional[str] = None, num_slots: int = 2, reserve_bytes: int = 0,
+                 persist: bool = True, commit_timeout: float = 600.0, process_group=None,
+                 **core_options):
+        directory = os.fspath(directory)
+        dist = _dist()
+        if rank is None:
+            rank = dist.get_rank() if dist else int(os.environ.get("RANK", 0))
+        if world_size is None:
+            world_size = dist.get_world_size() if dist else int(os.environ.get("WORLD_SIZE", 1))
+        if not 0 <= rank < world_size:
+            raise InvalidArgumentError(f"rank {rank} is not in [0, world_size={world_size})")
+        if keep_last < 0 or persist_every < 1:
+            raise InvalidArgumentError(
+                f"keep_last must be >= 0 and persist_every >= 1 (got {keep_last}, {persist_every})")
+        if os.path.exists(directory) and not os.path.isdir(directory):
+            raise InvalidArgumentError(
+                f"checkpoint directory {directory!r} exists and is not a directory")
+        if os.path.isdir(directory) and not os.access(directory, os.W_OK | os.X_OK):
+            raise PermissionDeniedError(
+                f"checkpoint directory {directory!r} is not writable by this user "
+                f"(uid {os.geteuid()})")
+        self.directory = directory
+        self.rank = rank
+        self.world_size = world_size
+        self._group = process_group
+        self._lock = threading.RLock()
+        self._pending: Optional[SaveHandle] = None
+        self._closed = False
+        self.last_load: Optional[LoadInfo] = None
+
+        key = (os.path.realpath(directory), rank)
+        with _open_lock:
+            other = _open.get(key)
+            if other is not None and other() is not None and not other()._closed:
+                raise FailedPreconditionError(
+                    f"checkpoint directory {directory!r} (rank {rank}) is already open by another "
+                    "flashckpt.Checkpointer in this process; close() it first")
+            _open[key] = weakref.ref(self)
+        self._open_key = key
+        try:
+            self._core = _native.load().Checkpointer(
+                directory, rank=rank, world_size=world_size,
+                run_id=run_id or _default_run_id(directory, rank), num_slots=num_slots,
+                reserve_bytes=reserve_bytes, persist=persist, persist_every=persist_every,
+                keep_last=keep_last, commit_timeout_s=float(commit_timeout), **core_options)
+        except BaseException:
+            with _open_lock:
+                _open.pop(key, None)
+            raise
+        _all.add(self)
+
+    # -- lifecycle ---------------------------------------------------------
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Waits for pending persists, then releases the directory. The shared-memory
+        segment is unlinked when the newest snapshot is durable."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                if self._pending is not None:
+                    self._pending.fence()
+                    self._pending = None
+                self._core.close()
+            finally:
+                self._closed = True
+                with _open_lock:
+                    ref = _open.get(self._open_key)
+                    if ref is not None and ref() is self:
+                        del _open[self._open_key]
+                _all.discard(self)
+
+    def unlink_memory(self) -> None:
+        """Drops the shared-memory segment now (its snapshots are lost)."""
+        with self._lock:
+            self._core.unlink_memory()
+
+    @property
+    def memory_segment_path(self) -> str:
+        return self._core.memory_segment_path()
+
+    def _check_open(self):
+        if self._closed:
+            raise FailedPreconditionError(f"Checkpointer on {self.directory!r} is closed")
+
+    # -- save --------------------------------------------------------------
+    def save(self, step: int, state: Any, *, blocking: bool = True) -> SaveHandle:
+        """Snapshots ``state`` (any nesting of dicts, lists, tuples, tensors and
+        picklable values) as ``step``.
+
+        Returns once the bytes are in shared memory; persisting goes on in the
+        background (``handle.wait()`` blocks until durable). With
+        ``blocking=False`` CUDA tensors are copied asynchronously: call
+        ``handle.fence()`` (or ``ckpt.fence()``, or ``install_fence``) before the
+        tensors change.
+        """
+        heartbeat()
+        with self._lock:
+            self._check_open()
+            if self._pending is not None:
+                self._pending.fence()
+                self._pending = None
+            flat = _state.flatten(state)
+            keepalive = flat.keepalive
+            if not blocking:
+                keepalive = keepalive + _collect_tensors(state)
+            h = self._core.save(int(step), flat.records, flat.blobs, blocking=blocking)
+            handle = SaveHandle(h, keepalive if not blocking else [], flat.nbytes, int(step),
+                                blocking)
+            if not blocking:
+                self._pending = handle
+            return handle
+
+    def fence(self) -> None:
+        """Waits until the last ``save(blocking=False)`` has its bytes in memory."""
+        with self._lock:
+            if self._pending is not None:
+                self._pending.fence()
+                self._pending = None
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        """Waits until every started persist finished."""
+        with self._lock:
+            self.fence()
+            if timeout is None:
+                self._core.wait_all()
+                return
+        # wait_all() has no deadline of its own: run it on a helper thread.
+        err: List[BaseException] = []
+
+        def run():
+            try:
+                self._core.wait_all()
+            except BaseException as e:  # pragma: no cover - rethrown below
+                err.append(e)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        t.join(timeout)
+        if t.is_alive():
+            raise DeadlineExceededError(f"persists on {self.directory!r} not finished after "
+                                        f"{timeout:.1f} s")
+        if err:
+            raise err[0]
+
+    wait_all = wait
+
+    # -- queries -----------------------------------------------------------
+    def latest_step(self) -> Optional[int]:
+        """Newest step loadable by this rank: committed on storage, or newer in memory."""
+        with self._lock:
+            self._check_open()
+            disk = self._core.latest_step()
+            mem = self._core.latest_memory_step()
+        cands = [s for s in (disk, mem) if s is not None]
+        return max(cands) if cands else None
+
+    def latest_committed_step(self) -> Optional[int]:
+        with self._lock:
+            return self._core.latest_step()
+
+    def latest_memory_step(self) -> Optional[int]:
+        with self._lock:
+            return self._core.latest_memory_step()
+
+    def steps(self, detail: bool = False):
+        """Steps loadable by this rank, ascending (``detail=True``: dicts with
+        committed, in_memory, bytes, world_size)."""
+        with self._lock:
+            self._check_open()
+            infos = self._core.steps()
+        infos.sort(key=lambda s: s["step"])
+        if detail:
+            return infos
+        return [s["step"] for s in infos if s["committed"] or s["in_memory"]]
+
+    # -- load --------------------------------------------------------------
+    def _agree_step(self, step: Optional[int]) -> Optional[int]:
+        """With torch.distributed up, the newest step every rank can load."""
+        dist = _dist()
+        if dist is None or dist.get_world_size(self._group) == 1:
+            return step
+        mine = step if step is not None else None
+        local = set(self.steps()) if step is None else {step}
+        gathered: List[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(gathered, sorted(local), group=self._group)
+        common = set(gathered[0])
+        for g in gathered[1:]:
+            common &= set(g)
+        if not common:
+            raise NotFoundError(
+                f"no step of {self.directory!r} is available on every rank "
+                f"(per rank: {[g[-3:] if g else [] for g in gathered]})")
+        agreed = max(common)
+        if mine is not None and agreed != mine:
+            raise NotFoundError(f"step {mine} is not available on every rank")
+        return agreed
+
+    def load(self, step: Optional[int] = None, *, map_location=None, prefer_memory: bool = True,
+             verify: bool = True, allow_fallback: bool = False) -> Any:
+        """The state saved at ``step`` (default: the newest step every rank has).
+
+        CPU tensors share one buffer with the loaded snapshot (no copy); tensors
+        saved on CUDA come back on their device unless ``map_location`` says
+        otherwise (a device, a string, a ``{saved: target}`` dict or a callable
+        of the saved device name). ``self.last_load`` says which step and source.
+        """
+        with self._lock:
+            self._check_open()
+            self.fence()
+            step = self._agree_step(step)
+            t0 = time.perf_counter()
+            snap = self._core.load(step, prefer_memory=prefer_memory,
+                                   allow_fallback=allow_fallback, verify=verify)
+            state = _state.unflatten(snap, map_location)
+            self.last_load = LoadInfo(snap.step, snap.source, snap.data_bytes,
+                                      time.perf_counter() - t0)
+            return state
+
+    def load_into(self, model: Optional[torch.nn.Module] = None, optimizer=None,
+                  scheduler=None, *, step: Optional[int] = None, strict: bool = True,
+                  model_key: str = "model", optimizer_key: str = "optim",
+                  scheduler_key: str = "sched", map_location=None,
+                  rng_key: Optional[str] = None) -> LoadResult:
+        """Loads a step and restores ``model``, ``optimizer`` and ``scheduler`` from
+        the entries ``model_key``, ``optimizer_key``, ``scheduler_key``.
+
+        ``strict=True`` raises StateDictMismatchError listing missing, unexpected
+        and shape-mismatched keys before changing anything; ``strict=False`` loads
+        what matches and reports the rest in the result. ``rng_key``: also
+        restore the RNG states saved under that key (see ``rng_state()``).
+        """
+        if map_location is None and model is not None:
+            p = next(iter(model.parameters()), None)
+            map_location = p.device if p is not None else None
+        state = self.load(step, map_location=map_location)
+        result = LoadResult(step=self.last_load.step, state=state)
+        if not isinstance(state, dict):
+            raise InvalidArgumentError(
+                f"step {result.step} holds a {type(state).__name__}, not a dict of entries")
+        if model is not None:
+            if model_key not in state:
+                raise StateDictMismatchError(
+                    f"step {result.step} has no {model_key!r} entry (entries: {sorted(state)})",
+                    missing=[model_key])
+            saved = state[model_key]
+            own = model.state_dict()
+            missing = [k for k in own if k not in saved]
+            unexpected = [k for k in saved if k not in own]
+            mismatched = [
+                f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+                for k in own
+                if k in saved and isinstance(saved[k], torch.Tensor)
+                and tuple(saved[k].shape) != tuple(own[k].shape)]
+            result.missing, result.unexpected, result.mismatched = missing, unexpected, mismatched
+            if strict and (missing or unexpected or mismatched):
+                lines = [f"cannot load step {result.step} into {type(model).__name__}:"]
+                if missing:
+                    lines.append(f"  missing keys ({len(missing)}): {', '.join(missing)}")
+                if unexpected:
+                    lines.append(f"  unexpected keys ({len(unexpected)}): {', '.join(unexpected)}")
+                if mismatched:
+                    lines.append(f"  mismatched shapes ({len(mismatched)}): {'; '.join(mismatched)}")
+                lines.append("  (strict=False loads the matching keys)")
+                raise StateDictMismatchError("\n".join(lines), missing, unexpected, mismatched)
+            bad = {m.split(":")[0] for m in mismatched}
+            model.load_state_dict({k: v for k, v in saved.items() if k not in bad}, strict=False)
+        if optimizer is not None:
+            if optimizer_key not in state:
+                if strict:
+                    raise StateDictMismatchError(
+                        f"step {result.step} has no {optimizer_key!r} entry", missing=[optimizer_key])
+                result.missing.append(optimizer_key)
+            else:
+                optimizer.load_state_dict(state[optimizer_key])
+        if scheduler is not None:
+            if scheduler_key not in state:
+                if strict:
+                    raise StateDictMismatchError(
+                        f"step {result.step} has no {scheduler_key!r} entry", missing=[scheduler_key])
+                result.missing.append(scheduler_key)
+            else:
+                scheduler.load_state_dict(state[scheduler_key])
+        if rng_key is not None and rng_key in state:
+            from .rng import set_rng_state
+
+            set_rng_state(state[rng_key])
+        return result
+
+    def __repr__(self):
+        return (f"<flashckpt.Checkpointer {self.directory!r} rank={self.rank}/"
+                f"{self.world_size}{' closed' if self._closed else ''}>")
+
+
+def _collect_tensors(state) -> List[torch.Tensor]:
+    out: List[torch.Tensor] = []
+
+    def walk(o):
+        if isinstance(o, torch.Tensor):
+            out.append(o)
+        elif isinstance(o, dict):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (list, tuple)):
+            for v in o:
+                walk(v)
+
+    walk(state)
+    return out
+
+
+class _FenceHandle:
+    def __init__(self, removers):
+        self._removers = removers
+
+    def remove(self):
+        for r in self._removers:
+            r()
+        self._removers = []
+
+
+def install_fence(optimizer, ckpt: Checkpointer, model: Optional[torch.nn.Module] = None):
+    """Calls ``ckpt.fence()`` before every ``optimizer.step()`` (and, with ``model``,
+    before every forward, which may update buffers such as BatchNorm statistics),
+    so that ``save(..., blocking=False)`` never snapshots half-updated tensors.
+
+    Uses ``Optimizer.register_step_pre_hook`` where PyTorch has it (2.0+), else
+    wraps this optimizer's ``step``. Returns a handle with ``remove()``.
+    """
+    removers = []
+    if hasattr(optimizer, "register_step_pre_hook"):
+        h = optimizer.register_step_pre_hook(lambda opt, args, kwargs: ckpt.fence())
+        removers.append(h.remove)
+    else:
+        original = optimizer.step
+
+        def step(*args, **kwargs):
+            ckpt.fence()
+            return original(*args, **kwargs)
+
+        optimizer.step = step
+
+        def restore():
+            if optimizer.__dict__.get("step") is step:
+                del optimizer.__dict__["step"]
+
+        removers.append(restore)
+    if model is not None:
+        h = model.register_forward_pre_hook(lambda mod, inp: ckpt.fence())
+        removers.append(h.remove)
+    return _FenceHandle(removers)
