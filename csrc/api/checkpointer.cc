@@ -1,0 +1,806 @@
+// Checkpointer: the save path (slot choice, copy, publish), the background
+// persister (io_uring write, rank record, commit, retention) and the loader
+// (memory first, storage second, crc-verified).
+#include "flashckpt/checkpointer.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <functional>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
+#include "api/device_copy.h"
+#include "common/crash_point.h"
+#include "common/crc32c.h"
+#include "common/log.h"
+#include "common/parallel_copy.h"
+#include "common/status.h"
+#include "shm/segment.h"
+#include "snapshot/snapshot.h"
+#include "storage/commit.h"
+#include "storage/layout.h"
+#include "storage/uring_io.h"
+
+namespace flashckpt {
+namespace fs = std::filesystem;
+
+// ---------------------------------------------------------------------------
+// SaveState / SaveHandle
+
+class SaveState {
+ public:
+  explicit SaveState(int64_t step) : step_(step) {}
+  int64_t step() const { return step_; }
+
+  void SnapshotDone(absl::Status s) {
+    { std::lock_guard<std::mutex> l(mu_); snapshot_done_ = true; snapshot_status_ = std::move(s); }
+    cv_.notify_all();
+  }
+  void DurableDone(absl::Status s, bool persisted) {
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      if (!snapshot_done_) { snapshot_done_ = true; snapshot_status_ = s; }
+      durable_done_ = true;
+      durable_status_ = std::move(s);
+      persisted_ = persisted;
+    }
+    cv_.notify_all();
+  }
+  void WaitSnapshot() {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return snapshot_done_; });
+    ThrowIfError(snapshot_status_);
+  }
+  bool WaitDurableFor(std::chrono::milliseconds timeout, bool throw_on_error) {
+    std::unique_lock<std::mutex> l(mu_);
+    if (!cv_.wait_for(l, timeout, [&] { return durable_done_; })) return false;
+    if (throw_on_error) ThrowIfError(durable_status_);
+    return true;
+  }
+  bool persisted() {
+    std::lock_guard<std::mutex> l(mu_);
+    return persisted_;
+  }
+
+ private:
+  const int64_t step_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool snapshot_done_ = false, durable_done_ = false, persisted_ = false;
+  absl::Status snapshot_status_, durable_status_;
+};
+
+int64_t SaveHandle::step() const { return state_ ? state_->step() : -1; }
+void SaveHandle::wait_snapshot() const { if (state_) state_->WaitSnapshot(); }
+void SaveHandle::wait_durable() const {
+  if (state_) state_->WaitDurableFor(std::chrono::hours(24 * 365), true);
+}
+bool SaveHandle::wait_durable_for(std::chrono::milliseconds t) const {
+  return !state_ || state_->WaitDurableFor(t, true);
+}
+bool SaveHandle::persisted() const { return state_ && state_->persisted(); }
+
+// ---------------------------------------------------------------------------
+
+namespace {
+
+std::string AbsolutePath(const std::string& p) {
+  std::error_code ec;
+  fs::path a = fs::absolute(p, ec);
+  return ec ? p : a.lexically_normal().string();
+}
+
+std::string SegmentName(const std::string& root, const std::string& run_id, int rank) {
+  return absl::StrFormat("flashckpt-%s-%08x-r%d", run_id, Crc32c(root.data(), root.size()), rank);
+}
+
+std::mutex g_open_mu;
+std::set<std::string> g_open;  // "<root>#<rank>" open in this process
+
+}  // namespace
+
+struct PersistJob {
+  int slot = -1;
+  int64_t step = -1;
+  uint64_t seq = 0;
+  bool persist = true;
+  std::shared_ptr<SaveState> state;
+  // Device copies still in flight (non-blocking CUDA save): finished, checksummed
+  // and published by the persister thread before anything else.
+  std::vector<void*> device_events;
+  std::function<absl::Status()> finish_snapshot;
+};
+
+class Checkpointer::Impl {
+ public:
+  explicit Impl(CheckpointerOptions o);
+  ~Impl();
+
+  SaveHandle Save(int64_t step, const std::vector<TensorRef>& tensors, const std::vector<BlobRef>& blobs,
+                  bool blocking);
+  std::unique_ptr<LoadedSnapshot> Load(const LoadOptions& lo);
+  void WaitAll();
+  void Close();
+
+  CheckpointerOptions opt;
+  std::string root;
+  std::string shm_path;
+  std::unique_ptr<SharedSegment> seg;
+  bool closed = false;
+
+ private:
+  absl::Status EnsureSegment(uint64_t needed);
+  absl::Status CreateSegment(uint64_t capacity);
+  int ChooseSlot(std::unique_lock<std::mutex>& l);
+  void PersisterLoop();
+  absl::Status Persist(const PersistJob& job);
+  absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
+  absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
+  void JoinReserve();
+
+  CopyPool pool_;
+  std::shared_ptr<CommitBarrier> barrier_;
+  std::unique_ptr<BulkIo> persist_io_;
+  int dir_lock_fd_ = -1;
+  std::string open_key_;
+  uint64_t generation_ = 0;
+  uint64_t saves_ = 0;
+  std::thread reserve_thread_;
+  absl::Status reserve_status_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<PersistJob> queue_;
+  std::set<int> pinned_;
+  bool busy_ = false;
+  bool stop_ = false;
+  std::thread persister_;
+  bool device_registered_ = false;
+};
+
+Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.copy_threads) {
+  if (opt.directory.empty()) throw Error(ErrorCode::kInvalidArgument, "CheckpointerOptions.directory is empty");
+  if (opt.world_size < 1 || opt.rank < 0 || opt.rank >= opt.world_size)
+    throw Error(ErrorCode::kInvalidArgument,
+                absl::StrCat("rank ", opt.rank, " is not within world size ", opt.world_size));
+  if (opt.num_slots < 2) throw Error(ErrorCode::kInvalidArgument, "num_slots must be at least 2");
+  if (opt.persist_every < 1) throw Error(ErrorCode::kInvalidArgument, "persist_every must be at least 1");
+  if (opt.run_id.empty()) {
+    const char* env = std::getenv("FLASHCKPT_RUN_ID");
+    opt.run_id = env && *env ? env : "local";
+  }
+  root = AbsolutePath(opt.directory);
+  ThrowIfError(PrepareDirectory(root));
+
+  open_key_ = absl::StrCat(root, "#", opt.rank);
+  {
+    std::lock_guard<std::mutex> l(g_open_mu);
+    if (!g_open.insert(open_key_).second)
+      throw Error(ErrorCode::kFailedPrecondition,
+                  absl::StrCat("checkpoint directory ", root, " is already open by another Checkpointer for rank ",
+                               opt.rank, " in this process; close() it first"));
+  }
+  std::string lock_path = absl::StrCat(root, "/.rank-", opt.rank, ".lock");
+  dir_lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (dir_lock_fd_ < 0 || ::flock(dir_lock_fd_, LOCK_EX | LOCK_NB) != 0) {
+    int err = errno;
+    { std::lock_guard<std::mutex> l(g_open_mu); g_open.erase(open_key_); }
+    if (dir_lock_fd_ >= 0) ::close(dir_lock_fd_);
+    if (err == EWOULDBLOCK)
+      throw Error(ErrorCode::kFailedPrecondition,
+                  absl::StrCat("checkpoint directory ", root, " is in use by another process for rank ", opt.rank,
+                               " (lock ", lock_path, ")"));
+    ThrowStatus(ErrnoStatus("lock", lock_path, err));
+  }
+  if (opt.rank == 0) CleanLeftovers(root);
+
+  barrier_ = opt.commit_barrier ? opt.commit_barrier : std::make_shared<FileCommitBarrier>(root);
+  shm_path = absl::StrCat(opt.shm_dir, "/", SegmentName(root, opt.run_id, opt.rank));
+
+  if (opt.reuse_memory && ::access(shm_path.c_str(), F_OK) == 0) {
+    auto s = SharedSegment::Open(shm_path);
+    if (s.ok() && static_cast<int>((*s)->num_slots()) == opt.num_slots && (*s)->LockForWriting().ok()) {
+      seg = std::move(*s);
+      for (int i = 0; i < seg->num_slots(); ++i) {
+        SlotView v;
+        if (seg->ReadSlot(i, &v)) generation_ = std::max(generation_, v.generation);
+      }
+      SlotView newest;
+      if (seg->Newest(&newest))
+        FCK_LOG(kInfo, "found shared-memory snapshot of step ", newest.step, " in ", shm_path,
+                newest.durable ? " (persisted)" : " (not yet persisted)");
+    } else if (!s.ok()) {
+      FCK_LOG(kWarn, "ignoring shared-memory segment ", shm_path, ": ", s.status().message());
+    }
+  }
+  if (opt.reserve_bytes > 0 && (!seg || seg->slot_capacity() < opt.reserve_bytes)) {
+    if (opt.reserve_in_background) {
+      reserve_thread_ = std::thread([this] { reserve_status_ = CreateSegment(opt.reserve_bytes); });
+    } else {
+      ThrowIfError(CreateSegment(opt.reserve_bytes));
+    }
+  } else if (seg && opt.reserve_in_background) {
+    SharedSegment* s = seg.get();
+    reserve_thread_ = std::thread([s] { s->Prefault(); });
+  }
+
+  IoOptions io;
+  io.use_io_uring = opt.use_io_uring;
+  io.use_direct_io = opt.use_direct_io;
+  io.chunk_bytes = opt.io_chunk_bytes;
+  io.queue_depth = opt.io_queue_depth;
+  persist_io_ = std::make_unique<BulkIo>(io);
+  persister_ = std::thread([this] { PersisterLoop(); });
+
+  // A snapshot a crashed process left in memory, newer than storage: persist it.
+  if (seg && opt.persist && opt.world_size == 1) {
+    SlotView v;
+    auto committed = LatestCommitted(root);
+    if (seg->Newest(&v) && !v.durable && (!committed || v.step > *committed)) {
+      FCK_LOG(kInfo, "persisting step ", v.step, " left in shared memory by an earlier process");
+      auto st = std::make_shared<SaveState>(v.step);
+      st->SnapshotDone(absl::OkStatus());
+      std::lock_guard<std::mutex> l(mu_);
+      pinned_.insert(v.index);
+      queue_.push_back(PersistJob{v.index, v.step, v.seq, true, st, {}, {}});
+      cv_.notify_all();
+    }
+  }
+}
+
+Checkpointer::Impl::~Impl() { Close(); }
+
+void Checkpointer::Impl::JoinReserve() {
+  if (reserve_thread_.joinable()) reserve_thread_.join();
+}
+
+absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity) {
+  // Room to grow a little without re-creating the segment.
+  capacity = AlignUp(capacity + capacity / 64 + (1u << 20), 2u << 20);
+  if (seg) {
+    if (device_registered_) {
+      if (auto dc = DeviceCopier::Get(); dc.ok()) (*dc)->UnregisterHost(seg->header()).IgnoreError();
+      device_registered_ = false;
+    }
+    FCK_LOG(kInfo, "growing shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
+            capacity >> 20, " MiB; older in-memory snapshots are dropped");
+    seg.reset();
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  FCK_ASSIGN_OR_RETURN(auto s, SharedSegment::Create(shm_path, opt.num_slots, capacity, opt.rank, root));
+  FCK_RETURN_IF_ERROR(s->LockForWriting());
+  s->Prefault();
+  FCK_LOG(kDebug, "allocated ", opt.num_slots, " slots of ", capacity >> 20, " MiB in ", shm_path, " in ",
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s");
+  seg = std::move(s);
+  return absl::OkStatus();
+}
+
+absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
+  JoinReserve();
+  if (!reserve_status_.ok()) {
+    absl::Status s = reserve_status_;
+    reserve_status_ = absl::OkStatus();
+    if (!seg) return s;
+  }
+  if (seg && seg->slot_capacity() >= needed) return absl::OkStatus();
+  // Growing replaces the segment: wait until nothing reads the old one.
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    cv_.wait(l, [&] { return queue_.empty() && !busy_; });
+  }
+  return CreateSegment(needed);
+}
+
+int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
+  for (;;) {
+    SlotView newest;
+    int newest_index = seg->Newest(&newest) ? newest.index : -1;
+    int best = -1;
+    uint64_t best_gen = UINT64_MAX;
+    for (int i = 0; i < seg->num_slots(); ++i) {
+      if (i == newest_index || pinned_.count(i) || seg->slot(i)->pin_pid.load() != 0) continue;
+      SlotView v;
+      uint64_t gen = seg->ReadSlot(i, &v) ? v.generation : 0;
+      if (gen < best_gen) { best = i; best_gen = gen; }
+    }
+    if (best >= 0) return best;
+    // Every other slot is being persisted: the disk is slower than the save rate.
+    FCK_LOG(kWarn, "all ", seg->num_slots(), " slots busy (persisting is slower than saving); waiting. "
+            "More slots (num_slots) or a larger persist_every avoid this wait");
+    cv_.wait_for(l, std::chrono::milliseconds(100));
+  }
+}
+
+SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& tensors,
+                                    const std::vector<BlobRef>& blobs, bool blocking) {
+  if (closed) throw Error(ErrorCode::kFailedPrecondition, "save() on a closed Checkpointer");
+  if (step < 0) throw Error(ErrorCode::kInvalidArgument, absl::StrCat("step must be >= 0, got ", step));
+  SavePlan plan = ValueOrThrow(PlanSave(tensors, blobs, kSlotAlignment));
+  ThrowIfError(Annotate(EnsureSegment(plan.slot_bytes_needed()), absl::StrCat("save of step ", step)));
+
+  bool any_device = false;
+  for (const auto& t : tensors) any_device |= (t.device >= 0 && t.storage_key.empty() && t.nbytes > 0);
+  DeviceCopier* dc = nullptr;
+  if (any_device) {
+    dc = ValueOrThrow(DeviceCopier::Get());
+    if (!device_registered_) {
+      ThrowIfError(dc->RegisterHost(seg->header(), seg->mapped_bytes()));
+      device_registered_ = true;
+    }
+  }
+
+  int slot;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    slot = ChooseSlot(l);
+    pinned_.insert(slot);
+  }
+  auto state = std::make_shared<SaveState>(step);
+  uint8_t* data = seg->slot_data(slot);
+  seg->BeginWrite(slot);
+  CrashPoint("save: slot open");
+
+  // Device copies first (they run on the GPU's copy engine meanwhile).
+  std::vector<void*> events;
+  std::map<int, std::vector<DeviceCopier::Copy>> by_device;
+  std::map<int, void*> stream_of;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    if (t.device < 0 || !t.storage_key.empty() || t.nbytes == 0) continue;
+    by_device[t.device].push_back({data + plan.offsets[i], t.data, t.nbytes});
+    stream_of[t.device] = t.cuda_stream;
+  }
+  auto fail = [&](const absl::Status& s) {
+    std::lock_guard<std::mutex> l(mu_);
+    pinned_.erase(slot);
+    cv_.notify_all();
+    ThrowStatus(Annotate(s, absl::StrCat("save of step ", step)));
+  };
+  for (auto& [dev, copies] : by_device) {
+    auto ev = dc->CopyToHostAsync(dev, stream_of[dev], copies);
+    if (!ev.ok()) {
+      for (void* e : events) dc->Wait(e).IgnoreError();
+      fail(ev.status());
+    }
+    events.push_back(*ev);
+  }
+  // Host tensors: parallel copy with crc as the bytes pass.
+  std::vector<CopyTask> tasks(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const auto& t = tensors[i];
+    if (t.device >= 0 || !t.storage_key.empty()) continue;
+    tasks[i] = {data + plan.offsets[i], t.data, t.nbytes};
+  }
+  std::vector<uint32_t> crcs;
+  pool_.CopyAndChecksum(tasks, &crcs);
+
+  const uint64_t gen = ++generation_;
+  const int rank = opt.rank, world = opt.world_size;
+  SharedSegment* s = seg.get();
+  // Checksums device bytes, writes the manifest, publishes the slot.
+  auto finish = [s, slot, data, step, gen, rank, world, tensors, blobs, plan, crcs, this]() mutable -> absl::Status {
+    std::vector<CopyTask> dev_tasks;
+    std::vector<size_t> dev_index;
+    for (size_t i = 0; i < tensors.size(); ++i) {
+      if (tensors[i].device < 0 || !tensors[i].storage_key.empty()) continue;
+      dev_tasks.push_back({nullptr, data + plan.offsets[i], tensors[i].nbytes});
+      dev_index.push_back(i);
+    }
+    if (!dev_tasks.empty()) {
+      std::vector<uint32_t> dev_crcs;
+      pool_.CopyAndChecksum(dev_tasks, &dev_crcs);
+      for (size_t k = 0; k < dev_index.size(); ++k) crcs[dev_index[k]] = dev_crcs[k];
+    }
+    pb::Manifest m = BuildManifest(step, rank, world, kSlotAlignment, tensors, blobs, plan, crcs);
+    std::string bytes = FrameRecord(RecordKind::kManifest, m);
+    if (plan.data_bytes + bytes.size() > s->slot_capacity())
+      return absl::InternalError(absl::StrCat("manifest of ", bytes.size(), " bytes exceeds the slot"));
+    std::memcpy(data + plan.data_bytes, bytes.data(), bytes.size());
+    CrashPoint("save: before publish");
+    s->Publish(slot, step, gen, plan.data_bytes, plan.data_bytes, bytes.size(),
+               Crc32c(bytes.data(), bytes.size()));
+    return absl::OkStatus();
+  };
+
+  const bool persist = opt.persist && (saves_++ % static_cast<uint64_t>(opt.persist_every) == 0);
+  PersistJob job{slot, step, 0, persist, state, events, nullptr};
+  if (events.empty() || blocking) {
+    for (void* e : events) {
+      absl::Status st = dc->Wait(e);
+      if (!st.ok()) fail(st);
+    }
+    job.device_events.clear();
+    absl::Status st = finish();
+    if (!st.ok()) fail(st);
+    state->SnapshotDone(absl::OkStatus());
+  } else {
+    job.finish_snapshot = std::move(finish);
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    // An older snapshot still waiting to persist is superseded by this one.
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (it->persist && !it->finish_snapshot && it->device_events.empty() && persist) {
+        FCK_LOG(kInfo, "step ", it->step, " superseded by step ", step, " before it was persisted");
+        it->state->DurableDone(absl::OkStatus(), false);
+        pinned_.erase(it->slot);
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    queue_.push_back(std::move(job));
+  }
+  cv_.notify_all();
+  return SaveHandle(state);
+}
+
+void Checkpointer::Impl::PersisterLoop() {
+  for (;;) {
+    PersistJob job;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
+      if (queue_.empty() && stop_) return;
+      job = std::move(queue_.front());
+      queue_.pop_front();
+      busy_ = true;
+    }
+    absl::Status st;
+    if (!job.device_events.empty()) {
+      auto dc = DeviceCopier::Get();
+      for (void* e : job.device_events) {
+        absl::Status w = (*dc)->Wait(e);
+        if (st.ok()) st = w;
+      }
+    }
+    if (st.ok() && job.finish_snapshot) st = job.finish_snapshot();
+    if (job.finish_snapshot || !job.device_events.empty())
+      job.state->SnapshotDone(Annotate(st, absl::StrCat("snapshot of step ", job.step)));
+    if (st.ok() && job.persist) {
+      st = Persist(job);
+      if (!st.ok()) FCK_LOG(kError, "persisting step ", job.step, " failed: ", st.message());
+      job.state->DurableDone(st, st.ok());
+    } else {
+      job.state->DurableDone(st, false);
+    }
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      pinned_.erase(job.slot);
+      busy_ = false;
+    }
+    cv_.notify_all();
+  }
+}
+
+absl::Status Checkpointer::Impl::Persist(const PersistJob& job) {
+  auto t0 = std::chrono::steady_clock::now();
+  SlotView v;
+  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
+    return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
+  SlotHeader* h = seg->slot(job.slot);
+  h->pin_pid.store(static_cast<uint32_t>(getpid()));
+  struct Unpin { SlotHeader* h; ~Unpin() { h->pin_pid.store(0); } } unpin{h};
+
+  const std::string dir = StepDir(root, job.step);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return ErrnoStatus("create step directory", dir, ec.value());
+  const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
+  const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
+  // A step saved again replaces its earlier, uncommitted attempt.
+  ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
+  ::unlink(absl::StrCat(dir, "/", RankDurableName(opt.rank)).c_str());
+
+  auto cleanup = [&](const absl::Status& s) {
+    if (!ReadCommit(root, job.step).ok()) {
+      ::unlink(data_path.c_str());
+      ::unlink(manifest_path.c_str());
+      std::error_code e2;
+      if (fs::is_empty(dir, e2)) fs::remove(dir, e2);
+    }
+    return Annotate(s, absl::StrCat("persist step ", job.step));
+  };
+
+  persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
+  auto wr = persist_io_->WriteFile(data_path, seg->slot_data(job.slot), v.data_bytes);
+  if (!wr.ok()) return cleanup(wr.status());
+  std::string manifest(reinterpret_cast<const char*>(seg->slot_data(job.slot)) + v.manifest_offset,
+                       v.manifest_len);
+  if (!seg->StillValid(v))
+    return cleanup(absl::InternalError(absl::StrCat("slot ", job.slot, " was overwritten while persisting")));
+  if (Crc32c(manifest.data(), manifest.size()) != v.manifest_crc)
+    return cleanup(absl::DataLossError(absl::StrCat("manifest of step ", job.step, " in ", shm_path,
+                                                    " fails its checksum")));
+  CrashPoint("persist: before manifest");
+  absl::Status s = WriteFileAtomic(manifest_path, manifest);
+  if (!s.ok()) return cleanup(s);
+  CrashPoint("persist: before rank record");
+
+  pb::RankRecord rec;
+  rec.set_format_version(kFormatVersion);
+  rec.set_step(job.step);
+  rec.set_rank(opt.rank);
+  rec.set_world_size(opt.world_size);
+  auto* f1 = rec.add_files();
+  f1->set_name(RankDataName(opt.rank));
+  f1->set_size(v.data_bytes);
+  f1->set_crc32c(wr->crc32c);
+  auto* f2 = rec.add_files();
+  f2->set_name(RankManifestName(opt.rank));
+  f2->set_size(manifest.size());
+  f2->set_crc32c(Crc32c(manifest.data(), manifest.size()));
+  try {
+    barrier_->rank_durable(job.step, opt.rank, FrameRecord(RecordKind::kRankRecord, rec));
+    CrashPoint("persist: rank durable");
+    if (opt.rank == 0) {
+      auto records = barrier_->wait_all(job.step, opt.world_size, opt.commit_timeout);
+      s = WriteCommit(root, job.step, opt.world_size, records);
+      if (!s.ok()) return cleanup(s);
+      CrashPoint("commit: before retention");
+      ApplyRetention(root, opt.keep_last);
+    } else {
+      s = WaitForCommit(root, job.step, opt.commit_timeout);
+      if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));
+    }
+  } catch (const Error& e) {
+    return cleanup(StatusFromError(e));
+  }
+  h->durable.store(1, std::memory_order_release);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
+          v.data_bytes / 1048576.0, secs, v.data_bytes / secs / 1e9,
+          wr->used_io_uring ? (wr->used_direct_io ? ", io_uring O_DIRECT" : ", io_uring") : ", pwrite"));
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemory(int64_t step, bool verify) {
+  SlotView v;
+  if (!seg || !seg->Newest(&v, step))
+    return absl::NotFoundError(absl::StrCat("step ", step, " is not in shared memory"));
+  const uint8_t* data = seg->slot_data(v.index);
+  std::string framed(reinterpret_cast<const char*>(data) + v.manifest_offset, v.manifest_len);
+  if (!seg->StillValid(v) || Crc32c(framed.data(), framed.size()) != v.manifest_crc)
+    return absl::UnavailableError(absl::StrCat("slot of step ", step, " changed while reading"));
+  pb::Manifest m;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
+  auto buffer = AllocateAligned(v.data_bytes);
+  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
+  std::vector<CopyTask> tasks;
+  auto* dst = static_cast<uint8_t*>(buffer.get());
+  for (const auto& e : m.tensors()) {
+    if (!e.storage_key().empty() || e.offset() + e.length() > v.data_bytes) { tasks.push_back({}); continue; }
+    tasks.push_back({dst + e.offset(), data + e.offset(), e.length()});
+  }
+  std::vector<uint32_t> crcs;
+  pool_.CopyAndChecksum(tasks, &crcs);
+  if (!seg->StillValid(v))
+    return absl::UnavailableError(absl::StrCat("slot of step ", step, " was overwritten while reading"));
+  if (!verify) crcs.clear();
+  return MakeLoadedSnapshot(m, std::move(buffer), v.data_bytes, Source::kMemory, verify, std::move(crcs), &pool_,
+                            absl::StrCat("shared-memory snapshot ", shm_path, " step ", step));
+}
+
+absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStorage(int64_t step, bool verify) {
+  const std::string dir = StepDir(root, step);
+  auto commit = ReadCommit(root, step);
+  if (!commit.ok()) {
+    if (commit.status().code() == absl::StatusCode::kNotFound) {
+      auto all = CommittedSteps(root);
+      return absl::NotFoundError(absl::StrCat("step ", step, " in ", root, " has no COMMIT record (never completed); ",
+                                              all.empty() ? std::string("no step is committed")
+                                                          : absl::StrCat("committed steps: ", absl::StrJoin(all, ", "))));
+    }
+    return commit.status();
+  }
+  if (commit->world_size() != opt.world_size)
+    return absl::FailedPreconditionError(absl::StrCat(dir, " was saved with world size ", commit->world_size(),
+                                                      ", this Checkpointer has ", opt.world_size));
+  const std::string data_name = RankDataName(opt.rank), manifest_name = RankManifestName(opt.rank);
+  const pb::FileRecord* data_rec = nullptr;
+  const pb::FileRecord* manifest_rec = nullptr;
+  for (const auto& f : commit->files()) {
+    if (f.name() == data_name) data_rec = &f;
+    if (f.name() == manifest_name) manifest_rec = &f;
+  }
+  if (!data_rec || !manifest_rec)
+    return absl::DataLossError(absl::StrCat(dir, "/COMMIT does not list the files of rank ", opt.rank));
+  const std::string manifest_path = absl::StrCat(dir, "/", manifest_name);
+  FCK_ASSIGN_OR_RETURN(std::string framed, ReadSmallFile(manifest_path));
+  if (framed.size() != manifest_rec->size() || Crc32c(framed.data(), framed.size()) != manifest_rec->crc32c())
+    return absl::DataLossError(absl::StrCat(manifest_path, " does not match its COMMIT entry (size ", framed.size(),
+                                            ", expected ", manifest_rec->size(), ", or checksum)"));
+  pb::Manifest m;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &m));
+  const std::string data_path = absl::StrCat(dir, "/", data_name);
+  std::error_code ec;
+  uint64_t on_disk = fs::file_size(data_path, ec);
+  if (ec) return ErrnoStatus("open", data_path, ec.value());
+  if (on_disk != data_rec->size())
+    return absl::DataLossError(absl::StrCat(data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
+                                            data_rec->size(), ": the file is truncated or replaced"));
+  auto buffer = AllocateAligned(m.data_bytes());
+  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
+  IoOptions io;
+  io.use_io_uring = opt.use_io_uring;
+  io.use_direct_io = opt.use_direct_io;
+  io.chunk_bytes = opt.io_chunk_bytes;
+  io.queue_depth = opt.io_queue_depth;
+  BulkIo reader(io);
+  FCK_RETURN_IF_ERROR(reader.ReadFile(data_path, buffer.get(), m.data_bytes()).status());
+  return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, &pool_, data_path);
+}
+
+std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& lo) {
+  JoinReserve();
+  std::optional<int64_t> committed = LatestCommitted(root);
+  SlotView mem;
+  bool have_mem = seg && seg->Newest(&mem);
+  int64_t step;
+  if (lo.step) {
+    step = *lo.step;
+  } else if (have_mem && (!committed || mem.step >= *committed) && lo.prefer_memory) {
+    step = mem.step;
+  } else if (committed) {
+    step = *committed;
+  } else {
+    throw Error(ErrorCode::kNotFound, absl::StrCat("no checkpoint to load: ", root,
+                                                   " has no committed step and shared memory holds none"));
+  }
+  if (lo.prefer_memory) {
+    auto r = LoadFromMemory(step, lo.verify);
+    if (r.ok()) {
+      FCK_LOG(kInfo, "loaded step ", step, " from shared memory");
+      return std::move(*r);
+    }
+    if (r.status().code() != absl::StatusCode::kNotFound)
+      FCK_LOG(kWarn, "loading step ", step, " from memory failed (", r.status().message(), "); trying storage");
+  }
+  auto r = LoadFromStorage(step, lo.verify);
+  if (r.ok()) {
+    FCK_LOG(kInfo, "loaded step ", step, " from ", root);
+    return std::move(*r);
+  }
+  if (lo.allow_fallback) {
+    for (int64_t older : CommittedSteps(root)) {
+      if (older >= step) continue;
+      FCK_LOG(kWarn, "step ", step, " unusable (", r.status().message(), "); falling back to step ", older);
+      auto o = LoadFromStorage(older, lo.verify);
+      if (o.ok()) return std::move(*o);
+    }
+  }
+  ThrowStatus(r.status());
+}
+
+void Checkpointer::Impl::WaitAll() {
+  std::unique_lock<std::mutex> l(mu_);
+  cv_.wait(l, [&] { return queue_.empty() && !busy_; });
+}
+
+void Checkpointer::Impl::Close() {
+  if (closed) return;
+  closed = true;
+  JoinReserve();
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (persister_.joinable()) persister_.join();
+  if (seg) {
+    if (device_registered_) {
+      if (auto dc = DeviceCopier::Get(); dc.ok()) (*dc)->UnregisterHost(seg->header()).IgnoreError();
+    }
+    SlotView v;
+    bool newest_durable = !seg->Newest(&v) || v.durable;
+    if (!newest_durable) {
+      auto committed = LatestCommitted(root);
+      newest_durable = committed && *committed >= v.step;
+    }
+    if (opt.unlink_memory_on_close && newest_durable) {
+      SharedSegment::Unlink(shm_path).IgnoreError();
+    } else if (!newest_durable) {
+      FCK_LOG(kInfo, "keeping ", shm_path, ": its step ", v.step, " is not persisted yet");
+    }
+    seg.reset();
+  }
+  if (dir_lock_fd_ >= 0) { ::close(dir_lock_fd_); dir_lock_fd_ = -1; }
+  std::lock_guard<std::mutex> l(g_open_mu);
+  g_open.erase(open_key_);
+}
+
+// ---------------------------------------------------------------------------
+
+Checkpointer::Checkpointer(CheckpointerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+Checkpointer::~Checkpointer() = default;
+
+SaveHandle Checkpointer::save(int64_t step, const std::vector<TensorRef>& tensors,
+                              const std::vector<BlobRef>& blobs, bool blocking) {
+  return impl_->Save(step, tensors, blobs, blocking);
+}
+
+std::unique_ptr<LoadedSnapshot> Checkpointer::load(const LoadOptions& options) { return impl_->Load(options); }
+
+int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
+                                std::map<std::string, std::string>* blobs, const LoadOptions& options) {
+  auto snap = load(options);
+  std::vector<std::string> missing, unexpected, mismatched;
+  for (const auto& [k, d] : dest) {
+    const TensorInfo* t = snap->find(k);
+    if (!t) { missing.push_back(k); continue; }
+    if (!t->storage_key.empty()) {
+      mismatched.push_back(absl::StrCat(k, " (a view of ", t->storage_key, "; load it through that key)"));
+      continue;
+    }
+    if (t->shape != d.shape || t->dtype != d.dtype || t->nbytes != d.nbytes)
+      mismatched.push_back(absl::StrCat(k, " (saved ", t->dtype, " [", absl::StrJoin(t->shape, ","), "], target ",
+                                        d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
+  }
+  for (const auto& t : snap->tensors())
+    if (!dest.count(t.key) && t.storage_key.empty()) unexpected.push_back(t.key);
+  if (!missing.empty() || !unexpected.empty() || !mismatched.empty())
+    throw Error(ErrorCode::kInvalidArgument,
+                absl::StrCat("cannot load step ", snap->step(), " into the given buffers: missing keys [",
+                             absl::StrJoin(missing, ", "), "], unexpected keys [", absl::StrJoin(unexpected, ", "),
+                             "], mismatched [", absl::StrJoin(mismatched, "; "), "]"));
+  for (const auto& [k, d] : dest) {
+    const TensorInfo* t = snap->find(k);
+    std::memcpy(d.data, t->data, t->nbytes);
+  }
+  if (blobs) *blobs = snap->blobs();
+  return snap->step();
+}
+
+std::optional<int64_t> Checkpointer::latest_step() { return LatestCommitted(impl_->root); }
+
+std::optional<int64_t> Checkpointer::latest_memory_step() {
+  SlotView v;
+  if (impl_->seg && impl_->seg->Newest(&v)) return v.step;
+  return std::nullopt;
+}
+
+std::vector<StepInfo> Checkpointer::steps() {
+  std::map<int64_t, StepInfo> by_step;
+  for (const auto& l : ListSteps(impl_->root)) {
+    StepInfo& s = by_step[l.step];
+    s.step = l.step;
+    s.committed = l.committed;
+    s.bytes = l.bytes;
+    s.world_size = l.world_size;
+  }
+  if (impl_->seg) {
+    for (int i = 0; i < impl_->seg->num_slots(); ++i) {
+      SlotView v;
+      if (!impl_->seg->ReadSlot(i, &v)) continue;
+      StepInfo& s = by_step[v.step];
+      s.step = v.step;
+      s.in_memory = true;
+      if (!s.committed) s.bytes = v.data_bytes;
+    }
+  }
+  std::vector<StepInfo> out;
+  for (auto& [k, v] : by_step) out.push_back(v);
+  return out;
+}
+
+void Checkpointer::wait_all() { impl_->WaitAll(); }
+void Checkpointer::close() { impl_->Close(); }
+const CheckpointerOptions& Checkpointer::options() const { return impl_->opt; }
+std::string Checkpointer::memory_segment_path() const { return impl_->shm_path; }
+void Checkpointer::unlink_memory() {
+  ThrowIfError(SharedSegment::Unlink(impl_->shm_path));
+}
+
+}  // namespace flashckpt

@@ -1,0 +1,95 @@
+#include "common/parallel_copy.h"
+
+#include <algorithm>
+
+#include "common/crc32c.h"
+
+namespace flashckpt {
+
+CopyPool::CopyPool(int threads) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { WorkerLoop(); });
+}
+
+CopyPool::~CopyPool() {
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+  }
+  cv_work_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void CopyPool::WorkerLoop() {
+  uint64_t seen = 0;
+  for (;;) {
+    const std::function<void(size_t)>* job;
+    size_t n;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_work_.wait(l, [&] { return stop_ || generation_ != seen; });
+      if (stop_) return;
+      seen = generation_;
+      job = job_;
+      n = job_n_;
+      ++active_;
+    }
+    for (size_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n;) (*job)(i);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      --active_;
+    }
+    cv_done_.notify_all();
+  }
+}
+
+void CopyPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+  if (n == 0) return;
+  if (workers_.empty() || n == 1) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    job_ = &fn;
+    job_n_ = n;
+    next_.store(0, std::memory_order_relaxed);
+    ++generation_;
+  }
+  cv_work_.notify_all();
+  for (size_t i; (i = next_.fetch_add(1, std::memory_order_relaxed)) < n;) fn(i);
+  std::unique_lock<std::mutex> l(mu_);
+  // Workers that woke late find no work left; wait only for those running.
+  cv_done_.wait(l, [&] { return active_ == 0; });
+  job_ = nullptr;
+  job_n_ = 0;
+}
+
+void CopyPool::CopyAndChecksum(const std::vector<CopyTask>& tasks, std::vector<uint32_t>* crcs) {
+  struct Chunk { size_t task; size_t off; size_t n; };
+  std::vector<Chunk> chunks;
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    size_t n = tasks[t].n;
+    if (n == 0) { chunks.push_back({t, 0, 0}); continue; }
+    for (size_t off = 0; off < n; off += kChunkBytes)
+      chunks.push_back({t, off, std::min(kChunkBytes, n - off)});
+  }
+  std::vector<uint32_t> chunk_crc(chunks.size(), 0);
+  ParallelFor(chunks.size(), [&](size_t i) {
+    const Chunk& c = chunks[i];
+    const CopyTask& t = tasks[c.task];
+    const auto* src = static_cast<const uint8_t*>(t.src) + c.off;
+    if (t.dst != nullptr) {
+      chunk_crc[i] = CopyWithCrc32c(static_cast<uint8_t*>(t.dst) + c.off, src, c.n);
+    } else {
+      chunk_crc[i] = Crc32c(src, c.n);
+    }
+  });
+  crcs->assign(tasks.size(), 0);
+  for (size_t i = 0; i < chunks.size(); ++i) {
+    const Chunk& c = chunks[i];
+    (*crcs)[c.task] = c.off == 0 ? chunk_crc[i] : Crc32cCombine((*crcs)[c.task], chunk_crc[i], c.n);
+  }
+}
+
+}  // namespace flashckpt

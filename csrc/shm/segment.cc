@@ -1,0 +1,245 @@
+#include "shm/segment.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/status.h"
+
+namespace flashckpt {
+
+uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+uint64_t SegmentBytes(int num_slots, uint64_t slot_capacity) {
+  return kSlotAlignment + static_cast<uint64_t>(num_slots) *
+                              (kSlotAlignment + AlignUp(slot_capacity, kSlotAlignment));
+}
+
+namespace {
+
+std::string Gib(uint64_t b) { return absl::StrFormat("%.2f GiB", b / double(1ull << 30)); }
+
+absl::Status ShmTooSmall(const std::string& path, uint64_t need, uint64_t free_bytes,
+                         int num_slots, uint64_t capacity) {
+  std::string dir = path.substr(0, path.rfind('/'));
+  return absl::ResourceExhaustedError(absl::StrCat(
+      "shared memory at ", dir, " is too small for the snapshot slots: ", Gib(need),
+      " needed (", num_slots, " slots x ", Gib(capacity), "), ", Gib(free_bytes),
+      " free. Raise it (e.g. `mount -o remount,size=", (need * 2 >> 30) + 1, "G ", dir,
+      "`, or `docker run --shm-size=", (need * 2 >> 30) + 1,
+      "g`), lower num_slots, or point shm_dir elsewhere"));
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Create(
+    const std::string& path, int num_slots, uint64_t slot_capacity, int rank,
+    const std::string& directory) {
+  if (num_slots < 2) return absl::InvalidArgumentError("num_slots must be at least 2");
+  slot_capacity = AlignUp(std::max<uint64_t>(slot_capacity, kSlotAlignment), kSlotAlignment);
+  const uint64_t size = SegmentBytes(num_slots, slot_capacity);
+  std::string dir = path.substr(0, path.rfind('/'));
+  struct statvfs vfs;
+  if (statvfs(dir.c_str(), &vfs) != 0) return ErrnoStatus("statvfs", dir, errno);
+  uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+  // An existing file of ours at this path gives its space back once replaced.
+  struct stat old;
+  if (stat(path.c_str(), &old) == 0) free_bytes += static_cast<uint64_t>(old.st_blocks) * 512;
+  if (free_bytes < size) return ShmTooSmall(path, size, free_bytes, num_slots, slot_capacity);
+
+  // Build under a temporary name and rename, so an opener never sees a
+  // segment of the wrong size.
+  std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return ErrnoStatus("create shared-memory segment", tmp, errno);
+  int rc = ::fallocate(fd, 0, 0, static_cast<off_t>(size));
+  if (rc != 0) {
+    int err = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    if (err == ENOSPC) return ShmTooSmall(path, size, free_bytes, num_slots, slot_capacity);
+    if (err != EOPNOTSUPP) return ErrnoStatus("fallocate", tmp, err);
+    fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0)
+      return ErrnoStatus("ftruncate", tmp, errno);
+  }
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) {
+    int err = errno;
+    ::close(fd);
+    ::unlink(tmp.c_str());
+    return ErrnoStatus("mmap", tmp, err);
+  }
+  std::unique_ptr<SharedSegment> seg(new SharedSegment(path, fd, static_cast<uint8_t*>(base), size));
+  SegmentHeader* h = seg->header();
+  std::memset(h, 0, sizeof(*h));
+  h->layout_version = kSegmentLayoutVersion;
+  h->num_slots = static_cast<uint32_t>(num_slots);
+  h->slot_stride = kSlotAlignment + slot_capacity;
+  h->slot_capacity = slot_capacity;
+  h->alignment = kSlotAlignment;
+  h->rank = rank;
+  h->owner_pid = getpid();
+  std::strncpy(h->directory, directory.c_str(), sizeof(h->directory) - 1);
+  for (int i = 0; i < num_slots; ++i) {
+    SlotHeader* s = seg->slot(i);
+    new (s) SlotHeader();
+    s->seq.store(0, std::memory_order_relaxed);
+    s->state.store(kSlotEmpty, std::memory_order_relaxed);
+    s->pin_pid.store(0, std::memory_order_relaxed);
+    s->durable.store(0, std::memory_order_relaxed);
+    s->step = -1;
+  }
+  std::atomic_thread_fence(std::memory_order_release);
+  h->magic = kSegmentMagic;
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoStatus("rename shared-memory segment to", path, err);
+  }
+  return seg;
+}
+
+absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Open(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus("open shared-memory segment", path, errno);
+  struct stat st;
+  if (fstat(fd, &st) != 0 || st.st_size < static_cast<off_t>(kSlotAlignment)) {
+    ::close(fd);
+    return absl::DataLossError(absl::StrCat("shared-memory segment ", path, " is truncated"));
+  }
+  uint64_t size = static_cast<uint64_t>(st.st_size);
+  void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+  if (base == MAP_FAILED) {
+    int err = errno;
+    ::close(fd);
+    return ErrnoStatus("mmap", path, err);
+  }
+  std::unique_ptr<SharedSegment> seg(new SharedSegment(path, fd, static_cast<uint8_t*>(base), size));
+  const SegmentHeader* h = seg->header();
+  if (h->magic != kSegmentMagic || h->layout_version != kSegmentLayoutVersion ||
+      h->num_slots < 2 || h->num_slots > 64 ||
+      SegmentBytes(h->num_slots, h->slot_capacity) != size) {
+    return absl::DataLossError(absl::StrCat(
+        "shared-memory segment ", path, " has an unknown layout (magic, version or size); "
+        "remove it to start over"));
+  }
+  return seg;
+}
+
+SharedSegment::~SharedSegment() {
+  if (base_ != nullptr) ::munmap(base_, size_);
+  if (fd_ >= 0) ::close(fd_);
+}
+
+absl::Status SharedSegment::LockForWriting() {
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK)
+      return absl::FailedPreconditionError(absl::StrCat(
+          "shared-memory segment ", path_, " is in use by another live process (pid ",
+          header()->owner_pid, "): one Checkpointer per rank and directory"));
+    return ErrnoStatus("flock", path_, errno);
+  }
+  header()->owner_pid = getpid();
+  return absl::OkStatus();
+}
+
+void SharedSegment::Prefault() {
+  // MADV_POPULATE_WRITE (5.14+) maps every page without touching the bytes.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+  if (::madvise(base_, size_, MADV_POPULATE_WRITE) == 0) return;
+  volatile uint8_t* p = base_;
+  for (uint64_t off = 0; off < size_; off += 4096) p[off] = p[off];
+}
+
+SlotHeader* SharedSegment::slot(int i) const {
+  return reinterpret_cast<SlotHeader*>(base_ + kSlotAlignment + i * header()->slot_stride);
+}
+
+uint8_t* SharedSegment::slot_data(int i) const {
+  return base_ + kSlotAlignment + i * header()->slot_stride + kSlotAlignment;
+}
+
+bool SharedSegment::ReadSlot(int i, SlotView* v) const {
+  const SlotHeader* s = slot(i);
+  uint64_t seq = s->seq.load(std::memory_order_acquire);
+  if (seq == 0 || (seq & 1)) return false;
+  if (s->state.load(std::memory_order_acquire) != kSlotReady) return false;
+  SlotView r;
+  r.index = i;
+  r.seq = seq;
+  r.step = s->step;
+  r.generation = s->generation;
+  r.data_bytes = s->data_bytes;
+  r.manifest_offset = s->manifest_offset;
+  r.manifest_len = s->manifest_len;
+  r.manifest_crc = s->manifest_crc;
+  r.durable = s->durable.load(std::memory_order_acquire) != 0;
+  std::atomic_thread_fence(std::memory_order_acquire);
+  if (s->seq.load(std::memory_order_relaxed) != seq) return false;
+  if (r.manifest_offset + r.manifest_len > slot_capacity() || r.data_bytes > slot_capacity())
+    return false;
+  *v = r;
+  return true;
+}
+
+bool SharedSegment::StillValid(const SlotView& v) const {
+  std::atomic_thread_fence(std::memory_order_acquire);
+  return slot(v.index)->seq.load(std::memory_order_relaxed) == v.seq;
+}
+
+bool SharedSegment::Newest(SlotView* out, int64_t step) const {
+  bool found = false;
+  for (int i = 0; i < num_slots(); ++i) {
+    SlotView v;
+    if (!ReadSlot(i, &v)) continue;
+    if (step >= 0 && v.step != step) continue;
+    if (!found || v.generation > out->generation) { *out = v; found = true; }
+  }
+  return found;
+}
+
+void SharedSegment::BeginWrite(int i) {
+  SlotHeader* s = slot(i);
+  uint64_t seq = s->seq.load(std::memory_order_relaxed);
+  s->seq.store(seq | 1, std::memory_order_relaxed);  // odd; stays odd after a crashed writer
+  s->state.store(kSlotWriting, std::memory_order_relaxed);
+  s->durable.store(0, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
+}
+
+void SharedSegment::Publish(int i, int64_t step, uint64_t generation, uint64_t data_bytes,
+                            uint64_t manifest_offset, uint64_t manifest_len,
+                            uint32_t manifest_crc) {
+  SlotHeader* s = slot(i);
+  s->step = step;
+  s->generation = generation;
+  s->data_bytes = data_bytes;
+  s->manifest_offset = manifest_offset;
+  s->manifest_len = manifest_len;
+  s->manifest_crc = manifest_crc;
+  s->writer_pid = getpid();
+  s->created_unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                           std::chrono::system_clock::now().time_since_epoch()).count();
+  s->state.store(kSlotReady, std::memory_order_relaxed);
+  uint64_t seq = s->seq.load(std::memory_order_relaxed);
+  s->seq.store(seq + 1, std::memory_order_release);  // odd -> even
+}
+
+absl::Status SharedSegment::Unlink(const std::string& path) {
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return ErrnoStatus("unlink", path, errno);
+  return absl::OkStatus();
+}
+
+}  // namespace flashckpt

@@ -1,0 +1,106 @@
+#include "storage/commit.h"
+
+#include <sys/stat.h>
+
+#include <chrono>
+#include <set>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/crash_point.h"
+#include "common/status.h"
+#include "storage/layout.h"
+#include "storage/uring_io.h"
+
+namespace flashckpt {
+
+void FileCommitBarrier::rank_durable(int64_t step, int rank, const std::string& record) {
+  std::string path = absl::StrCat(StepDir(root_, step), "/", RankDurableName(rank));
+  ThrowIfError(WriteFileAtomic(path, record));
+}
+
+std::vector<std::string> FileCommitBarrier::wait_all(int64_t step, int world_size,
+                                                     std::chrono::milliseconds timeout) {
+  auto t0 = std::chrono::steady_clock::now();
+  auto deadline = t0 + timeout;
+  std::string dir = StepDir(root_, step);
+  std::vector<std::string> records(static_cast<size_t>(world_size));
+  std::vector<bool> have(static_cast<size_t>(world_size), false);
+  int count = 0;
+  auto sleep = std::chrono::microseconds(200);
+  for (;;) {
+    for (int r = 0; r < world_size; ++r) {
+      if (have[r]) continue;
+      std::string path = absl::StrCat(dir, "/", RankDurableName(r));
+      auto bytes = ReadSmallFile(path);
+      if (!bytes.ok()) continue;
+      records[r] = std::move(*bytes);
+      have[r] = true;
+      ++count;
+    }
+    if (count == world_size) return records;
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::vector<int> missing;
+      for (int r = 0; r < world_size; ++r) if (!have[r]) missing.push_back(r);
+      throw Error(ErrorCode::kDeadlineExceeded,
+                  absl::StrCat("commit of step ", step, " in ", root_, ": ", count, "/", world_size,
+                               " ranks durable after ",
+                               std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
+                               " s; missing ranks ", absl::StrJoin(missing, ",")));
+    }
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::microseconds(20000));
+  }
+}
+
+absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
+                         const std::vector<std::string>& rank_records) {
+  std::string dir = StepDir(root, step);
+  pb::CommitRecord commit;
+  commit.set_format_version(kFormatVersion);
+  commit.set_step(step);
+  commit.set_world_size(world_size);
+  std::set<int> seen;
+  uint64_t total = 0;
+  for (size_t i = 0; i < rank_records.size(); ++i) {
+    pb::RankRecord rec;
+    std::string where = absl::StrCat(dir, "/", RankDurableName(static_cast<int>(i)));
+    FCK_RETURN_IF_ERROR(ParseRecord(rank_records[i], RecordKind::kRankRecord, where, &rec));
+    if (rec.step() != step || rec.world_size() != world_size || !seen.insert(rec.rank()).second)
+      return absl::DataLossError(absl::StrCat(where, ": record of rank ", rec.rank(), " step ", rec.step(),
+                                              " world size ", rec.world_size(), " does not belong to step ",
+                                              step, " of world size ", world_size));
+    for (const auto& f : rec.files()) {
+      *commit.add_files() = f;
+      total += f.size();
+    }
+  }
+  commit.set_total_bytes(total);
+  commit.set_committed_unix_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                   std::chrono::system_clock::now().time_since_epoch()).count());
+  CrashPoint("commit: before COMMIT");
+  FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(dir, "/", kCommitName), FrameRecord(RecordKind::kCommit, commit)));
+  CrashPoint("commit: before latest");
+  FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(root, "/", kLatestName), absl::StrCat(step, "\n")));
+  CrashPoint("commit: after latest");
+  return absl::OkStatus();
+}
+
+absl::Status WaitForCommit(const std::string& root, int64_t step, std::chrono::milliseconds timeout) {
+  auto deadline = std::chrono::steady_clock::now() + timeout;
+  auto sleep = std::chrono::microseconds(200);
+  for (;;) {
+    auto rec = ReadCommit(root, step);
+    if (rec.ok()) return absl::OkStatus();
+    if (rec.status().code() == absl::StatusCode::kFailedPrecondition) return rec.status();
+    if (std::chrono::steady_clock::now() >= deadline)
+      return absl::DeadlineExceededError(absl::StrCat("COMMIT of step ", step, " in ", root, " did not appear within ",
+                                                      std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
+                                                      " s (is rank 0 running and persisting?)"));
+    std::this_thread::sleep_for(sleep);
+    sleep = std::min(sleep * 2, std::chrono::microseconds(20000));
+  }
+}
+
+}  // namespace flashckpt

@@ -1,0 +1,396 @@
+#include "storage/uring_io.h"
+
+#include <fcntl.h>
+#include <liburing.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <functional>
+#include <cstring>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/crash_point.h"
+#include "common/crc32c.h"
+#include "common/log.h"
+#include "common/status.h"
+
+namespace flashckpt {
+namespace {
+
+constexpr uint64_t kDirectAlign = 4096;
+constexpr uint64_t kMaxRegisteredPiece = 1ull << 30;
+std::atomic<IoFaultHook> g_fault_hook{nullptr};
+
+void WarnOnce(std::atomic<bool>& flag, const std::string& msg) {
+  if (!flag.exchange(true)) FCK_LOG(kWarn, msg);
+}
+std::atomic<bool> g_warned_uring{false}, g_warned_direct{false}, g_warned_register{false};
+
+uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+
+double Since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+struct Fd {
+  int fd = -1;
+  ~Fd() { if (fd >= 0) ::close(fd); }
+};
+
+}  // namespace
+
+void SetIoFaultHookForTesting(IoFaultHook hook) { g_fault_hook.store(hook); }
+
+class BulkIo::Ring {
+ public:
+  io_uring ring;
+  bool ok = false;
+  int depth = 0;
+  std::vector<iovec> registered;
+  explicit Ring(int queue_depth) : depth(queue_depth) {
+    int rc = io_uring_queue_init(static_cast<unsigned>(std::max(2, queue_depth * 2)), &ring, 0);
+    ok = rc == 0;
+    if (!ok)
+      WarnOnce(g_warned_uring, absl::StrCat("io_uring is not available (", std::strerror(-rc),
+                                            "); persisting with pwrite/pread instead"));
+  }
+  ~Ring() {
+    if (ok) io_uring_queue_exit(&ring);
+  }
+};
+
+BulkIo::BulkIo(IoOptions options) : options_(options) {
+  options_.chunk_bytes = std::clamp<uint32_t>(options_.chunk_bytes, 4096, 64u << 20);
+  options_.chunk_bytes = static_cast<uint32_t>(AlignUp(options_.chunk_bytes, kDirectAlign));
+  options_.queue_depth = std::clamp(options_.queue_depth, 1, 128);
+  if (options_.use_io_uring) ring_ = std::make_unique<Ring>(options_.queue_depth);
+}
+
+BulkIo::~BulkIo() = default;
+
+void BulkIo::RegisterRegion(const void* base, uint64_t len) {
+  if (!ring_ || !ring_->ok) return;
+  if (reg_base_ == base && reg_len_ == len) return;
+  if (!ring_->registered.empty()) {
+    io_uring_unregister_buffers(&ring_->ring);
+    ring_->registered.clear();
+  }
+  std::vector<iovec> iov;
+  for (uint64_t off = 0; off < len; off += kMaxRegisteredPiece) {
+    iov.push_back({const_cast<uint8_t*>(static_cast<const uint8_t*>(base)) + off,
+                   static_cast<size_t>(std::min(kMaxRegisteredPiece, len - off))});
+  }
+  int rc = io_uring_register_buffers(&ring_->ring, iov.data(), static_cast<unsigned>(iov.size()));
+  if (rc != 0) {
+    WarnOnce(g_warned_register,
+             absl::StrCat("io_uring buffer registration of ", len >> 20, " MiB refused (",
+                          std::strerror(-rc), "; RLIMIT_MEMLOCK?); writing unregistered"));
+    return;
+  }
+  ring_->registered = std::move(iov);
+  reg_base_ = static_cast<const uint8_t*>(base);
+  reg_len_ = len;
+}
+
+namespace {
+
+// Opens for direct I/O when asked and possible; says once when it is not.
+absl::StatusOr<int> OpenMaybeDirect(const std::string& path, int flags, bool direct, bool* got_direct) {
+  *got_direct = false;
+  if (direct) {
+    int fd = ::open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      *got_direct = true;
+      return fd;
+    }
+    if (errno != EINVAL && errno != EOPNOTSUPP) return ErrnoStatus("open", path, errno);
+    WarnOnce(g_warned_direct, absl::StrCat("O_DIRECT refused for ", path,
+                                           "; using the page cache (data is still fdatasynced)"));
+  }
+  int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0644);
+  if (fd < 0) return ErrnoStatus("open", path, errno);
+  return fd;
+}
+
+struct Request {
+  uint64_t offset = 0;  // file offset of the next byte
+  uint64_t left = 0;
+  uint8_t* buf = nullptr;
+  bool busy = false;
+};
+
+}  // namespace
+
+// Runs one sequential transfer over [0, total) with up to queue_depth
+// requests in flight; `write` picks the direction.
+static absl::Status Transfer(io_uring* ring, const std::vector<iovec>* fixed,
+                             bool write, int fd, const std::string& path, uint8_t* buf,
+                             uint64_t total, uint32_t chunk, int depth,
+                             const std::function<void(uint64_t, uint64_t)>& on_submit) {
+  std::vector<Request> reqs(static_cast<size_t>(depth));
+  uint64_t next = 0;
+  int inflight = 0;
+  auto fixed_index = [&](const uint8_t* p, uint64_t n) -> int {
+    if (fixed == nullptr) return -1;
+    for (size_t i = 0; i < fixed->size(); ++i) {
+      auto* b = static_cast<const uint8_t*>((*fixed)[i].iov_base);
+      if (p >= b && p + n <= b + (*fixed)[i].iov_len) return static_cast<int>(i);
+    }
+    return -1;
+  };
+  auto prep = [&](size_t idx) -> absl::Status {
+    Request& r = reqs[idx];
+    io_uring_sqe* sqe = io_uring_get_sqe(ring);
+    if (sqe == nullptr) return absl::InternalError("io_uring submission queue full");
+    unsigned n = static_cast<unsigned>(std::min<uint64_t>(r.left, chunk));
+    int fi = fixed_index(r.buf, n);
+    if (write) {
+      if (fi >= 0) io_uring_prep_write_fixed(sqe, fd, r.buf, n, r.offset, fi);
+      else io_uring_prep_write(sqe, fd, r.buf, n, r.offset);
+    } else {
+      if (fi >= 0) io_uring_prep_read_fixed(sqe, fd, r.buf, n, r.offset, fi);
+      else io_uring_prep_read(sqe, fd, r.buf, n, r.offset);
+    }
+    io_uring_sqe_set_data64(sqe, idx);
+    r.busy = true;
+    ++inflight;
+    return absl::OkStatus();
+  };
+  absl::Status failure;
+  while (next < total || inflight > 0) {
+    for (size_t i = 0; i < reqs.size() && next < total && failure.ok(); ++i) {
+      if (reqs[i].busy) continue;
+      uint64_t n = std::min<uint64_t>(chunk, total - next);
+      if (IoFaultHook hook = g_fault_hook.load()) {
+        absl::Status s = hook(path, next);
+        if (!s.ok()) { failure = s; break; }
+      }
+      CrashPoint(write ? "persist: write chunk" : "load: read chunk");
+      if (on_submit) on_submit(next, n);
+      reqs[i] = Request{next, n, buf + next, false};
+      next += n;
+      absl::Status s = prep(i);
+      if (!s.ok()) { failure = s; break; }
+    }
+    if (inflight == 0) break;
+    int rc = io_uring_submit_and_wait(ring, 1);
+    if (rc < 0 && rc != -EINTR) {
+      failure = ErrnoStatus("io_uring_submit", path, -rc);
+      break;
+    }
+    io_uring_cqe* cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(ring, head, cqe) {
+      ++seen;
+      size_t idx = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+      Request& r = reqs[idx];
+      r.busy = false;
+      --inflight;
+      int res = cqe->res;
+      if (res == -EAGAIN || res == -EINTR) {
+        if (failure.ok()) failure = prep(idx);  // resubmit the same range
+        continue;
+      }
+      if (res < 0) {
+        if (failure.ok()) failure = ErrnoStatus(write ? "write" : "read", path, -res, static_cast<int64_t>(r.offset));
+        continue;
+      }
+      if (res == 0 && !write) {
+        r.left = 0;  // end of file (a padded tail past EOF)
+        continue;
+      }
+      uint64_t done = std::min<uint64_t>(static_cast<uint64_t>(res), r.left);
+      r.offset += done;
+      r.buf += done;
+      r.left -= done;
+      if (r.left > 0 && failure.ok()) failure = prep(idx);  // short transfer: the rest
+    }
+    io_uring_cq_advance(ring, seen);
+    if (!failure.ok() && inflight > 0) {
+      // Drain what is still in flight before returning the buffers.
+      while (inflight > 0) {
+        io_uring_cqe* c;
+        if (io_uring_wait_cqe(ring, &c) != 0) break;
+        io_uring_cqe_seen(ring, c);
+        --inflight;
+      }
+    }
+    if (!failure.ok()) break;
+  }
+  return failure;
+}
+
+absl::StatusOr<IoResult> BulkIo::WriteFile(const std::string& path, const void* buf, uint64_t len) {
+  auto t0 = std::chrono::steady_clock::now();
+  IoResult result;
+  bool direct = false;
+  Fd f;
+  FCK_ASSIGN_OR_RETURN(f.fd, OpenMaybeDirect(path, O_WRONLY | O_CREAT | O_TRUNC,
+                                             options_.use_direct_io, &direct));
+  result.used_direct_io = direct;
+  const uint64_t padded = direct ? AlignUp(len, kDirectAlign) : len;
+  if (padded > 0 && ::fallocate(f.fd, 0, 0, static_cast<off_t>(padded)) != 0 &&
+      errno != EOPNOTSUPP) {
+    return ErrnoStatus("fallocate", path, errno);
+  }
+  auto* p = static_cast<uint8_t*>(const_cast<void*>(buf));
+  uint32_t crc = 0;
+  uint64_t crc_done = 0;
+  auto on_submit = [&](uint64_t off, uint64_t n) {
+    // Checksum the logical bytes as their chunk goes out (the padding is not part of the file).
+    uint64_t end = std::min(off + n, len);
+    if (end > crc_done) {
+      crc = Crc32c(p + crc_done, end - crc_done, crc);
+      crc_done = end;
+    }
+  };
+  absl::Status st;
+  if (ring_ && ring_->ok) {
+    result.used_io_uring = true;
+    st = Transfer(&ring_->ring, ring_->registered.empty() ? nullptr : &ring_->registered, true,
+                  f.fd, path, p, padded, options_.chunk_bytes, options_.queue_depth, on_submit);
+  } else {
+    for (uint64_t off = 0; off < padded && st.ok();) {
+      uint64_t n = std::min<uint64_t>(options_.chunk_bytes, padded - off);
+      if (IoFaultHook hook = g_fault_hook.load()) st = hook(path, off);
+      if (!st.ok()) break;
+      CrashPoint("persist: write chunk");
+      on_submit(off, n);
+      ssize_t w = ::pwrite(f.fd, p + off, n, static_cast<off_t>(off));
+      if (w < 0) {
+        if (errno == EINTR || errno == EAGAIN) continue;
+        st = ErrnoStatus("write", path, errno, static_cast<int64_t>(off));
+        break;
+      }
+      off += static_cast<uint64_t>(w);
+    }
+  }
+  FCK_RETURN_IF_ERROR(st);
+  if (crc_done < len) crc = Crc32c(p + crc_done, len - crc_done, crc);
+  if (padded != len && ::ftruncate(f.fd, static_cast<off_t>(len)) != 0)
+    return ErrnoStatus("ftruncate", path, errno);
+  CrashPoint("persist: before fdatasync");
+  if (::fdatasync(f.fd) != 0) return ErrnoStatus("fdatasync", path, errno);
+  result.bytes = len;
+  result.crc32c = crc;
+  result.seconds = Since(t0);
+  return result;
+}
+
+absl::StatusOr<IoResult> BulkIo::ReadFile(const std::string& path, void* buf, uint64_t len) {
+  auto t0 = std::chrono::steady_clock::now();
+  IoResult result;
+  bool direct = false;
+  Fd f;
+  FCK_ASSIGN_OR_RETURN(f.fd, OpenMaybeDirect(path, O_RDONLY, options_.use_direct_io, &direct));
+  struct stat st;
+  if (fstat(f.fd, &st) != 0) return ErrnoStatus("fstat", path, errno);
+  if (static_cast<uint64_t>(st.st_size) < len)
+    return absl::DataLossError(absl::StrCat(path, " is truncated: ", st.st_size,
+                                            " bytes, expected ", len));
+  result.used_direct_io = direct;
+  const uint64_t padded = direct ? AlignUp(len, kDirectAlign) : len;
+  auto* p = static_cast<uint8_t*>(buf);
+  absl::Status s;
+  if (ring_ && ring_->ok) {
+    result.used_io_uring = true;
+    s = Transfer(&ring_->ring, nullptr, false, f.fd, path, p, padded, options_.chunk_bytes,
+                 options_.queue_depth, nullptr);
+  } else {
+    for (uint64_t off = 0; off < padded;) {
+      ssize_t r = ::pread(f.fd, p + off, std::min<uint64_t>(options_.chunk_bytes, padded - off),
+                          static_cast<off_t>(off));
+      if (r < 0) {
+        if (errno == EINTR || errno == EAGAIN) continue;
+        s = ErrnoStatus("read", path, errno, static_cast<int64_t>(off));
+        break;
+      }
+      if (r == 0) break;
+      off += static_cast<uint64_t>(r);
+    }
+  }
+  FCK_RETURN_IF_ERROR(s);
+  result.bytes = len;
+  result.seconds = Since(t0);
+  return result;
+}
+
+absl::Status FsyncDirectory(const std::string& dir) {
+  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return ErrnoStatus("open directory", dir, errno);
+  int rc = ::fsync(fd);
+  int err = errno;
+  ::close(fd);
+  if (rc != 0) return ErrnoStatus("fsync directory", dir, err);
+  return absl::OkStatus();
+}
+
+absl::Status WriteFileAtomic(const std::string& path, const std::string& bytes) {
+  std::string tmp = absl::StrCat(path, ".tmp-", ::getpid());
+  Fd f;
+  f.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (f.fd < 0) return ErrnoStatus("create", tmp, errno);
+  if (!bytes.empty() && ::fallocate(f.fd, 0, 0, static_cast<off_t>(bytes.size())) != 0 &&
+      errno != EOPNOTSUPP) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoStatus("fallocate", tmp, err);
+  }
+  for (size_t off = 0; off < bytes.size();) {
+    ssize_t w = ::write(f.fd, bytes.data() + off, bytes.size() - off);
+    if (w < 0) {
+      if (errno == EINTR) continue;
+      int err = errno;
+      ::unlink(tmp.c_str());
+      return ErrnoStatus("write", tmp, err, static_cast<int64_t>(off));
+    }
+    off += static_cast<size_t>(w);
+  }
+  if (::fsync(f.fd) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoStatus("fsync", tmp, err);
+  }
+  CrashPoint("atomic write: before rename");
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return ErrnoStatus("rename to", path, err);
+  }
+  CrashPoint("atomic write: after rename");
+  return FsyncDirectory(path.substr(0, path.rfind('/')));
+}
+
+absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_bytes) {
+  Fd f;
+  f.fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (f.fd < 0) return ErrnoStatus("open", path, errno);
+  struct stat st;
+  if (fstat(f.fd, &st) != 0) return ErrnoStatus("fstat", path, errno);
+  if (static_cast<uint64_t>(st.st_size) > max_bytes)
+    return absl::DataLossError(absl::StrCat(path, " is larger than expected (", st.st_size, " bytes)"));
+  std::string out(static_cast<size_t>(st.st_size), '\0');
+  for (size_t off = 0; off < out.size();) {
+    ssize_t r = ::pread(f.fd, out.data() + off, out.size() - off, static_cast<off_t>(off));
+    if (r < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("read", path, errno, static_cast<int64_t>(off));
+    }
+    if (r == 0) break;
+    off += static_cast<size_t>(r);
+  }
+  return out;
+}
+
+std::shared_ptr<void> AllocateAligned(uint64_t bytes) {
+  void* p = std::aligned_alloc(kDirectAlign, std::max<uint64_t>(AlignUp(bytes, kDirectAlign), kDirectAlign));
+  if (p == nullptr) return nullptr;
+  return std::shared_ptr<void>(p, [](void* q) { std::free(q); });
+}
+
+}  // namespace flashckpt

@@ -1,0 +1,212 @@
+// flashckpt C++ API: snapshot tensors into shared memory, persist them in the
+// background, commit atomically, load from memory or storage.
+//
+//   flashckpt::CheckpointerOptions opt;
+//   opt.directory = "/ckpt/run1";
+//   flashckpt::Checkpointer ckpt(opt);
+//   auto h = ckpt.save(step, {{"w", w.data(), w.size()*4, "float32", {n}}}, {});
+//   h.wait_snapshot();            // bytes are in shared memory: safe to mutate w
+//   h.wait_durable();             // data and COMMIT are on disk
+//   auto snap = ckpt.load();      // newest committed (or newer in-memory) step
+//
+// Thread-safety: one Checkpointer per rank; its methods may be called from one
+// thread at a time. Handles may be waited on from any thread.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "flashckpt/errors.h"
+
+namespace flashckpt {
+
+inline constexpr uint32_t kFormatVersion = 1;
+
+// A tensor to save: the core only sees bytes, a dtype name and a shape.
+struct TensorRef {
+  std::string key;
+  const void* data = nullptr;
+  uint64_t nbytes = 0;
+  std::string dtype;               // e.g. "torch.float32"; stored, not interpreted
+  std::vector<int64_t> shape;
+  uint32_t element_size = 1;
+  int device = -1;                 // -1: host memory; >= 0: CUDA device ordinal
+  void* cuda_stream = nullptr;     // caller's stream (cudaStream_t); copy is ordered after it
+  std::vector<int64_t> strides;    // recorded only (empty: contiguous)
+  int64_t storage_offset = 0;      // recorded only
+  std::string storage_key;         // non-empty: no bytes saved, a view of that key's bytes
+};
+
+// Opaque non-tensor state.
+struct BlobRef {
+  std::string key;
+  std::string data;
+};
+
+// A destination for load_into(): a caller-owned host buffer.
+struct MutableTensorRef {
+  void* data = nullptr;
+  uint64_t nbytes = 0;
+  std::string dtype;
+  std::vector<int64_t> shape;
+};
+
+enum class Source { kMemory, kStorage };
+
+struct TensorInfo {
+  std::string key;
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<int64_t> strides;
+  int64_t storage_offset = 0;
+  std::string storage_key;
+  uint32_t element_size = 1;
+  uint64_t nbytes = 0;
+  uint32_t crc32c = 0;
+  const void* data = nullptr;      // points into LoadedSnapshot's buffer
+};
+
+// A loaded step. Tensor data lives in one aligned buffer owned by this object
+// (keep it alive while the data is used; Python wraps it without a copy).
+class LoadedSnapshot {
+ public:
+  int64_t step() const { return step_; }
+  int rank() const { return rank_; }
+  int world_size() const { return world_size_; }
+  Source source() const { return source_; }
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+  const std::map<std::string, std::string>& blobs() const { return blobs_; }
+  const TensorInfo* find(const std::string& key) const;
+  uint64_t data_bytes() const { return data_bytes_; }
+  const void* buffer() const { return buffer_.get(); }
+
+  // Internal: filled by the loader.
+  struct Init;
+  explicit LoadedSnapshot(Init&& init);
+  LoadedSnapshot(const LoadedSnapshot&) = delete;
+  LoadedSnapshot& operator=(const LoadedSnapshot&) = delete;
+
+ private:
+  int64_t step_ = -1;
+  int rank_ = 0, world_size_ = 1;
+  Source source_ = Source::kStorage;
+  std::vector<TensorInfo> tensors_;
+  std::map<std::string, std::string> blobs_;
+  uint64_t data_bytes_ = 0;
+  std::shared_ptr<void> buffer_;
+};
+
+class SaveState;  // shared between a handle and the background persister
+
+// Returned by save(). Copyable; all copies observe the same save.
+class SaveHandle {
+ public:
+  SaveHandle() = default;
+  explicit SaveHandle(std::shared_ptr<SaveState> s) : state_(std::move(s)) {}
+  int64_t step() const;
+  // Blocks until the bytes are in shared memory (for non-blocking CUDA saves:
+  // until the device-to-host copy completed). Throws on failure.
+  void wait_snapshot() const;
+  // Blocks until data and COMMIT are durable (or persisting was skipped for this
+  // step by persist_every, which returns at once). Throws on failure.
+  void wait_durable() const;
+  bool wait_durable_for(std::chrono::milliseconds timeout) const;  // true when done
+  bool persisted() const;  // true once durable; false if skipped or pending
+
+ private:
+  std::shared_ptr<SaveState> state_;
+};
+
+// How ranks agree a step is complete. The default writes a rank-<r>.durable
+// record per rank into the step directory and rank 0 waits for all of them
+// (works on any shared file system); flashrun plugs in its agent store.
+class CommitBarrier {
+ public:
+  virtual ~CommitBarrier() = default;
+  // Every rank calls this once its files of `step` are durable; `record` is
+  // the serialized RankRecord (file names, sizes, crc32c).
+  virtual void rank_durable(int64_t step, int rank, const std::string& record) = 0;
+  // The committing rank (0) calls this: returns the records of all
+  // `world_size` ranks, or throws Error(kDeadlineExceeded) naming the missing ranks.
+  virtual std::vector<std::string> wait_all(int64_t step, int world_size,
+                                            std::chrono::milliseconds timeout) = 0;
+};
+
+struct CheckpointerOptions {
+  std::string directory;                 // storage root; created if missing
+  int rank = 0;
+  int world_size = 1;
+  std::string run_id;                    // names the shared-memory segment; default "$FLASHCKPT_RUN_ID" or "local"
+  std::string shm_dir = "/dev/shm";
+  int num_slots = 2;                     // snapshots kept in memory per rank (>= 2)
+  uint64_t reserve_bytes = 0;            // > 0: size and touch the slots at construction
+  bool reserve_in_background = true;     // touch slots on a background thread
+  int copy_threads = 0;                  // 0: one per core
+  bool persist = true;                   // run the background persister
+  int persist_every = 1;                 // persist every N-th snapshot
+  int keep_last = 3;                     // committed steps kept on storage (0: all)
+  bool use_io_uring = true;
+  bool use_direct_io = true;
+  uint32_t io_chunk_bytes = 8u << 20;    // 1..8 MiB writes
+  int io_queue_depth = 8;                // writes in flight
+  std::chrono::milliseconds commit_timeout{600000};  // rank 0 waits this long for other ranks
+  bool unlink_memory_on_close = true;    // only when the newest snapshot is durable
+  bool reuse_memory = true;              // open the segment a crashed process left behind
+  std::shared_ptr<CommitBarrier> commit_barrier;  // default: rank records in the step directory
+};
+
+struct StepInfo {
+  int64_t step = -1;
+  bool committed = false;
+  bool in_memory = false;
+  uint64_t bytes = 0;
+  int world_size = 0;
+};
+
+struct LoadOptions {
+  std::optional<int64_t> step;           // default: newest step available
+  bool prefer_memory = true;
+  bool allow_fallback = false;           // on corruption, try older committed steps
+  bool verify = true;                    // check crc32c of every tensor
+};
+
+class Checkpointer {
+ public:
+  explicit Checkpointer(CheckpointerOptions options);
+  ~Checkpointer();  // waits for pending persists (as close())
+  Checkpointer(const Checkpointer&) = delete;
+  Checkpointer& operator=(const Checkpointer&) = delete;
+
+  // Copies tensors and blobs into a free shared-memory slot and returns once
+  // they are there (blocking=true) or once device copies are queued
+  // (blocking=false: call handle.wait_snapshot() before changing the tensors).
+  SaveHandle save(int64_t step, const std::vector<TensorRef>& tensors,
+                  const std::vector<BlobRef>& blobs, bool blocking = true);
+
+  std::unique_ptr<LoadedSnapshot> load(const LoadOptions& options = {});
+  // Loads into caller buffers; every key must match in shape, dtype and size.
+  int64_t load_into(const std::map<std::string, MutableTensorRef>& dest,
+                    std::map<std::string, std::string>* blobs = nullptr,
+                    const LoadOptions& options = {});
+
+  std::optional<int64_t> latest_step();       // newest committed step on storage
+  std::optional<int64_t> latest_memory_step(); // newest complete step in shared memory
+  std::vector<StepInfo> steps();
+  void wait_all();                            // every started persist finished
+  void close();
+  const CheckpointerOptions& options() const;
+  std::string memory_segment_path() const;
+  void unlink_memory();                       // drop the shared-memory segment now
+
+  class Impl;
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace flashckpt
