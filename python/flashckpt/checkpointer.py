@@ -4,7 +4,6 @@ persisted in the background by the C++ core."""
 from __future__ import annotations
 
 import atexit
-import hashlib
 import os
 import threading
 import time
@@ -33,16 +32,6 @@ def _close_all_at_exit():
             c.close()
         except Exception:
             pass
-
-
-def _default_run_id(directory: str, rank: int) -> str:
-    # The segment must be found again by a restarted process on this directory,
-    # and two runs on other directories must not share one.
-    env = os.environ.get("FLASHCKPT_RUN_ID")
-    if env:
-        return env
-    digest = hashlib.sha1(os.path.realpath(directory).encode()).hexdigest()[:12]
-    return f"d{digest}"
 
 
 def _dist():
@@ -126,8 +115,9 @@ class Checkpointer:
       persist_every: persist every N-th save; the others stay in memory only.
       rank, world_size: default to ``torch.distributed`` when it is initialized,
         else to ``$RANK``/``$WORLD_SIZE``, else 0 and 1.
-      run_id: names the shared-memory segment; default ``$FLASHCKPT_RUN_ID`` or
-        a hash of the directory (a restarted process finds its segment again).
+      run_id: names the shared-memory segment (with the directory and rank);
+        default ``$FLASHCKPT_RUN_ID`` or "local". A restarted process with the
+        same directory and run_id finds the snapshots its predecessor left.
       num_slots: snapshots kept in memory per rank (>= 2).
       reserve_bytes: allocate and touch the slots up front (first save as fast
         as later ones).
@@ -183,7 +173,7 @@ class Checkpointer:
         try:
             self._core = _native.load().Checkpointer(
                 directory, rank=rank, world_size=world_size,
-                run_id=run_id or _default_run_id(directory, rank), num_slots=num_slots,
+                run_id=run_id or "", num_slots=num_slots,
                 reserve_bytes=reserve_bytes, persist=persist, persist_every=persist_every,
                 keep_last=keep_last, commit_timeout_s=float(commit_timeout), **core_options)
         except BaseException:

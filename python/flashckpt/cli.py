@@ -1,0 +1,247 @@
+"""The ``flashckpt`` command: inspect, verify and export checkpoint directories.
+
+    flashckpt ls DIR                 steps, sizes, ranks, committed or not
+    flashckpt verify DIR [STEP]      crc32c check of every tensor of every rank
+    flashckpt export DIR STEP OUT.pt a file any PyTorch user can torch.load
+
+``ls`` only reads the directory (safe while a job writes to it); ``verify`` and
+``export`` read through the core with persistence off and a private
+shared-memory name, so they never touch a running job's snapshots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import struct
+import sys
+import time
+from typing import List, Optional
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+_RANK_RE = re.compile(r"^rank-(\d+)\.data$")
+_RECORD_MAGIC = b"FCKREC01"
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def _commit_ok(path: str) -> bool:
+    """COMMIT present and framed whole (the core also checks its crc32c)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    if len(data) < 28 or not data.startswith(_RECORD_MAGIC):
+        return False
+    (length,) = struct.unpack_from("<Q", data, 16)
+    return len(data) == 28 + length
+
+
+def scan(directory: str) -> List[dict]:
+    """Every step directory of ``directory``, ascending, from the files alone."""
+    out = []
+    for name in os.listdir(directory):
+        m = _STEP_RE.match(name)
+        path = os.path.join(directory, name)
+        if not m or not os.path.isdir(path):
+            continue
+        ranks, size = [], 0
+        for f in os.listdir(path):
+            try:
+                size += os.path.getsize(os.path.join(path, f))
+            except OSError:
+                continue
+            rm = _RANK_RE.match(f)
+            if rm:
+                ranks.append(int(rm.group(1)))
+        durable = sorted(int(f.split("-")[1].split(".")[0]) for f in os.listdir(path)
+                         if f.startswith("rank-") and f.endswith(".durable"))
+        out.append({"step": int(m.group(1)), "path": path, "ranks": sorted(ranks),
+                    "durable_ranks": durable, "bytes": size,
+                    "committed": _commit_ok(os.path.join(path, "COMMIT"))})
+    out.sort(key=lambda s: s["step"])
+    return out
+
+
+def _ranks_repr(ranks: List[int]) -> str:
+    if not ranks:
+        return "-"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)) and len(ranks) > 2:
+        return f"{ranks[0]}-{ranks[-1]}"
+    return ",".join(map(str, ranks))
+
+
+def cmd_ls(args) -> int:
+    d = args.directory
+    if not os.path.isdir(d):
+        print(f"flashckpt ls: {d}: not a directory", file=sys.stderr)
+        return 2
+    steps = scan(d)
+    latest = None
+    try:
+        with open(os.path.join(d, "latest")) as f:
+            latest = int(f.read().strip())
+    except (OSError, ValueError):
+        pass
+    if not steps:
+        print(f"{d}: no steps")
+        return 0
+    print(f"{'STEP':>10}  {'SIZE':>10}  {'RANKS':<10}  STATE")
+    for s in steps:
+        state = "committed" if s["committed"] else (
+            f"incomplete ({len(s['durable_ranks'])} rank(s) durable)")
+        if s["step"] == latest:
+            state += "  <- latest"
+        print(f"{s['step']:>10}  {_human(s['bytes']):>10}  {_ranks_repr(s['ranks']):<10}  {state}")
+    return 0
+
+
+class _Progress:
+    def __init__(self, total_bytes: int, stream=sys.stderr):
+        self.total = max(total_bytes, 1)
+        self.done = 0
+        self.stream = stream
+        self.t0 = time.perf_counter()
+        self.tty = stream.isatty()
+
+    def update(self, nbytes: int, label: str) -> None:
+        self.done += nbytes
+        frac = min(self.done / self.total, 1.0)
+        width = 30
+        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+        rate = self.done / max(time.perf_counter() - self.t0, 1e-9)
+        line = f"[{bar}] {frac * 100:5.1f}%  {_human(self.done)}/{_human(self.total)}  " \
+               f"{_human(rate)}/s  {label}"
+        self.stream.write(("\r" + line) if self.tty else (line + "\n"))
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _reader(directory: str, rank: int, world_size: int):
+    from . import _native
+
+    return _native.load().Checkpointer(
+        directory, rank=rank, world_size=world_size, run_id=f"cli{os.getpid()}r{rank}",
+        persist=False, unlink_memory_on_close=True, reuse_memory=False, keep_last=0)
+
+
+def cmd_verify(args) -> int:
+    from .errors import FlashCkptError
+
+    d = args.directory
+    if not os.path.isdir(d):
+        print(f"flashckpt verify: {d}: not a directory", file=sys.stderr)
+        return 2
+    steps = scan(d)
+    if args.step is not None:
+        steps = [s for s in steps if s["step"] == args.step]
+        if not steps:
+            print(f"flashckpt verify: {d}: no step {args.step}", file=sys.stderr)
+            return 1
+    else:
+        steps = [s for s in steps if s["committed"]]
+        if not steps:
+            print(f"flashckpt verify: {d}: no committed step", file=sys.stderr)
+            return 1
+    bar = _Progress(sum(s["bytes"] for s in steps))
+    failures = []
+    for s in steps:
+        if not s["committed"]:
+            failures.append(f"step {s['step']}: not committed")
+        world = (max(s["ranks"]) + 1) if s["ranks"] else 1
+        per_rank = s["bytes"] // max(len(s["ranks"]), 1)
+        for r in range(world):
+            try:
+                c = _reader(d, r, world)
+                try:
+                    snap = c.load(s["step"], prefer_memory=False, verify=True)
+                    n = snap.data_bytes
+                    del snap
+                finally:
+                    c.close()
+            except FlashCkptError as e:
+                failures.append(f"step {s['step']} rank {r}: {type(e).__name__}: {e}")
+                n = per_rank
+            bar.update(n, f"step {s['step']} rank {r}")
+    bar.finish()
+    for f in failures:
+        print(f"FAILED {f}", file=sys.stderr)
+    if failures:
+        return 1
+    print(f"OK: {len(steps)} step(s) verified in {d}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    import torch
+
+    from . import _state
+    from .errors import FlashCkptError
+
+    d = args.directory
+    if not os.path.isdir(d):
+        print(f"flashckpt export: {d}: not a directory", file=sys.stderr)
+        return 2
+    listing = {s["step"]: s for s in scan(d)}
+    world = (max(listing[args.step]["ranks"]) + 1) if args.step in listing and \
+        listing[args.step]["ranks"] else max(args.rank + 1, 1)
+    try:
+        c = _reader(d, args.rank, world)
+        try:
+            snap = c.load(args.step, prefer_memory=False, verify=True)
+            state = _state.unflatten(snap, map_location="cpu")
+            torch.save(state, args.out)
+        finally:
+            c.close()
+    except FlashCkptError as e:
+        print(f"flashckpt export: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote step {args.step} rank {args.rank} of {d} to {args.out} "
+          f"({_human(os.path.getsize(args.out))})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flashckpt", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    ls = sub.add_parser("ls", help="list steps: size, ranks, committed or not",
+                        description="List the steps of a checkpoint directory (reads files only).")
+    ls.add_argument("directory", metavar="DIR")
+    ls.set_defaults(func=cmd_ls)
+    v = sub.add_parser("verify", help="check the crc32c of every tensor",
+                       description="Read every rank's data of STEP (default: every committed "
+                                   "step) from storage and check each tensor's crc32c.")
+    v.add_argument("directory", metavar="DIR")
+    v.add_argument("step", metavar="STEP", type=int, nargs="?")
+    v.set_defaults(func=cmd_verify)
+    e = sub.add_parser("export", help="write a step as a torch.load-able file",
+                       description="Write one rank's state of STEP as a file that torch.load "
+                                   "reads without flashckpt (tensors on CPU).")
+    e.add_argument("directory", metavar="DIR")
+    e.add_argument("step", metavar="STEP", type=int)
+    e.add_argument("out", metavar="OUT.pt")
+    e.add_argument("--rank", type=int, default=0, help="which rank's state (default 0)")
+    e.set_defaults(func=cmd_export)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
