@@ -428,6 +428,14 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   } else {
     job.finish_snapshot = std::move(finish);
   }
+  if (!persist && !job.finish_snapshot) {
+    // Kept in memory only: nothing left for the persister to do.
+    state->DurableDone(absl::OkStatus(), false);
+    std::lock_guard<std::mutex> l(mu_);
+    pinned_.erase(slot);
+    cv_.notify_all();
+    return SaveHandle(state);
+  }
   {
     std::lock_guard<std::mutex> l(mu_);
     // An older snapshot still waiting to persist is superseded by this one.

@@ -1,0 +1,389 @@
+#include "launcher/elastic_agent.h"
+
+#include <poll.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/strip.h"
+#include "launcher/failure_report.h"
+#include "launcher/worker_environment.h"
+#include "launcher/worker_group.h"
+
+namespace flashckpt::launcher {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+void Say(const std::string& text) { std::fprintf(stderr, "[flashrun] %s\n", text.c_str()); }
+
+std::string RandomRunId() {
+  std::random_device device;
+  std::mt19937_64 generator(device());
+  const uint64_t a = generator(), b = generator();
+  return absl::StrFormat("%08x-%04x-%04x-%04x-%012x", a >> 32, (a >> 16) & 0xffff, a & 0xffff, b >> 48,
+                         b & 0xffffffffffffULL);
+}
+
+std::chrono::milliseconds ConfSeconds(const LaunchOptions& o, const std::string& key, double fallback_s) {
+  double seconds = fallback_s;
+  auto it = o.rdzv_conf.find(key);
+  if (it != o.rdzv_conf.end()) absl::SimpleAtod(it->second, &seconds);
+  return std::chrono::milliseconds(static_cast<int64_t>(seconds * 1000));
+}
+
+std::string PythonInterpreter(const std::map<std::string, std::string>& env) {
+  for (const char* name : {"FLASHRUN_PYTHON_INTERPRETER", "PYTHON_EXEC"}) {
+    auto it = env.find(name);
+    if (it != env.end() && !it->second.empty()) return it->second;
+  }
+  return "/usr/bin/python3";
+}
+
+std::string FindOnPath(const std::string& program, const std::map<std::string, std::string>& env) {
+  if (program.find('/') != std::string::npos) return program;
+  auto it = env.find("PATH");
+  const std::string path = it == env.end() ? "/usr/local/bin:/usr/bin:/bin" : it->second;
+  size_t start = 0;
+  while (start <= path.size()) {
+    size_t end = path.find(':', start);
+    if (end == std::string::npos) end = path.size();
+    const std::string candidate = path.substr(start, end - start) + "/" + program;
+    if (::access(candidate.c_str(), X_OK) == 0) return candidate;
+    start = end + 1;
+  }
+  return program;  // exec fails and the worker reports it
+}
+
+struct Job {
+  const LaunchOptions& options;
+  std::string run_id;
+  fs::path run_log_dir;
+  std::map<std::string, std::string> agent_env;
+  std::vector<std::string> command;  // interpreter, flags, script, args
+  std::string title_name;            // for the failure summary
+  std::string hostname;
+};
+
+std::vector<WorkerLaunch> PlanWorkers(const Job& job, const RoundAssignment& round, int restart_count,
+                                      NodeHooks& hooks) {
+  const LaunchOptions& o = job.options;
+  const fs::path attempt_dir = job.run_log_dir / absl::StrCat("attempt_", restart_count);
+  std::error_code ec;
+  fs::remove_all(attempt_dir, ec);  // a membership change reuses the attempt number, as in torchrun
+  fs::create_directories(attempt_dir, ec);
+  std::vector<WorkerLaunch> launches;
+  for (int local_rank = 0; local_rank < o.nproc_per_node; ++local_rank) {
+    const fs::path rank_dir = attempt_dir / std::to_string(local_rank);
+    fs::create_directories(rank_dir, ec);
+    WorkerIdentity id;
+    id.local_rank = local_rank;
+    id.global_rank = round.rank_offset + local_rank;
+    id.group_rank = round.group_rank;
+    id.local_world_size = o.nproc_per_node;
+    id.world_size = round.world_size;
+    id.group_world_size = round.group_world_size;
+    id.role = o.role;
+    id.master_addr = round.master_addr;
+    id.master_port = round.master_port;
+    id.restart_count = restart_count;
+    id.max_restarts = o.max_restarts;
+    id.run_id = job.run_id;
+    id.use_agent_store = false;  // the rank-0 worker hosts the torch store itself
+    id.error_file = (rank_dir / "error.json").string();
+    id.agent_socket = (job.run_log_dir / "agent.sock").string();
+    id.restore_step = hooks.RestoreStep();
+    id.heartbeat_file = (rank_dir / "heartbeat").string();
+
+    WorkerLaunch launch;
+    launch.local_rank = local_rank;
+    launch.global_rank = id.global_rank;
+    launch.argv = job.command;
+    launch.env = MergeEnvironment(job.agent_env, WorkerVariables(id, job.agent_env));
+    launch.stdout_log = (rank_dir / "stdout.log").string();
+    launch.stderr_log = (rank_dir / "stderr.log").string();
+    launch.redirect_streams = o.redirects.ForLocalRank(local_rank);
+    launch.tee_streams = o.tee.ForLocalRank(local_rank);
+    if (o.local_ranks_filter) {
+      const auto& keep = *o.local_ranks_filter;
+      if (std::find(keep.begin(), keep.end(), local_rank) == keep.end()) {
+        // Not shown on the console: what would have gone there goes to the log file only.
+        launch.redirect_streams |= launch.tee_streams | kStdout | kStderr;
+        launch.tee_streams = 0;
+      }
+    }
+    launch.console_prefix = absl::StrFormat("[%s%d]:", o.role, local_rank);
+    launch.error_file = id.error_file;
+    launch.heartbeat_file = id.heartbeat_file;
+    launches.push_back(std::move(launch));
+  }
+  return launches;
+}
+
+absl::StatusOr<std::unique_ptr<NodeRendezvous>> MakeRendezvous(const LaunchOptions& o, const Job& job) {
+  if (o.rdzv_backend == "static" && !o.standalone) {
+    StaticRendezvousOptions s;
+    s.node_rank = o.node_rank;
+    s.nnodes = o.max_nodes;
+    s.local_world_size = o.nproc_per_node;
+    s.master_addr = o.master_addr;
+    s.master_port = o.master_port;
+    return MakeStaticRendezvous(s);
+  }
+  DynamicRendezvousOptions d;
+  d.run_id = job.run_id;
+  if (o.standalone) {
+    d.endpoint_host = "127.0.0.1";
+    d.endpoint_port = 0;  // a free port: a busy 29400 never fails a standalone job
+    d.is_host = true;
+  } else {
+    if (o.rdzv_endpoint.empty()) {
+      return absl::InvalidArgumentError("--rdzv-backend c10d needs --rdzv-endpoint host[:port]");
+    }
+    std::string host = o.rdzv_endpoint;
+    int port = 29400;
+    if (host.front() == '[') {  // [v6]:port
+      const size_t close = host.find(']');
+      if (close != std::string::npos && close + 1 < host.size() && host[close + 1] == ':') {
+        absl::SimpleAtoi(host.substr(close + 2), &port);
+      }
+      host = host.substr(1, close - 1);
+    } else if (const size_t colon = host.rfind(':'); colon != std::string::npos && host.find(':') == colon) {
+      if (!absl::SimpleAtoi(host.substr(colon + 1), &port) || port <= 0 || port > 65535) {
+        return absl::InvalidArgumentError(absl::StrFormat("--rdzv-endpoint '%s': bad port", o.rdzv_endpoint));
+      }
+      host = host.substr(0, colon);
+    }
+    d.endpoint_host = host;
+    d.endpoint_port = static_cast<uint16_t>(port);
+    if (auto it = o.rdzv_conf.find("is_host"); it != o.rdzv_conf.end()) {
+      const std::string v = absl::AsciiStrToLower(it->second);
+      d.is_host = v == "1" || v == "true" || v == "yes";
+    }
+  }
+  auto token_env = job.agent_env.find("FLASHRUN_RDZV_TOKEN");
+  if (token_env != job.agent_env.end()) d.token = token_env->second;
+  if (auto it = o.rdzv_conf.find("token_file"); it != o.rdzv_conf.end()) {
+    std::ifstream in(it->second);
+    if (!in) return absl::NotFoundError(absl::StrFormat("rendezvous token file %s cannot be read", it->second));
+    std::string token((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    d.token = std::string(absl::StripAsciiWhitespace(token));
+  }
+  d.node_id = o.node_name.empty() ? absl::StrFormat("%s_%d", job.hostname, ::getpid()) : o.node_name;
+  d.node_address = o.local_addr.empty() ? job.hostname : o.local_addr;
+  d.local_world_size = o.nproc_per_node;
+  d.min_nodes = o.standalone ? 1 : o.min_nodes;
+  d.max_nodes = o.standalone ? 1 : o.max_nodes;
+  d.join_timeout = ConfSeconds(o, "join_timeout", 600);
+  if (o.rdzv_conf.count("timeout") && !o.rdzv_conf.count("join_timeout")) d.join_timeout = ConfSeconds(o, "timeout", 600);
+  d.last_call_timeout = ConfSeconds(o, "last_call_timeout", 30);
+  d.keep_alive_interval = ConfSeconds(o, "keep_alive_interval", 5);
+  d.read_timeout = ConfSeconds(o, "read_timeout", 60);
+  if (auto it = o.rdzv_conf.find("keep_alive_max_attempt"); it != o.rdzv_conf.end()) {
+    absl::SimpleAtoi(it->second, &d.keep_alive_max_attempt);
+    d.keep_alive_max_attempt = std::max(1, d.keep_alive_max_attempt);
+  }
+  return StartDynamicRendezvous(std::move(d));
+}
+
+std::string DescribeFailures(const std::vector<WorkerFailure>& failures) {
+  std::string text;
+  for (const WorkerFailure& f : failures) {
+    if (!text.empty()) text += ", ";
+    if (f.exitcode < 0) {
+      text += absl::StrFormat("local rank %d (pid %d) %s", f.local_rank, f.pid,
+                              f.error_file == "<N/A>" ? f.message : "got " + SignalName(-f.exitcode));
+    } else {
+      text += absl::StrFormat("local rank %d (pid %d) exited with %d", f.local_rank, f.pid, f.exitcode);
+    }
+  }
+  return text;
+}
+
+}  // namespace
+
+void BlockHandledSignals(const LaunchOptions& options) {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : options.signals_to_handle) sigaddset(&set, sig);
+  ::pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+}
+
+int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
+  Job job{o, o.standalone ? RandomRunId() : o.rdzv_id, {}, CurrentEnvironment(), {}, {}, FullyQualifiedHostName()};
+
+  if (!job.agent_env.count("OMP_NUM_THREADS") && o.nproc_per_node > 1) {
+    std::fprintf(stderr,
+                 "WARNING:flashrun:\n*****************************************\n"
+                 "Setting OMP_NUM_THREADS environment variable for each process to be 1 in default, to avoid your "
+                 "system being overloaded, please further tune the variable for optimal performance in your "
+                 "application as needed. \n*****************************************\n");
+    job.agent_env["OMP_NUM_THREADS"] = "1";
+  }
+
+  // The worker command, as torchrun builds it.
+  const std::string python = PythonInterpreter(job.agent_env);
+  if (o.no_python && !o.run_path) {
+    job.command.push_back(FindOnPath(o.training_script, job.agent_env));
+    job.title_name = o.training_script;
+  } else if (o.run_path) {
+    job.command = {python, "-u", "-c",
+                   "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')",
+                   o.training_script};
+    job.title_name = o.training_script;
+  } else if (o.module) {
+    job.command = {python, "-u", "-m", o.training_script};
+    job.title_name = o.training_script;
+  } else {
+    job.command = {python, "-u", o.training_script};
+    job.title_name = o.training_script;
+  }
+  for (const std::string& a : o.training_script_args) job.command.push_back(a);
+
+  // Logs: <log-dir>/<run_id>/attempt_<n>/<local_rank>/{stdout,stderr}.log
+  std::error_code ec;
+  fs::path base = o.log_dir;
+  if (base.empty()) {
+    char pattern[] = "/tmp/flashrun_XXXXXX";
+    const char* made = ::mkdtemp(pattern);
+    base = made ? made : "/tmp";
+  }
+  job.run_log_dir = base / job.run_id;
+  fs::create_directories(job.run_log_dir, ec);
+  if (ec) {
+    Say(absl::StrFormat("cannot create the log directory %s: %s", job.run_log_dir.string(), ec.message()));
+    return 1;
+  }
+
+  sigset_t handled;
+  sigemptyset(&handled);
+  for (int sig : o.signals_to_handle) sigaddset(&handled, sig);
+  const int signal_fd = ::signalfd(-1, &handled, SFD_CLOEXEC | SFD_NONBLOCK);
+
+  absl::StatusOr<std::unique_ptr<NodeRendezvous>> made = MakeRendezvous(o, job);
+  if (!made.ok()) {
+    Say(absl::StrFormat("error: %s", made.status().message()));
+    return 1;
+  }
+  std::unique_ptr<NodeRendezvous> rendezvous = std::move(*made);
+  Say(absl::StrFormat("%s; run '%s'; logs in %s", rendezvous->Describe(), job.run_id, job.run_log_dir.string()));
+
+  const auto shutdown_grace = std::chrono::duration<double>(o.shutdown_timeout_s);
+  const auto worker_timeout = std::chrono::duration<double>(o.worker_timeout_s);
+  int remaining_restarts = o.max_restarts;
+  WorkerGroup group;
+
+  // A pending signal wins over everything else.
+  auto take_signal = [&]() -> int {
+    signalfd_siginfo info;
+    if (::read(signal_fd, &info, sizeof(info)) == sizeof(info)) return static_cast<int>(info.ssi_signo);
+    return 0;
+  };
+  auto exit_on_signal = [&](int sig) {
+    Say(absl::StrFormat("received %s: stopping workers (SIGKILL after %.0f s)", SignalName(sig), o.shutdown_timeout_s));
+    group.Stop(sig, shutdown_grace);
+    rendezvous->Leave();
+    rendezvous->Shutdown();
+    return 128 + sig;
+  };
+
+  while (true) {
+    const int restart_count = o.max_restarts - remaining_restarts;
+    if (int sig = take_signal()) return exit_on_signal(sig);
+    absl::StatusOr<RoundAssignment> round = rendezvous->NextRound(hooks.NodePayload());
+    if (!round.ok()) {
+      Say(absl::StrFormat("error: %s", round.status().message()));
+      rendezvous->Shutdown();
+      return 1;
+    }
+    if (absl::Status s = hooks.BeforeWorkersStart(restart_count, *round); !s.ok()) {
+      Say(absl::StrFormat("error: before starting workers: %s", s.message()));
+      rendezvous->Leave();
+      rendezvous->Shutdown();
+      return 1;
+    }
+    if (absl::Status s = group.Start(PlanWorkers(job, *round, restart_count, hooks)); !s.ok()) {
+      Say(absl::StrFormat("error: starting workers: %s", s.message()));
+      group.Stop(SIGKILL, std::chrono::seconds(0));
+      rendezvous->Leave();
+      rendezvous->Shutdown();
+      return 1;
+    }
+    Say(absl::StrFormat("round %d: node %d/%d, ranks %d-%d of %d, MASTER_ADDR=%s MASTER_PORT=%d, attempt %d",
+                        round->round, round->group_rank, round->group_world_size, round->rank_offset,
+                        round->rank_offset + o.nproc_per_node - 1, round->world_size, round->master_addr,
+                        round->master_port, restart_count));
+
+    // Watch: exits wake the poll at once; the interval bounds heartbeat checks.
+    bool membership_changed = false;
+    GroupState state = GroupState::kRunning;
+    while (true) {
+      std::vector<pollfd> fds;
+      fds.push_back(pollfd{signal_fd, POLLIN, 0});
+      if (rendezvous->RejoinNotifier() >= 0) fds.push_back(pollfd{rendezvous->RejoinNotifier(), POLLIN, 0});
+      for (int fd : group.ExitNotifiers()) fds.push_back(pollfd{fd, POLLIN, 0});
+      ::poll(fds.data(), fds.size(), static_cast<int>(o.monitor_interval_s * 1000));
+      if (int sig = take_signal()) {
+        if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP || sig == SIGQUIT) return exit_on_signal(sig);
+        Say(absl::StrFormat("forwarding %s to the workers", SignalName(sig)));
+        group.Signal(sig);
+      }
+      state = group.Check(worker_timeout);
+      if (state != GroupState::kRunning) break;
+      if (fds.size() > 1 && fds[1].fd == rendezvous->RejoinNotifier() && (fds[1].revents & POLLIN)) {
+        membership_changed = true;
+        break;
+      }
+    }
+
+    if (state == GroupState::kSucceeded) {
+      group.Stop(SIGTERM, shutdown_grace);  // reaps; stragglers in the process groups are killed
+      // Exit barrier: the rendezvous host must outlive the others' last calls.
+      absl::Status barrier = rendezvous->Barrier("finished", Clock::now() + std::chrono::seconds(300));
+      if (barrier.code() == absl::StatusCode::kAborted) {
+        Say("another node restarted its workers after ours finished: joining the new round");
+        continue;
+      }
+      if (!barrier.ok()) Say(absl::StrFormat("warning: exit barrier: %s", barrier.message()));
+      (void)rendezvous->Barrier("exited", Clock::now() + std::chrono::seconds(5));
+      rendezvous->Shutdown();
+      Say("all workers finished successfully");
+      return 0;
+    }
+    if (membership_changed) {
+      Say("the rendezvous round ended (a node failed, left or joined): stopping workers to re-rendezvous");
+      group.Stop(SIGTERM, shutdown_grace);
+      continue;
+    }
+
+    // Failed.
+    std::vector<WorkerFailure> failures = group.failures();
+    group.Stop(SIGTERM, shutdown_grace);
+    if (remaining_restarts > 0) {
+      --remaining_restarts;
+      Say(absl::StrFormat("worker group failed (%s); restarting (%d/%d)", DescribeFailures(failures),
+                          o.max_restarts - remaining_restarts, o.max_restarts));
+      continue;
+    }
+    Say(absl::StrFormat("worker group failed (%s); no restarts left (--max-restarts %d)", DescribeFailures(failures),
+                        o.max_restarts));
+    std::fprintf(stderr, "%s", FormatFailureSummary(job.title_name, job.hostname, failures).c_str());
+    std::fflush(stderr);
+    rendezvous->Leave();
+    rendezvous->Shutdown();
+    return 1;
+  }
+}
+
+}  // namespace flashckpt::launcher

@@ -1,0 +1,37 @@
+// The node agent's loop: rendezvous, start workers, watch them, and on a failure
+// stop the local group, re-rendezvous and restart, until success, a signal, or
+// the restarts run out (then torchrun's failure summary and a non-zero exit).
+#pragma once
+
+#include <string>
+
+#include "absl/status/status.h"
+#include "launcher/launch_options.h"
+#include "launcher/node_rendezvous.h"
+
+namespace flashckpt::launcher {
+
+// Seams for the checkpoint service of the next issue; the default does nothing.
+class NodeHooks {
+ public:
+  virtual ~NodeHooks() = default;
+  // Carried by the rendezvous to every agent (e.g. the snapshot steps held here).
+  virtual std::string NodePayload() { return {}; }
+  // Called after each round, before workers start, with every node's payload
+  // (e.g. persist the newest snapshot, agree on a restore step).
+  virtual absl::Status BeforeWorkersStart(int restart_count, const RoundAssignment& round) {
+    (void)restart_count;
+    (void)round;
+    return absl::OkStatus();
+  }
+  // FLASHCKPT_RESTORE_STEP for the workers ("" for none).
+  virtual std::string RestoreStep() { return {}; }
+};
+
+// Runs the job; returns the process exit code. The handled signals must already
+// be blocked in every thread (see BlockHandledSignals).
+int RunElasticAgent(const LaunchOptions& options, NodeHooks& hooks);
+
+void BlockHandledSignals(const LaunchOptions& options);
+
+}  // namespace flashckpt::launcher

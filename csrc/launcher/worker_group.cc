@@ -1,0 +1,369 @@
+#include "launcher/worker_group.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/eventfd.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+
+namespace flashckpt::launcher {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+int OpenPidfd(pid_t pid) { return static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)); }
+
+double WallSeconds(std::chrono::system_clock::time_point t) {
+  return std::chrono::duration<double>(t.time_since_epoch()).count();
+}
+
+void WriteAll(int fd, const char* data, size_t size) {
+  while (size > 0) {
+    const ssize_t n = ::write(fd, data, size);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return;  // a closed console must not stop the agent
+    data += n;
+    size -= static_cast<size_t>(n);
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+OutputForwarder::OutputForwarder() { wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
+
+OutputForwarder::~OutputForwarder() {
+  Finish(Clock::now());
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+}
+
+void OutputForwarder::Add(int pipe_fd, int file_fd, int console_fd, std::string prefix) {
+  streams_.push_back(Stream{pipe_fd, file_fd, console_fd, std::move(prefix), {}});
+}
+
+void OutputForwarder::Start() {
+  if (streams_.empty()) return;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void OutputForwarder::Drain(Stream& stream, bool at_eof) {
+  char buffer[65536];
+  while (true) {
+    const ssize_t n = ::read(stream.pipe_fd, buffer, sizeof(buffer));
+    if (n < 0 && errno == EINTR) continue;
+    if (n > 0) {
+      if (stream.file_fd >= 0) WriteAll(stream.file_fd, buffer, static_cast<size_t>(n));
+      if (stream.console_fd >= 0) {
+        stream.partial_line.append(buffer, static_cast<size_t>(n));
+        size_t start = 0;
+        std::string out;
+        for (size_t nl; (nl = stream.partial_line.find('\n', start)) != std::string::npos; start = nl + 1) {
+          out += stream.prefix;
+          out.append(stream.partial_line, start, nl + 1 - start);
+        }
+        stream.partial_line.erase(0, start);
+        if (!out.empty()) WriteAll(stream.console_fd, out.data(), out.size());
+      }
+      if (!at_eof) return;  // one chunk per wake-up keeps streams fair
+      continue;
+    }
+    // End of file (or an error, or no more data when draining at the end).
+    if (n == 0 || (n < 0 && errno != EAGAIN) || at_eof) {
+      if (stream.console_fd >= 0 && !stream.partial_line.empty()) {
+        std::string out = stream.prefix + stream.partial_line + "\n";
+        WriteAll(stream.console_fd, out.data(), out.size());
+        stream.partial_line.clear();
+      }
+      ::close(stream.pipe_fd);
+      if (stream.file_fd >= 0) ::close(stream.file_fd);
+      stream.pipe_fd = -1;
+      stream.file_fd = -1;
+    }
+    return;
+  }
+}
+
+void OutputForwarder::Loop() {
+  while (true) {
+    std::vector<pollfd> fds;
+    std::vector<size_t> index;
+    for (size_t i = 0; i < streams_.size(); ++i) {
+      if (streams_[i].pipe_fd < 0) continue;
+      fds.push_back(pollfd{streams_[i].pipe_fd, POLLIN, 0});
+      index.push_back(i);
+    }
+    if (fds.empty()) return;
+    fds.push_back(pollfd{wake_fd_, POLLIN, 0});
+    const int ready = ::poll(fds.data(), fds.size(), 200);
+    if (ready < 0 && errno != EINTR) return;
+    for (size_t k = 0; k + 1 < fds.size(); ++k) {
+      if (fds[k].revents & (POLLIN | POLLHUP | POLLERR)) Drain(streams_[index[k]], false);
+    }
+    if (stopping_.load()) {
+      // Past the deadline: take what is buffered and close the rest (a
+      // grandchild may still hold a pipe open).
+      for (Stream& s : streams_) {
+        if (s.pipe_fd >= 0) {
+          ::fcntl(s.pipe_fd, F_SETFL, O_NONBLOCK);
+          Drain(s, true);
+        }
+      }
+      return;
+    }
+  }
+}
+
+void OutputForwarder::Finish(Clock::time_point deadline) {
+  if (thread_.joinable()) {
+    // Give the pipes until the deadline to reach end of file on their own.
+    while (Clock::now() < deadline) {
+      bool open = false;
+      for (const Stream& s : streams_) open |= s.pipe_fd >= 0;  // read racily; only a hint
+      if (!open) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    stopping_ = true;
+    const uint64_t one = 1;
+    (void)!::write(wake_fd_, &one, sizeof(one));
+    thread_.join();
+  }
+  for (Stream& s : streams_) {
+    if (s.pipe_fd >= 0) ::close(s.pipe_fd);
+    if (s.file_fd >= 0) ::close(s.file_fd);
+    s.pipe_fd = s.file_fd = -1;
+  }
+  streams_.clear();
+}
+
+// ---------------------------------------------------------------------------
+WorkerGroup::WorkerGroup() = default;
+
+WorkerGroup::~WorkerGroup() { Stop(SIGKILL, std::chrono::seconds(0)); }
+
+absl::Status WorkerGroup::Start(std::vector<WorkerLaunch> launches) {
+  workers_.clear();
+  failures_.clear();
+  forwarder_ = std::make_unique<OutputForwarder>();
+  const pid_t agent_pid = ::getpid();
+  for (WorkerLaunch& launch : launches) {
+    Worker worker;
+    worker.launch = std::move(launch);
+    const WorkerLaunch& l = worker.launch;
+
+    // Everything the child needs is prepared before fork: after it, only
+    // async-signal-safe calls.
+    std::vector<char*> argv;
+    for (const std::string& a : l.argv) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    std::vector<char*> envp;
+    for (const std::string& e : l.env) envp.push_back(const_cast<char*>(e.c_str()));
+    envp.push_back(nullptr);
+
+    int child_out = -1, child_err = -1;  // -1: inherit the agent's
+    auto prepare_stream = [&](int stream_bit, const std::string& path, int console_fd,
+                              int* child_fd) -> absl::Status {
+      const bool tee = l.tee_streams & stream_bit;
+      const bool redirect = (l.redirect_streams & stream_bit) || tee;
+      if (!redirect) return absl::OkStatus();
+      const int file_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+      if (file_fd < 0) {
+        return absl::InternalError(absl::StrFormat("cannot create log file %s: %s", path, std::strerror(errno)));
+      }
+      if (!tee) {
+        *child_fd = file_fd;
+        return absl::OkStatus();
+      }
+      int p[2];
+      if (::pipe2(p, O_CLOEXEC) != 0) {
+        ::close(file_fd);
+        return absl::InternalError(absl::StrFormat("pipe for %s: %s", path, std::strerror(errno)));
+      }
+      forwarder_->Add(p[0], file_fd, console_fd, l.console_prefix);
+      *child_fd = p[1];
+      return absl::OkStatus();
+    };
+    if (absl::Status s = prepare_stream(kStdout, l.stdout_log, STDOUT_FILENO, &child_out); !s.ok()) return s;
+    if (absl::Status s = prepare_stream(kStderr, l.stderr_log, STDERR_FILENO, &child_err); !s.ok()) return s;
+    if (!l.heartbeat_file.empty()) {
+      const int fd = ::open(l.heartbeat_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+      if (fd >= 0) ::close(fd);
+    }
+
+    const pid_t pid = ::fork();
+    if (pid < 0) {
+      return absl::InternalError(absl::StrFormat("fork for local rank %d: %s", l.local_rank, std::strerror(errno)));
+    }
+    if (pid == 0) {
+      ::setpgid(0, 0);
+      ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+      if (::getppid() != agent_pid) ::_exit(137);  // the agent died before we got here
+      if (child_out >= 0) ::dup2(child_out, STDOUT_FILENO);
+      if (child_err >= 0) ::dup2(child_err, STDERR_FILENO);
+      sigset_t none;
+      sigemptyset(&none);
+      ::sigprocmask(SIG_SETMASK, &none, nullptr);
+      for (int sig = 1; sig < NSIG; ++sig) ::signal(sig, SIG_DFL);
+      ::execve(argv[0], argv.data(), envp.data());
+      const char* reason = std::strerror(errno);
+      const char prefix[] = "flashrun: cannot execute ";
+      (void)!::write(STDERR_FILENO, prefix, sizeof(prefix) - 1);
+      (void)!::write(STDERR_FILENO, argv[0], std::strlen(argv[0]));
+      (void)!::write(STDERR_FILENO, ": ", 2);
+      (void)!::write(STDERR_FILENO, reason, std::strlen(reason));
+      (void)!::write(STDERR_FILENO, "\n", 1);
+      ::_exit(127);
+    }
+    ::setpgid(pid, pid);  // also here, so that a signal right after fork reaches the group
+    if (child_out >= 0) ::close(child_out);
+    if (child_err >= 0) ::close(child_err);
+    worker.pid = pid;
+    worker.pidfd = OpenPidfd(pid);
+    worker.started = Clock::now();
+    worker.started_wall = std::chrono::system_clock::now();
+    workers_.push_back(std::move(worker));
+  }
+  forwarder_->Start();
+  return absl::OkStatus();
+}
+
+std::vector<int> WorkerGroup::ExitNotifiers() const {
+  std::vector<int> fds;
+  for (const Worker& w : workers_) {
+    if (!w.exited && w.pidfd >= 0) fds.push_back(w.pidfd);
+  }
+  return fds;
+}
+
+std::vector<pid_t> WorkerGroup::pids() const {
+  std::vector<pid_t> out;
+  for (const Worker& w : workers_) out.push_back(w.pid);
+  return out;
+}
+
+bool WorkerGroup::PeekExit(Worker& worker) {
+  if (worker.exited) return true;
+  siginfo_t info{};
+  if (::waitid(P_PID, static_cast<id_t>(worker.pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0) return false;
+  if (info.si_pid != worker.pid) return false;
+  worker.exited = true;
+  worker.exitcode = info.si_code == CLD_EXITED ? info.si_status : -info.si_status;
+  return true;
+}
+
+void WorkerGroup::Reap(Worker& worker) {
+  if (worker.reaped || worker.pid <= 0) return;
+  int status = 0;
+  while (::waitpid(worker.pid, &status, 0) < 0 && errno == EINTR) {
+  }
+  if (!worker.exited) {
+    worker.exited = true;
+    worker.exitcode = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+  }
+  worker.reaped = true;
+  if (worker.pidfd >= 0) ::close(worker.pidfd);
+  worker.pidfd = -1;
+}
+
+GroupState WorkerGroup::Check(std::chrono::duration<double> worker_timeout) {
+  bool all_succeeded = true;
+  const double now_wall = WallSeconds(std::chrono::system_clock::now());
+  for (Worker& w : workers_) {
+    const bool was_exited = w.exited;
+    if (PeekExit(w)) {
+      if (!was_exited && w.exitcode != 0) {
+        WorkerFailure f;
+        f.local_rank = w.launch.local_rank;
+        f.global_rank = w.launch.global_rank;
+        f.pid = w.pid;
+        f.exitcode = w.exitcode;
+        f.timestamp_s = now_wall;
+        f.error_file = w.launch.error_file;
+        ReadErrorFile(&f);
+        failures_.push_back(std::move(f));
+      }
+      if (w.exitcode != 0) all_succeeded = false;
+      continue;
+    }
+    all_succeeded = false;
+    if (worker_timeout.count() > 0 && !w.launch.heartbeat_file.empty()) {
+      struct stat st;
+      auto last_beat = w.started_wall;
+      if (::stat(w.launch.heartbeat_file.c_str(), &st) == 0) {
+        const auto mtime = std::chrono::system_clock::time_point(
+            std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                std::chrono::seconds(st.st_mtim.tv_sec) + std::chrono::nanoseconds(st.st_mtim.tv_nsec)));
+        if (mtime > last_beat) last_beat = mtime;
+      }
+      const double silent_s =
+          std::chrono::duration<double>(std::chrono::system_clock::now() - last_beat).count();
+      if (silent_s > worker_timeout.count()) {
+        WorkerFailure f;
+        f.local_rank = w.launch.local_rank;
+        f.global_rank = w.launch.global_rank;
+        f.pid = w.pid;
+        f.exitcode = -SIGKILL;
+        f.timestamp_s = now_wall;
+        f.error_file = "<N/A>";
+        f.message = absl::StrFormat("no heartbeat for %.1f s (--worker-timeout %g s): treated as hung and stopped",
+                                    silent_s, worker_timeout.count());
+        failures_.push_back(std::move(f));
+        w.exited = true;  // counted as failed; Stop kills and reaps it
+        w.exitcode = -SIGKILL;
+      }
+    }
+  }
+  if (!failures_.empty()) return GroupState::kFailed;
+  return all_succeeded ? GroupState::kSucceeded : GroupState::kRunning;
+}
+
+void WorkerGroup::Signal(int signal_number) {
+  for (Worker& w : workers_) {
+    if (!w.reaped && w.pid > 0) ::kill(-w.pid, signal_number);
+  }
+}
+
+void WorkerGroup::Stop(int first_signal, std::chrono::duration<double> grace) {
+  if (workers_.empty()) {
+    if (forwarder_) forwarder_->Finish(Clock::now());
+    return;
+  }
+  // The leaders are not reaped yet, so their pids, and with them the process
+  // group ids, cannot have been reused.
+  Signal(first_signal);
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(grace);
+  while (true) {
+    std::vector<pollfd> fds;
+    for (Worker& w : workers_) {
+      if (w.reaped) continue;
+      siginfo_t info{};
+      // Not PeekExit: a hung worker is marked exited but still runs.
+      if (::waitid(P_PID, static_cast<id_t>(w.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == w.pid) {
+        continue;
+      }
+      if (w.pidfd >= 0) fds.push_back(pollfd{w.pidfd, POLLIN, 0});
+    }
+    if (fds.empty()) break;
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+    if (left <= 0) break;
+    ::poll(fds.data(), fds.size(), static_cast<int>(std::min<int64_t>(left, 100)));
+  }
+  // Whatever is left in the process groups (stragglers, grandchildren) is killed.
+  Signal(SIGKILL);
+  for (Worker& w : workers_) {
+    Reap(w);
+    if (w.pidfd >= 0) ::close(w.pidfd);
+    w.pidfd = -1;
+  }
+  if (forwarder_) forwarder_->Finish(Clock::now() + std::chrono::milliseconds(500));
+}
+
+}  // namespace flashckpt::launcher

@@ -1,0 +1,119 @@
+// The supervisor's hands: starts the local workers, each in its own process
+// group (and killed with the agent through PR_SET_PDEATHSIG), notices exits at
+// once through pidfds, checks heartbeat files, and stops the whole group
+// (SIGTERM to each process group, SIGKILL after the shutdown timeout), reaping
+// every child so that no worker or zombie outlives a stop.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "launcher/failure_report.h"
+
+namespace flashckpt::launcher {
+
+inline constexpr int kStdout = 1;
+inline constexpr int kStderr = 2;
+
+struct WorkerLaunch {
+  int local_rank = 0;
+  int global_rank = 0;
+  std::vector<std::string> argv;  // argv[0] is an absolute path
+  std::vector<std::string> env;   // KEY=VALUE
+  std::string stdout_log;         // used when the stream is redirected or teed
+  std::string stderr_log;
+  int redirect_streams = 0;  // kStdout | kStderr: to the log file only
+  int tee_streams = 0;       // kStdout | kStderr: to the log file and the console, prefixed
+  std::string console_prefix;  // "[default0]:"
+  std::string error_file;
+  std::string heartbeat_file;  // empty: no hang detection
+};
+
+enum class GroupState { kRunning, kSucceeded, kFailed };
+
+class OutputForwarder;
+
+class WorkerGroup {
+ public:
+  WorkerGroup();
+  ~WorkerGroup();  // stops (SIGKILL) whatever still runs
+  WorkerGroup(const WorkerGroup&) = delete;
+  WorkerGroup& operator=(const WorkerGroup&) = delete;
+
+  absl::Status Start(std::vector<WorkerLaunch> launches);
+
+  // File descriptors that become readable when a worker exits (for poll).
+  std::vector<int> ExitNotifiers() const;
+
+  // Notices exits (without reaping, so that a process group id stays reserved
+  // until Stop) and hung workers; returns the state of the group.
+  GroupState Check(std::chrono::duration<double> worker_timeout);
+
+  // Failures noticed so far, in the order they were noticed.
+  const std::vector<WorkerFailure>& failures() const { return failures_; }
+
+  // Sends a signal to every worker's process group.
+  void Signal(int signal_number);
+
+  // Stops all workers: first_signal to each process group, SIGKILL to what is left
+  // after `grace`, then reaps every worker. Safe to call more than once.
+  void Stop(int first_signal, std::chrono::duration<double> grace);
+
+  std::vector<pid_t> pids() const;
+  bool empty() const { return workers_.empty(); }
+
+ private:
+  struct Worker {
+    WorkerLaunch launch;
+    pid_t pid = -1;
+    int pidfd = -1;
+    bool exited = false;   // noticed, not necessarily reaped
+    bool reaped = false;
+    int exitcode = 0;
+    std::chrono::steady_clock::time_point started;
+    std::chrono::system_clock::time_point started_wall;
+  };
+  bool PeekExit(Worker& worker);
+  void Reap(Worker& worker);
+
+  std::vector<Worker> workers_;
+  std::vector<WorkerFailure> failures_;
+  std::unique_ptr<OutputForwarder> forwarder_;
+};
+
+// Copies worker pipes to their log files and, prefixed line by line, to the console.
+class OutputForwarder {
+ public:
+  OutputForwarder();
+  ~OutputForwarder();
+  // Takes ownership of pipe_fd and file_fd; console_fd is 1 or 2, or -1 for none.
+  void Add(int pipe_fd, int file_fd, int console_fd, std::string prefix);
+  void Start();
+  // Waits until every pipe reached end of file, at most until the deadline, then closes all.
+  void Finish(std::chrono::steady_clock::time_point deadline);
+
+ private:
+  struct Stream {
+    int pipe_fd;
+    int file_fd;
+    int console_fd;
+    std::string prefix;
+    std::string partial_line;
+  };
+  void Loop();
+  void Drain(Stream& stream, bool at_eof);
+  std::vector<Stream> streams_;
+  int wake_fd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> stopping_{false};
+};
+
+}  // namespace flashckpt::launcher

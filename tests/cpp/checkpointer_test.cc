@@ -1,0 +1,240 @@
+#include "flashckpt/checkpointer.h"
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "test_util.h"
+
+namespace flashckpt {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::FakeState;
+using testing::ScratchDirs;
+
+TEST(Checkpointer, SaveLoadFromMemoryAndStorage) {
+  ScratchDirs dirs;
+  FakeState s = FakeState::ForStep(5);
+  {
+    Checkpointer ckpt(dirs.Options());
+    auto h = ckpt.save(5, s.Refs(), s.Blobs());
+    h.wait_durable();
+    EXPECT_TRUE(h.persisted());
+    EXPECT_EQ(ckpt.latest_step(), 5);
+    EXPECT_EQ(ckpt.latest_memory_step(), 5);
+    auto mem = ckpt.load();
+    EXPECT_EQ(mem->source(), Source::kMemory);
+    EXPECT_EQ(mem->step(), 5);
+    EXPECT_EQ(s.Diff(*mem), "");
+    LoadOptions lo;
+    lo.prefer_memory = false;
+    auto disk = ckpt.load(lo);
+    EXPECT_EQ(disk->source(), Source::kStorage);
+    EXPECT_EQ(s.Diff(*disk), "");
+    // Files and records as documented.
+    EXPECT_TRUE(fs::exists(dirs.ckpt + "/step-5/COMMIT"));
+    EXPECT_TRUE(fs::exists(dirs.ckpt + "/step-5/rank-0.data"));
+    std::ifstream latest(dirs.ckpt + "/latest");
+    int64_t l;
+    latest >> l;
+    EXPECT_EQ(l, 5);
+  }
+  // Closed with everything durable: the segment is gone; a new Checkpointer reads storage.
+  EXPECT_TRUE(fs::is_empty(dirs.shm));
+  Checkpointer again(dirs.Options());
+  auto snap = again.load();
+  EXPECT_EQ(snap->source(), Source::kStorage);
+  EXPECT_EQ(s.Diff(*snap), "");
+}
+
+TEST(Checkpointer, RetentionKeepsTheNewestCommittedSteps) {
+  ScratchDirs dirs;
+  CheckpointerOptions o = dirs.Options();
+  o.keep_last = 2;
+  Checkpointer ckpt(o);
+  for (int64_t step = 1; step <= 5; ++step) {
+    FakeState s = FakeState::ForStep(step);
+    ckpt.save(step, s.Refs(), s.Blobs()).wait_durable();
+  }
+  std::vector<int64_t> committed;
+  for (const auto& st : ckpt.steps())
+    if (st.committed) committed.push_back(st.step);
+  EXPECT_EQ(committed, (std::vector<int64_t>{4, 5}));
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-3"));
+  LoadOptions lo;
+  lo.step = 4;
+  lo.prefer_memory = false;
+  EXPECT_EQ(FakeState::ForStep(4).Diff(*ckpt.load(lo)), "");
+}
+
+TEST(Checkpointer, PersistEverySkipsStepsButKeepsThemInMemory) {
+  ScratchDirs dirs;
+  CheckpointerOptions o = dirs.Options();
+  o.persist_every = 2;
+  o.num_slots = 3;
+  Checkpointer ckpt(o);
+  std::vector<SaveHandle> hs;
+  for (int64_t step = 1; step <= 4; ++step) {
+    FakeState s = FakeState::ForStep(step);
+    hs.push_back(ckpt.save(step, s.Refs(), s.Blobs()));
+  }
+  ckpt.wait_all();
+  EXPECT_TRUE(hs[0].persisted());
+  EXPECT_FALSE(hs[1].persisted());
+  EXPECT_TRUE(hs[2].persisted());
+  EXPECT_EQ(ckpt.latest_step(), 3);
+  EXPECT_EQ(ckpt.latest_memory_step(), 4);
+  auto snap = ckpt.load();  // the newest: step 4 from memory
+  EXPECT_EQ(snap->step(), 4);
+  EXPECT_EQ(snap->source(), Source::kMemory);
+  ckpt.close();
+  ckpt.unlink_memory();
+}
+
+TEST(Checkpointer, TwoRanksCommitOnceAfterBothAreDurable) {
+  ScratchDirs dirs;
+  Checkpointer r0(dirs.Options(0, 2));
+  Checkpointer r1(dirs.Options(1, 2));
+  FakeState s0 = FakeState::ForStep(10), s1 = FakeState::ForStep(11);
+  auto h0 = r0.save(7, s0.Refs(), s0.Blobs());
+  // Rank 1 has not saved: no COMMIT yet, rank 0 is not durable.
+  EXPECT_FALSE(h0.wait_durable_for(std::chrono::milliseconds(300)));
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-7/COMMIT"));
+  auto h1 = r1.save(7, s1.Refs(), s1.Blobs());
+  h0.wait_durable();
+  h1.wait_durable();
+  EXPECT_TRUE(fs::exists(dirs.ckpt + "/step-7/COMMIT"));
+  LoadOptions lo;
+  lo.prefer_memory = false;
+  EXPECT_EQ(s0.Diff(*r0.load(lo)), "");
+  EXPECT_EQ(s1.Diff(*r1.load(lo)), "");
+}
+
+TEST(Checkpointer, SecondCheckpointerOnTheSameDirectoryIsRefused) {
+  ScratchDirs dirs;
+  Checkpointer a(dirs.Options());
+  try {
+    Checkpointer b(dirs.Options());
+    ADD_FAILURE() << "a second Checkpointer opened the same directory and rank";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+    EXPECT_NE(std::string(e.what()).find(dirs.ckpt), std::string::npos) << e.what();
+  }
+}
+
+TEST(Checkpointer, DirectoryThatIsAFileIsRefused) {
+  ScratchDirs dirs;
+  std::ofstream(dirs.ckpt) << "not a directory";
+  try {
+    Checkpointer c(dirs.Options());
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("not a directory"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Checkpointer, NewerFormatDirectoryIsRefusedUntouched) {
+  ScratchDirs dirs;
+  fs::create_directories(dirs.ckpt);
+  std::ofstream(dirs.ckpt + "/FORMAT") << "flashckpt format 99\n";
+  try {
+    Checkpointer c(dirs.Options());
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+    EXPECT_NE(std::string(e.what()).find("newer"), std::string::npos) << e.what();
+  }
+  std::ifstream f(dirs.ckpt + "/FORMAT");
+  std::string line;
+  std::getline(f, line);
+  EXPECT_EQ(line, "flashckpt format 99");
+}
+
+TEST(Checkpointer, LoadIntoWrongBuffersListsTheKeys) {
+  ScratchDirs dirs;
+  Checkpointer ckpt(dirs.Options());
+  FakeState s = FakeState::ForStep(1);
+  ckpt.save(1, s.Refs(), s.Blobs()).wait_durable();
+  std::vector<float> a(1000), b(5), c(1);
+  std::map<std::string, MutableTensorRef> dest = {
+      {"layer1.weight", {a.data(), a.size() * 4, "torch.float32", {1000}}},
+      {"layer4.weight", {b.data(), b.size() * 4, "torch.float32", {5}}},  // saved with 3 elements
+      {"nonexistent", {c.data(), 4, "torch.float32", {1}}},
+  };
+  try {
+    ckpt.load_into(dest);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument);
+    EXPECT_NE(m.find("missing keys [nonexistent]"), std::string::npos) << m;
+    EXPECT_NE(m.find("layer0.weight"), std::string::npos) << m;  // unexpected
+    EXPECT_NE(m.find("layer4.weight (saved torch.float32 [3]"), std::string::npos) << m;
+  }
+  // A matching set loads bit-exact.
+  std::map<std::string, MutableTensorRef> good;
+  std::vector<std::vector<float>> bufs(s.keys.size());
+  for (size_t i = 0; i < s.keys.size(); ++i) {
+    bufs[i].resize(s.data[i].size());
+    good[s.keys[i]] = {bufs[i].data(), bufs[i].size() * 4, "torch.float32", {static_cast<int64_t>(bufs[i].size())}};
+  }
+  std::map<std::string, std::string> blobs;
+  EXPECT_EQ(ckpt.load_into(good, &blobs), 1);
+  for (size_t i = 0; i < s.keys.size(); ++i) EXPECT_EQ(bufs[i], s.data[i]);
+  EXPECT_EQ(blobs["extra"], s.blob);
+}
+
+TEST(Checkpointer, BadSaveArgumentsNameTheKey) {
+  ScratchDirs dirs;
+  Checkpointer ckpt(dirs.Options());
+  FakeState s = FakeState::ForStep(1);
+  auto refs = s.Refs();
+  refs.push_back(refs[1]);
+  try {
+    ckpt.save(1, refs, {});
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'layer1.weight' appears twice"), std::string::npos) << e.what();
+  }
+  refs = s.Refs();
+  refs[2].storage_key = "nope";
+  EXPECT_THROW(ckpt.save(1, refs, {}), Error);
+}
+
+TEST(Checkpointer, CudaTensorWithoutGpuIsAClearError) {
+  ScratchDirs dirs;
+  Checkpointer ckpt(dirs.Options());
+  FakeState s = FakeState::ForStep(1);
+  auto refs = s.Refs();
+  refs[1].device = 0;
+  try {
+    ckpt.save(1, refs, {});
+    ADD_FAILURE() << "a CUDA tensor was saved on a machine without a GPU";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kUnavailable);
+    EXPECT_NE(std::string(e.what()).find("CUDA"), std::string::npos) << e.what();
+  }
+  // The Checkpointer still works for host tensors.
+  ckpt.save(2, s.Refs(), s.Blobs()).wait_durable();
+  EXPECT_EQ(ckpt.latest_step(), 2);
+}
+
+TEST(Checkpointer, GrowingStateReplacesTheSlots) {
+  ScratchDirs dirs;
+  CheckpointerOptions o = dirs.Options();
+  o.reserve_bytes = 1 << 20;
+  Checkpointer ckpt(o);
+  FakeState small = FakeState::ForStep(1, 1), big = FakeState::ForStep(2, 6);
+  ckpt.save(1, small.Refs(), small.Blobs()).wait_durable();
+  ckpt.save(2, big.Refs(), big.Blobs()).wait_durable();
+  EXPECT_EQ(big.Diff(*ckpt.load()), "");
+  LoadOptions lo;
+  lo.step = 1;
+  EXPECT_EQ(small.Diff(*ckpt.load(lo)), "");
+}
+
+}  // namespace
+}  // namespace flashckpt
