@@ -53,19 +53,21 @@ def scan(directory: str) -> List[dict]:
         path = os.path.join(directory, name)
         if not m or not os.path.isdir(path):
             continue
-        ranks, size = [], 0
+        ranks, size, data = [], 0, 0
         for f in os.listdir(path):
             try:
-                size += os.path.getsize(os.path.join(path, f))
+                n = os.path.getsize(os.path.join(path, f))
             except OSError:
                 continue
+            size += n
             rm = _RANK_RE.match(f)
             if rm:
                 ranks.append(int(rm.group(1)))
+                data += n
         durable = sorted(int(f.split("-")[1].split(".")[0]) for f in os.listdir(path)
                          if f.startswith("rank-") and f.endswith(".durable"))
         out.append({"step": int(m.group(1)), "path": path, "ranks": sorted(ranks),
-                    "durable_ranks": durable, "bytes": size,
+                    "durable_ranks": durable, "bytes": size, "data_bytes": data,
                     "committed": _commit_ok(os.path.join(path, "COMMIT"))})
     out.sort(key=lambda s: s["step"])
     return out
@@ -105,12 +107,12 @@ def cmd_ls(args) -> int:
 
 
 class _Progress:
-    def __init__(self, total_bytes: int, stream=sys.stderr):
+    def __init__(self, total_bytes: int, stream=None):
         self.total = max(total_bytes, 1)
         self.done = 0
-        self.stream = stream
+        self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()
-        self.tty = stream.isatty()
+        self.tty = self.stream.isatty()
 
     def update(self, nbytes: int, label: str) -> None:
         self.done += nbytes
@@ -155,20 +157,20 @@ def cmd_verify(args) -> int:
         if not steps:
             print(f"flashckpt verify: {d}: no committed step", file=sys.stderr)
             return 1
-    bar = _Progress(sum(s["bytes"] for s in steps))
+    bar = _Progress(sum(s["data_bytes"] for s in steps))
     failures = []
     for s in steps:
         if not s["committed"]:
             failures.append(f"step {s['step']}: not committed")
         world = (max(s["ranks"]) + 1) if s["ranks"] else 1
-        per_rank = s["bytes"] // max(len(s["ranks"]), 1)
+        per_rank = s["data_bytes"] // max(len(s["ranks"]), 1)
         for r in range(world):
             try:
                 c = _reader(d, r, world)
                 try:
                     snap = c.load(s["step"], prefer_memory=False, verify=True)
-                    n = snap.data_bytes
                     del snap
+                    n = os.path.getsize(os.path.join(s["path"], f"rank-{r}.data"))
                 finally:
                     c.close()
             except FlashCkptError as e:
