@@ -299,14 +299,17 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
   };
 
   while (true) {
-    const int restart_count = o.max_restarts - remaining_restarts;
     if (int sig = take_signal()) return exit_on_signal(sig);
-    absl::StatusOr<RoundAssignment> round = rendezvous->NextRound(hooks.NodePayload());
+    absl::StatusOr<RoundAssignment> round =
+        rendezvous->NextRound(hooks.NodePayload(), o.max_restarts - remaining_restarts);
     if (!round.ok()) {
       Say(absl::StrFormat("error: %s", round.status().message()));
       rendezvous->Shutdown();
       return 1;
     }
+    // A restart anywhere counts for every node of the job.
+    remaining_restarts = std::min(remaining_restarts, std::max(0, o.max_restarts - round->restart_count));
+    const int restart_count = o.max_restarts - remaining_restarts;
     if (absl::Status s = hooks.BeforeWorkersStart(restart_count, *round); !s.ok()) {
       Say(absl::StrFormat("error: before starting workers: %s", s.message()));
       rendezvous->Leave();

@@ -63,6 +63,7 @@ RoundAssignment AssignmentFromView(const rdzv::RoundView& view) {
     const rdzv::NodeDescriptor& n = view.participants(i);
     if (i < a.group_rank) a.rank_offset += static_cast<int>(n.local_world_size());
     a.world_size += static_cast<int>(n.local_world_size());
+    a.restart_count = std::max(a.restart_count, static_cast<int>(n.restart_count()));
     a.nodes.push_back(NodeInRound{n.node_id(), n.address(), static_cast<int>(n.local_world_size()), n.payload()});
   }
   if (view.participants_size() > 0) {
@@ -75,7 +76,7 @@ RoundAssignment AssignmentFromView(const rdzv::RoundView& view) {
 class StaticRendezvous : public NodeRendezvous {
  public:
   explicit StaticRendezvous(StaticRendezvousOptions options) : options_(std::move(options)) {}
-  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload) override {
+  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count) override {
     RoundAssignment a;
     a.round = ++round_;
     a.group_rank = options_.node_rank;
@@ -84,6 +85,7 @@ class StaticRendezvous : public NodeRendezvous {
     a.world_size = options_.nnodes * options_.local_world_size;
     a.master_addr = options_.master_addr;
     a.master_port = options_.master_port;
+    a.restart_count = restart_count;
     a.nodes.push_back(NodeInRound{"static", options_.master_addr, options_.local_world_size, payload});
     return a;
   }
@@ -141,7 +143,7 @@ class DynamicRendezvous : public NodeRendezvous {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload) override {
+  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count) override {
     StopWatcher();
     uint64_t drained;
     (void)!::read(rejoin_fd_, &drained, sizeof(drained));
@@ -154,6 +156,7 @@ class DynamicRendezvous : public NodeRendezvous {
     node.set_master_port(static_cast<uint32_t>(PickFreePort()));
     node.set_local_world_size(static_cast<uint32_t>(options_.local_world_size));
     node.set_payload(payload);
+    node.set_restart_count(static_cast<uint32_t>(restart_count));
 
     bool joined = false;
     absl::Status last_error = absl::OkStatus();
@@ -262,7 +265,9 @@ class DynamicRendezvous : public NodeRendezvous {
     watcher_ = std::thread([this, round, client = watcher_client_.get()] {
       int failures_in_a_row = 0;
       while (!watcher_stop_) {
-        const auto deadline = Clock::now() + options_.keep_alive_interval + options_.read_timeout;
+        // The server answers a long poll after keep_alive_interval; twice that (plus
+        // a second for a slow connect) without an answer counts as a missed keep-alive.
+        const auto deadline = Clock::now() + 2 * options_.keep_alive_interval + std::chrono::seconds(1);
         absl::StatusOr<rdzv::RoundView> view =
             client->Sync(options_.node_id, round, options_.keep_alive_interval, deadline);
         if (watcher_stop_) return;
@@ -332,17 +337,19 @@ int PickFreePort() {
 }
 
 std::string FullyQualifiedHostName() {
+  // As Python's socket.getfqdn(), which torchrun uses for MASTER_ADDR: the
+  // reverse lookup of the host name, preferring a name with a dot in it.
   const std::string short_name = ShortHostName();
-  addrinfo hints{};
-  hints.ai_flags = AI_CANONNAME;
-  hints.ai_family = AF_UNSPEC;
-  addrinfo* found = nullptr;
-  std::string result = short_name;
-  if (::getaddrinfo(short_name.c_str(), nullptr, &hints, &found) == 0 && found != nullptr) {
-    if (found->ai_canonname != nullptr) result = found->ai_canonname;
-    ::freeaddrinfo(found);
+  hostent* forward = ::gethostbyname(short_name.c_str());
+  if (forward == nullptr || forward->h_addr_list[0] == nullptr) return short_name;
+  hostent* reverse = ::gethostbyaddr(forward->h_addr_list[0], forward->h_length, forward->h_addrtype);
+  if (reverse == nullptr || reverse->h_name == nullptr) return short_name;
+  std::vector<std::string> names = {reverse->h_name};
+  for (char** alias = reverse->h_aliases; alias != nullptr && *alias != nullptr; ++alias) names.push_back(*alias);
+  for (const std::string& name : names) {
+    if (name.find('.') != std::string::npos) return name;
   }
-  return result;
+  return names.front();
 }
 
 bool IsLocalHost(const std::string& host) {

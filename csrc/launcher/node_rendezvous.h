@@ -31,6 +31,7 @@ struct RoundAssignment {
   int world_size = 1;
   std::string master_addr;
   int master_port = 0;
+  int restart_count = 0;  // the highest of the nodes' restart counts
   std::vector<NodeInRound> nodes;  // in group-rank order
 };
 
@@ -38,7 +39,7 @@ class NodeRendezvous {
  public:
   virtual ~NodeRendezvous() = default;
   // Joins the next round and waits (up to the join timeout) until it completes.
-  virtual absl::StatusOr<RoundAssignment> NextRound(const std::string& payload) = 0;
+  virtual absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count) = 0;
   // Readable (an eventfd) when the current round is over and the agent must
   // stop its workers and call NextRound; -1 when that never happens.
   virtual int RejoinNotifier() const = 0;

@@ -1,0 +1,270 @@
+"""flashrun end to end: real processes, real torch.distributed gloo on 127.0.0.1."""
+import glob
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+from flashrun_harness import (PYTHON, REPO, Launchers, flashrun_binary, free_port, pid_alive,  # noqa: E402
+                              script, wait_for)
+
+FAST_RDZV = "keep_alive_interval=0.5,keep_alive_max_attempt=2,last_call_timeout=1,join_timeout=30"
+
+
+@pytest.fixture
+def launchers():
+    l = Launchers()
+    yield l
+    l.cleanup()
+
+
+@pytest.fixture
+def flashrun():
+    return flashrun_binary()
+
+
+# --- bad input -----------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--no-such-flag", "1"], "unrecognized arguments: --no-such-flag"),
+    (["--nnodes", "0"], "--nnodes"),
+    (["--nnodes", "3:2"], "maximum (2) is below the minimum (3)"),
+    (["--nproc-per-node", "many"], "--nproc-per-node"),
+    (["--max-restarts", "-1"], "--max-restarts"),
+    (["--monitor-interval", "0"], "--monitor-interval"),
+    (["--rdzv-backend", "zookeeper"], "invalid choice"),
+])
+def test_bad_flags_give_argparse_errors(flashrun, launchers, args, message):
+    rc, out, err = launchers.run([flashrun] + args + [script("flashrun_env_dump.py"), "/tmp/x"], timeout=10)
+    assert rc == 2, err
+    assert err.startswith("usage: flashrun"), err
+    assert "flashrun: error:" in err and message in err, err
+
+
+def test_missing_script_is_an_error(flashrun, launchers):
+    rc, _, err = launchers.run([flashrun, "--standalone", "/nonexistent/train.py"], timeout=10)
+    assert rc == 2
+    assert "training script '/nonexistent/train.py' does not exist" in err
+
+
+def test_help_lists_both_spellings(flashrun, launchers):
+    rc, out, _ = launchers.run([flashrun, "--help"], timeout=10)
+    assert rc == 0
+    for flag in ("--nproc-per-node NPROC_PER_NODE, --nproc_per_node", "--rdzv-conf", "--max-restarts",
+                 "--local-ranks-filter", "--signals-to-handle", "--worker-timeout", "training_script"):
+        assert flag in out
+
+
+def test_pet_environment_variables_are_defaults(flashrun, launchers, tmp_path):
+    rc, _, err = launchers.run([flashrun, "--standalone", script("flashrun_env_dump.py"), str(tmp_path)],
+                               env={"PET_NPROC_PER_NODE": "2"}, timeout=30)
+    assert rc == 0, err
+    assert sorted(os.listdir(tmp_path)) == ["env_0.json", "env_1.json"]
+
+
+def test_rendezvous_port_in_use_is_reported(flashrun, launchers, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        rc, _, err = launchers.run(
+            [flashrun, "--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:%d" % port,
+             "--rdzv-conf", "is_host=1", script("flashrun_env_dump.py"), str(tmp_path)], timeout=20)
+    assert rc == 1
+    assert "127.0.0.1:%d" % port in err and "in use" in err, err
+
+
+def test_standalone_ignores_a_busy_default_port(flashrun, launchers, tmp_path):
+    # torchrun's standalone uses 29400; ours takes a free port, so a busy one never fails the job.
+    try:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 29400))
+        busy.listen(1)
+    except OSError:
+        busy = None
+    try:
+        rc, _, err = launchers.run([flashrun, "--standalone", script("flashrun_env_dump.py"), str(tmp_path)],
+                                   timeout=30)
+        assert rc == 0, err
+    finally:
+        if busy:
+            busy.close()
+
+
+def test_endpoint_that_never_answers_times_out_with_address(flashrun, launchers, tmp_path):
+    port = free_port()  # nothing listens there
+    started = time.time()
+    rc, _, err = launchers.run(
+        [flashrun, "--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:%d" % port,
+         "--rdzv-conf", "is_host=0,join_timeout=2", script("flashrun_env_dump.py"), str(tmp_path)], timeout=30)
+    assert rc == 1
+    assert "127.0.0.1:%d" % port in err, err
+    assert "after 2." in err or "after 1." in err, err
+    assert time.time() - started < 15
+
+
+def test_wrong_token_cannot_join(flashrun, launchers, tmp_path):
+    port = free_port()
+    common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+              "--rdzv-endpoint", "127.0.0.1:%d" % port, "--rdzv-id", "tok", "--local-addr", "127.0.0.1"]
+    host = launchers.start([flashrun] + common + ["--rdzv-conf", "join_timeout=8", "--node-name", "a",
+                                                   script("flashrun_env_dump.py"), str(tmp_path)],
+                           env={"FLASHRUN_RDZV_TOKEN": "right"})
+    rc, _, err = launchers.run([flashrun] + common + ["--rdzv-conf", "is_host=0,join_timeout=5", "--node-name", "b",
+                                                      script("flashrun_env_dump.py"), str(tmp_path)],
+                               env={"FLASHRUN_RDZV_TOKEN": "wrong"}, timeout=30)
+    assert rc == 1
+    assert "token" in err, err
+    host.wait(timeout=30)
+    assert host.returncode == 1  # nobody else joined
+    assert not os.listdir(tmp_path)
+
+
+# --- environment ---------------------------------------------------------------
+def test_worker_environment_matches_torchrun(flashrun, launchers, tmp_path):
+    if not os.access("/usr/bin/torchrun", os.X_OK):
+        pytest.skip("Debian's torchrun (python3-torch) is not installed")
+    flags = ["--standalone", "--nproc_per_node", "2", "--max_restarts", "1", "--role", "trainer"]
+    rc, _, err = launchers.run(["/usr/bin/torchrun", "-r", "1", "-t", "1"] + flags +
+                               [script("flashrun_env_dump.py"), str(tmp_path / "torchrun")], timeout=90)
+    assert rc == 0, err
+    rc, _, err = launchers.run([flashrun, "-r", "1", "-t", "1"] + flags +
+                               [script("flashrun_env_dump.py"), str(tmp_path / "flashrun")], timeout=60)
+    assert rc == 0, err
+    ours_only = {"FLASHCKPT_AGENT_SOCKET", "FLASHCKPT_RESTORE_STEP", "FLASHCKPT_HEARTBEAT_FILE",
+                 "TORCH_NCCL_ASYNC_ERROR_HANDLING", "FLASHRUN_PYTHON_INTERPRETER"}
+    differ_by_design = {"MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_ERROR_FILE"}
+    for rank in (0, 1):
+        theirs = json.load(open(tmp_path / "torchrun" / ("env_%d.json" % rank)))
+        ours = json.load(open(tmp_path / "flashrun" / ("env_%d.json" % rank)))
+        for name in sorted(set(theirs) | set(ours)):
+            if name in ours_only:
+                assert name in ours
+                continue
+            assert name in theirs and name in ours, name
+            if name in differ_by_design:
+                continue
+            assert theirs[name] == ours[name], (rank, name, theirs[name], ours[name])
+        suffix = os.path.join("attempt_0", str(rank), "error.json")
+        assert theirs["TORCHELASTIC_ERROR_FILE"].endswith(suffix)
+        assert ours["TORCHELASTIC_ERROR_FILE"].endswith(suffix)
+        assert ours["MASTER_PORT"].isdigit() and ours["TORCHELASTIC_RUN_ID"]
+
+
+# --- supervisor ----------------------------------------------------------------
+def test_worker_failing_at_every_start_gives_summary(flashrun, launchers, tmp_path):
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "--max-restarts", "2",
+                                "--monitor-interval", "0.1", "--log-dir", str(tmp_path), "-r", "3",
+                                script("flashrun_fail_always.py")], timeout=90)
+    assert rc == 1
+    assert "flashrun_fail_always.py FAILED" in err, err
+    assert "Root Cause (first observed failure):" in err
+    assert "exitcode  : 1" in err
+    assert "RuntimeError: flashrun test failure on rank" in err  # the traceback from the error file
+    assert "no restarts left (--max-restarts 2)" in err
+    run_dir = glob.glob(str(tmp_path / "*"))[0]
+    assert sorted(os.listdir(run_dir)) == ["attempt_0", "attempt_1", "attempt_2"]
+    assert os.path.getsize(os.path.join(run_dir, "attempt_2", "0", "stderr.log")) > 0
+
+
+def test_logs_redirects_and_tee_prefix(flashrun, launchers, tmp_path):
+    out_dir = tmp_path / "out"
+    rc, out, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "--log-dir",
+                                  str(tmp_path / "logs"), "--rdzv-id", "ignored", "-t", "0:1", "-r", "1:1",
+                                  script("flashrun_env_dump.py"), str(out_dir)], timeout=30)
+    assert rc == 0, err
+    assert "[default0]:rank 0 done" in out
+    assert "rank 1 done" not in out  # redirected only
+    run_dir = glob.glob(str(tmp_path / "logs" / "*"))[0]
+    for rank in (0, 1):
+        with open(os.path.join(run_dir, "attempt_0", str(rank), "stdout.log")) as f:
+            assert f.read() == "rank %d done\n" % rank
+
+
+def test_sigterm_leaves_no_worker_behind(flashrun, launchers, tmp_path):
+    p = launchers.start([flashrun, "--standalone", "--nproc-per-node", "2", "--shutdown-timeout", "2",
+                         script("flashrun_sleep.py"), str(tmp_path), "120"])
+    wait_for(lambda: len(glob.glob(str(tmp_path / "pid_*"))) == 2, 30, "workers to start")
+    pids = []
+    for f in glob.glob(str(tmp_path / "pid_*")):
+        pids += [int(x) for x in open(f).read().split()]
+    launchers.extra_pids += pids
+    assert all(pid_alive(pid) for pid in pids)
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=20)
+    assert p.returncode == 128 + signal.SIGTERM
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), 10, "workers and their children to be gone")
+
+
+def test_sigint_leaves_no_worker_behind(flashrun, launchers, tmp_path):
+    p = launchers.start([flashrun, "--standalone", "--nproc-per-node", "1", script("flashrun_sleep.py"),
+                         str(tmp_path), "120"])
+    wait_for(lambda: len(glob.glob(str(tmp_path / "pid_*"))) == 1, 30, "worker to start")
+    pids = [int(x) for x in open(glob.glob(str(tmp_path / "pid_*"))[0]).read().split()]
+    launchers.extra_pids += pids
+    p.send_signal(signal.SIGINT)
+    p.wait(timeout=40)
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids), 10, "worker to be gone")
+
+
+def test_hung_worker_is_restarted_after_worker_timeout(flashrun, launchers, tmp_path):
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "1", "--max-restarts", "1",
+                                "--monitor-interval", "0.2", "--worker-timeout", "1.5",
+                                script("flashrun_heartbeat.py"), str(tmp_path)], timeout=60)
+    assert rc == 0, err
+    assert "no heartbeat" in err, err
+    assert open(tmp_path / "done_0").read() == "1"
+    pid = int(open(tmp_path / "pid_0_0").read())
+    assert not pid_alive(pid)
+
+
+# --- multi-node on 127.0.0.1 ---------------------------------------------------
+def _port_open(port):
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _two_agent_args(flashrun, port, run_id, nnodes, node_name, extra):
+    return [flashrun, "--nnodes", nnodes, "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", "127.0.0.1:%d" % port, "--rdzv-id", run_id, "--rdzv-conf", FAST_RDZV,
+            "--monitor-interval", "0.1", "--local-addr", "127.0.0.1", "--node-name", node_name] + extra
+
+
+def test_two_agents_restart_after_worker_sigkill(flashrun, launchers, tmp_path):
+    port = free_port()
+    train = ["--max-restarts", "2", script("flashrun_train.py"), str(tmp_path), "40",
+             "--kill-rank", "3", "--kill-step", "10"]
+    a = launchers.start(_two_agent_args(flashrun, port, "kill-worker", "2", "node-a", train))
+    b = launchers.start(_two_agent_args(flashrun, port, "kill-worker", "2", "node-b", train))
+    out_a, err_a = a.communicate(timeout=120)
+    out_b, err_b = b.communicate(timeout=60)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    for rank in range(4):
+        done = json.load(open(tmp_path / ("done_%d.json" % rank)))
+        assert done["restart_count"] == 1 and done["world_size"] == 4
+    assert os.path.exists(tmp_path / "start_3_1.txt") and not os.path.exists(tmp_path / "start_3_2.txt")
+
+
+def test_agent_sigkilled_survivor_goes_on_alone(flashrun, launchers, tmp_path):
+    port = free_port()
+    train = ["--max-restarts", "2", script("flashrun_train.py"), str(tmp_path), "400", "--step-seconds", "0.02"]
+    a = launchers.start(_two_agent_args(flashrun, port, "kill-agent", "1:2", "node-a", train))
+    # a hosts the rendezvous (the first to bind); b, the one killed, is a client.
+    wait_for(lambda: _port_open(port), 20, "node a to host the rendezvous")
+    b = launchers.start(_two_agent_args(flashrun, port, "kill-agent", "1:2", "node-b", train))
+    wait_for(lambda: len(glob.glob(str(tmp_path / "start_*_0.txt"))) == 4, 60, "4 workers to start")
+    time.sleep(3)  # training
+    victim = b
+    victim_pids = [int(open(f).read().split()[1]) for f in glob.glob(str(tmp_path / "start_*_0.txt"))]
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=10)
+    launchers.extra_pids += victim_pids
+    out_a, err_a = a.communicate(timeout=150)
+    assert a.returncode == 0, err_a
+    done = [json.load(open(f)) for f in glob.glob(str(tmp_path / "done_*.json"))]
+    assert len(done) == 2 and all(d["world_size"] == 2 for d in done), done
