@@ -21,6 +21,13 @@ from setuptools.command.build_ext import build_ext
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def _copy(src, dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    if os.path.exists(dst) and os.path.samefile(src, dst):
+        return
+    shutil.copy2(src, dst)
+
+
 class CMakeExtension(Extension):
     def __init__(self, name):
         super().__init__(name, sources=[])
@@ -51,8 +58,7 @@ class CMakeBuild(build_ext):
             raise RuntimeError(f"CMake did not produce {built}: is pybind11-dev installed "
                                "(see the CMake output above)?")
         dest = self.get_ext_fullpath(ext.name)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copy2(built, dest)
+        _copy(built, dest)
 
         # flashrun is optional: ship it when this tree has the target.
         if os.environ.get("FLASHCKPT_SKIP_FLASHRUN") == "1" or not self._has_target(build_dir, "flashrun"):
@@ -60,21 +66,14 @@ class CMakeBuild(build_ext):
             return
         self._run(["cmake", "--build", build_dir, "--target", "flashrun", "-j", jobs])
         binary = os.path.join(build_dir, "bin", "flashrun")
-        targets = {os.path.join(os.path.dirname(dest), "bin")}
-        if self.inplace or getattr(self, "editable_mode", False):
-            targets.add(os.path.join(ROOT, "python", "flashckpt", "bin"))
-        for d in targets:
-            os.makedirs(d, exist_ok=True)
-            shutil.copy2(binary, os.path.join(d, "flashrun"))
+        _copy(binary, os.path.join(os.path.dirname(dest), "bin", "flashrun"))
 
     def copy_extensions_to_source(self):
         super().copy_extensions_to_source()
         # Editable installs copy only the module back; bring flashrun along.
         src = os.path.join(os.path.dirname(self.get_ext_fullpath("flashckpt._C")), "bin", "flashrun")
         if os.path.exists(src):
-            d = os.path.join(ROOT, "python", "flashckpt", "bin")
-            os.makedirs(d, exist_ok=True)
-            shutil.copy2(src, os.path.join(d, "flashrun"))
+            _copy(src, os.path.join(ROOT, "python", "flashckpt", "bin", "flashrun"))
 
     @staticmethod
     def _has_target(build_dir, target):

@@ -1,4 +1,4 @@
-"""The ``flashckpt`` command: inspect, verify and export checkpoint directories.
+"""The flashckpt command: inspect, verify and export checkpoint directories.
 
     flashckpt ls DIR                 steps, sizes, ranks, committed or not
     flashckpt verify DIR [STEP]      crc32c check of every tensor of every rank
