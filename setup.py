@@ -8,6 +8,7 @@ Configured by environment variables:
   FLASHCKPT_SKIP_FLASHRUN=1  do not build or ship the flashrun binary
 """
 
+import glob
 import os
 import shlex
 import shutil
@@ -59,6 +60,10 @@ class CMakeBuild(build_ext):
                                "(see the CMake output above)?")
         dest = self.get_ext_fullpath(ext.name)
         _copy(built, dest)
+        # The CUDA copy engine, loaded by the core at run time from the module's folder.
+        for lib in glob.glob(os.path.join(build_dir, "python", "flashckpt", "lib*.so")):
+            _copy(lib, os.path.join(os.path.dirname(dest), os.path.basename(lib)))
+            self._editable_extras.append(os.path.basename(lib))
 
         # flashrun is optional: ship it when this tree has the target.
         if os.environ.get("FLASHCKPT_SKIP_FLASHRUN") == "1" or not self._has_target(build_dir, "flashrun"):
@@ -67,13 +72,20 @@ class CMakeBuild(build_ext):
         self._run(["cmake", "--build", build_dir, "--target", "flashrun", "-j", jobs])
         binary = os.path.join(build_dir, "bin", "flashrun")
         _copy(binary, os.path.join(os.path.dirname(dest), "bin", "flashrun"))
+        self._editable_extras.append(os.path.join("bin", "flashrun"))
+
+    def run(self):
+        self._editable_extras = []
+        super().run()
 
     def copy_extensions_to_source(self):
         super().copy_extensions_to_source()
-        # Editable installs copy only the module back; bring flashrun along.
-        src = os.path.join(os.path.dirname(self.get_ext_fullpath("flashckpt._C")), "bin", "flashrun")
-        if os.path.exists(src):
-            _copy(src, os.path.join(ROOT, "python", "flashckpt", "bin", "flashrun"))
+        # Editable installs copy only the module back; bring flashrun and the CUDA engine.
+        built_pkg = os.path.dirname(self.get_ext_fullpath("flashckpt._C"))
+        for rel in getattr(self, "_editable_extras", []):
+            src = os.path.join(built_pkg, rel)
+            if os.path.exists(src):
+                _copy(src, os.path.join(ROOT, "python", "flashckpt", rel))
 
     @staticmethod
     def _has_target(build_dir, target):
