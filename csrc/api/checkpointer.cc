@@ -130,8 +130,13 @@ class Checkpointer::Impl {
   SaveHandle Save(int64_t step, const std::vector<TensorRef>& tensors, const std::vector<BlobRef>& blobs,
                   bool blocking);
   std::unique_ptr<LoadedSnapshot> Load(const LoadOptions& lo);
+  // Copies the newest (or requested) in-memory step straight into caller
+  // buffers, checksumming as it copies; NotFound when memory lacks the step.
+  absl::StatusOr<int64_t> LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
+                                             std::map<std::string, std::string>* blobs, const LoadOptions& lo);
   void WaitAll();
   void Close();
+  CopyPool& CopyPoolForLoad() { return pool_; }
 
   CheckpointerOptions opt;
   std::string root;
@@ -741,32 +746,106 @@ SaveHandle Checkpointer::save(int64_t step, const std::vector<TensorRef>& tensor
 
 std::unique_ptr<LoadedSnapshot> Checkpointer::load(const LoadOptions& options) { return impl_->Load(options); }
 
-int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
-                                std::map<std::string, std::string>* blobs, const LoadOptions& options) {
-  auto snap = load(options);
+namespace {
+
+// Lists every key problem at once: missing, unexpected, mismatched.
+absl::Status CheckDestinations(const std::map<std::string, MutableTensorRef>& dest, const pb::Manifest& m) {
+  std::map<std::string, const pb::TensorEntry*> saved;
+  for (const auto& e : m.tensors()) saved[e.key()] = &e;
   std::vector<std::string> missing, unexpected, mismatched;
   for (const auto& [k, d] : dest) {
-    const TensorInfo* t = snap->find(k);
-    if (!t) { missing.push_back(k); continue; }
-    if (!t->storage_key.empty()) {
-      mismatched.push_back(absl::StrCat(k, " (a view of ", t->storage_key, "; load it through that key)"));
+    auto it = saved.find(k);
+    if (it == saved.end()) { missing.push_back(k); continue; }
+    const pb::TensorEntry& e = *it->second;
+    if (!e.storage_key().empty()) {
+      mismatched.push_back(absl::StrCat(k, " (a view of ", e.storage_key(), "; load it through that key)"));
       continue;
     }
-    if (t->shape != d.shape || t->dtype != d.dtype || t->nbytes != d.nbytes)
-      mismatched.push_back(absl::StrCat(k, " (saved ", t->dtype, " [", absl::StrJoin(t->shape, ","), "], target ",
+    std::vector<int64_t> shape(e.shape().begin(), e.shape().end());
+    if (shape != d.shape || e.dtype() != d.dtype || e.length() != d.nbytes)
+      mismatched.push_back(absl::StrCat(k, " (saved ", e.dtype(), " [", absl::StrJoin(shape, ","), "], target ",
                                         d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
   }
-  for (const auto& t : snap->tensors())
-    if (!dest.count(t.key) && t.storage_key.empty()) unexpected.push_back(t.key);
-  if (!missing.empty() || !unexpected.empty() || !mismatched.empty())
-    throw Error(ErrorCode::kInvalidArgument,
-                absl::StrCat("cannot load step ", snap->step(), " into the given buffers: missing keys [",
-                             absl::StrJoin(missing, ", "), "], unexpected keys [", absl::StrJoin(unexpected, ", "),
-                             "], mismatched [", absl::StrJoin(mismatched, "; "), "]"));
+  for (const auto& e : m.tensors())
+    if (!dest.count(e.key()) && e.storage_key().empty()) unexpected.push_back(e.key());
+  if (missing.empty() && unexpected.empty() && mismatched.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("cannot load step ", m.step(), " into the given buffers: missing keys [", absl::StrJoin(missing, ", "),
+                   "], unexpected keys [", absl::StrJoin(unexpected, ", "), "], mismatched [",
+                   absl::StrJoin(mismatched, "; "), "]"));
+}
+
+pb::Manifest ManifestOf(const LoadedSnapshot& snap) {
+  pb::Manifest m;
+  m.set_step(snap.step());
+  for (const auto& t : snap.tensors()) {
+    auto* e = m.add_tensors();
+    e->set_key(t.key);
+    e->set_dtype(t.dtype);
+    for (auto d : t.shape) e->add_shape(d);
+    e->set_length(t.nbytes);
+    e->set_storage_key(t.storage_key);
+  }
+  return m;
+}
+
+}  // namespace
+
+absl::StatusOr<int64_t> Checkpointer::Impl::LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
+                                                               std::map<std::string, std::string>* blobs,
+                                                               const LoadOptions& lo) {
+  JoinReserve();
+  SlotView v;
+  if (!seg || !seg->Newest(&v, lo.step.value_or(-1))) return absl::NotFoundError("not in memory");
+  auto committed = LatestCommitted(root);
+  if (!lo.step && committed && *committed > v.step) return absl::NotFoundError("storage is newer");
+  const uint8_t* data = seg->slot_data(v.index);
+  std::string framed(reinterpret_cast<const char*>(data) + v.manifest_offset, v.manifest_len);
+  if (!seg->StillValid(v) || Crc32c(framed.data(), framed.size()) != v.manifest_crc)
+    return absl::UnavailableError("slot changed while reading");
+  pb::Manifest m;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
+  FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
+  std::vector<CopyTask> tasks;
+  std::vector<const pb::TensorEntry*> entries;
+  for (const auto& e : m.tensors()) {
+    auto it = dest.find(e.key());
+    if (it == dest.end() || e.offset() + e.length() > v.data_bytes) continue;
+    tasks.push_back({it->second.data, data + e.offset(), e.length()});
+    entries.push_back(&e);
+  }
+  std::vector<uint32_t> crcs;
+  pool_.CopyAndChecksum(tasks, &crcs);
+  if (!seg->StillValid(v)) return absl::UnavailableError("slot was overwritten while reading");
+  for (size_t i = 0; lo.verify && i < entries.size(); ++i)
+    if (crcs[i] != entries[i]->crc32c())
+      return absl::DataLossError(absl::StrCat("shared-memory snapshot ", shm_path, " step ", v.step, ": tensor '",
+                                              entries[i]->key(), "' fails its crc32c check"));
+  if (blobs) {
+    blobs->clear();
+    for (const auto& b : m.blobs()) (*blobs)[b.key()] = b.data();
+  }
+  FCK_LOG(kInfo, "loaded step ", v.step, " from shared memory into caller buffers");
+  return v.step;
+}
+
+int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
+                                std::map<std::string, std::string>* blobs, const LoadOptions& options) {
+  if (options.prefer_memory) {
+    auto r = impl_->LoadIntoFromMemory(dest, blobs, options);
+    if (r.ok()) return *r;
+    if (r.status().code() == absl::StatusCode::kInvalidArgument) ThrowStatus(r.status());
+  }
+  LoadOptions lo = options;
+  auto snap = load(lo);
+  ThrowIfError(CheckDestinations(dest, ManifestOf(*snap)));
+  std::vector<CopyTask> tasks;
   for (const auto& [k, d] : dest) {
     const TensorInfo* t = snap->find(k);
-    std::memcpy(d.data, t->data, t->nbytes);
+    tasks.push_back({d.data, t->data, t->nbytes});
   }
+  std::vector<uint32_t> crcs;
+  impl_->CopyPoolForLoad().CopyAndChecksum(tasks, &crcs);
   if (blobs) *blobs = snap->blobs();
   return snap->step();
 }
