@@ -343,6 +343,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
         group.Signal(sig);
       }
       state = group.Check(worker_timeout);
+      group.ReapOrphans();
       if (state != GroupState::kRunning) break;
       if (fds.size() > 1 && fds[1].fd == rendezvous->RejoinNotifier() && (fds[1].revents & POLLIN)) {
         membership_changed = true;

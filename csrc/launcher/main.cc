@@ -6,6 +6,7 @@
 
 #include "launcher/elastic_agent.h"
 #include "launcher/launch_options.h"
+#include "launcher/worker_group.h"
 
 int main(int argc, char** argv) {
   using namespace flashckpt::launcher;
@@ -18,6 +19,7 @@ int main(int argc, char** argv) {
   // Before any thread exists, so that every thread inherits the mask and the
   // signals arrive only through the agent's signalfd.
   BlockHandledSignals(*parsed.options);
+  BecomeSubreaper();
   NodeHooks no_hooks;
   return RunElasticAgent(*parsed.options, no_hooks);
 }

@@ -12,6 +12,8 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 
 #include "absl/strings/str_format.h"
 
@@ -142,6 +144,33 @@ void OutputForwarder::Finish(Clock::time_point deadline) {
     s.pipe_fd = s.file_fd = -1;
   }
   streams_.clear();
+}
+
+void BecomeSubreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 1); }
+
+namespace {
+std::vector<pid_t> ChildrenOfThisProcess() {
+  std::vector<pid_t> children;
+  std::error_code ec;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task", ec)) {
+    std::ifstream in(task.path() / "children");
+    pid_t pid;
+    while (in >> pid) children.push_back(pid);
+  }
+  return children;
+}
+}  // namespace
+
+int WorkerGroup::ReapOrphans() {
+  int alive = 0;
+  for (pid_t pid : ChildrenOfThisProcess()) {
+    bool is_worker = false;
+    for (const Worker& w : workers_) is_worker |= (w.pid == pid && !w.reaped);
+    if (is_worker) continue;
+    int status;
+    if (::waitpid(pid, &status, WNOHANG) == 0) ++alive;
+  }
+  return alive;
 }
 
 // ---------------------------------------------------------------------------
@@ -362,6 +391,11 @@ void WorkerGroup::Stop(int first_signal, std::chrono::duration<double> grace) {
     Reap(w);
     if (w.pidfd >= 0) ::close(w.pidfd);
     w.pidfd = -1;
+  }
+  // Adopted grandchildren were SIGKILLed with their process group: reap them.
+  const auto orphan_deadline = Clock::now() + std::chrono::seconds(2);
+  while (ReapOrphans() > 0 && Clock::now() < orphan_deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
   }
   if (forwarder_) forwarder_->Finish(Clock::now() + std::chrono::milliseconds(500));
 }

@@ -37,6 +37,10 @@ struct WorkerLaunch {
   std::string heartbeat_file;  // empty: no hang detection
 };
 
+// Makes orphaned descendants children of this process, so that it can reap them
+// (pid 1 in a container may never do it).
+void BecomeSubreaper();
+
 enum class GroupState { kRunning, kSucceeded, kFailed };
 
 class OutputForwarder;
@@ -68,6 +72,11 @@ class WorkerGroup {
   void Stop(int first_signal, std::chrono::duration<double> grace);
 
   std::vector<pid_t> pids() const;
+
+  // The agent is a child subreaper (see BecomeSubreaper), so orphaned
+  // grandchildren of workers become its children: reap those that exited.
+  // Returns how many children other than workers are still alive.
+  int ReapOrphans();
   bool empty() const { return workers_.empty(); }
 
  private:

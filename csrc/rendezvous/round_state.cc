@@ -47,6 +47,12 @@ void RoundState::KeepAlive(const std::string& node_id, SteadyTime now) {
 }
 
 void RoundState::MaybeComplete(SteadyTime now) {
+  // A healthy round keeps going; nodes in line wait until it breaks (a full
+  // round is not broken by a newcomer).
+  if (round_ > 0 && !round_broken_) {
+    last_call_deadline_.reset();
+    return;
+  }
   if (waiting_.size() < settings_.min_nodes) {
     last_call_deadline_.reset();
     return;

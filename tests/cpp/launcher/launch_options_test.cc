@@ -1,0 +1,100 @@
+#include "launcher/launch_options.h"
+
+#include <gtest/gtest.h>
+
+#include <map>
+
+namespace flashckpt::launcher {
+namespace {
+
+struct Parsed {
+  ParseOutcome outcome;
+  std::string out, err;
+};
+
+Parsed Parse(std::vector<std::string> args, std::map<std::string, std::string> env = {}) {
+  Parsed p;
+  p.outcome = ParseLaunchOptions(
+      args,
+      [&](const char* name) -> const char* {
+        auto it = env.find(name);
+        return it == env.end() ? nullptr : it->second.c_str();
+      },
+      &p.out, &p.err);
+  return p;
+}
+
+TEST(LaunchOptions, TorchrunDefaults) {
+  Parsed p = Parse({"--no-python", "true"});
+  ASSERT_TRUE(p.outcome.options) << p.err;
+  const LaunchOptions& o = *p.outcome.options;
+  EXPECT_EQ(o.min_nodes, 1);
+  EXPECT_EQ(o.max_nodes, 1);
+  EXPECT_EQ(o.nproc_per_node, 1);
+  EXPECT_EQ(o.rdzv_backend, "static");
+  EXPECT_EQ(o.rdzv_id, "none");
+  EXPECT_EQ(o.max_restarts, 0);
+  EXPECT_DOUBLE_EQ(o.monitor_interval_s, 5.0);
+  EXPECT_EQ(o.role, "default");
+  EXPECT_EQ(o.master_addr, "127.0.0.1");
+  EXPECT_EQ(o.master_port, 29500);
+  EXPECT_EQ(o.signals_to_handle.size(), 4u);
+}
+
+TEST(LaunchOptions, BothSpellingsEqualsFormAndScriptArgs) {
+  Parsed p = Parse({"--nproc_per_node=2", "--max-restarts", "3", "--rdzv_conf", "join_timeout=5,is_host=1", "-r3",
+                    "-t", "0:1,1:2", "--nnodes", "1:4", "--rdzv-backend", "c10d", "--no_python", "prog", "--nnodes",
+                    "x"});
+  ASSERT_TRUE(p.outcome.options) << p.err;
+  const LaunchOptions& o = *p.outcome.options;
+  EXPECT_EQ(o.nproc_per_node, 2);
+  EXPECT_EQ(o.max_restarts, 3);
+  EXPECT_EQ(o.rdzv_conf.at("join_timeout"), "5");
+  EXPECT_EQ(o.redirects.ForLocalRank(7), 3);
+  EXPECT_EQ(o.tee.ForLocalRank(1), 2);
+  EXPECT_EQ(o.tee.ForLocalRank(2), 0);
+  EXPECT_EQ(o.min_nodes, 1);
+  EXPECT_EQ(o.max_nodes, 4);
+  EXPECT_EQ(o.training_script, "prog");
+  EXPECT_EQ(o.training_script_args, (std::vector<std::string>{"--nnodes", "x"}));
+}
+
+TEST(LaunchOptions, PetEnvironmentGivesDefaultsAndFlagsWin) {
+  Parsed p = Parse({"--max_restarts", "1", "--no-python", "prog"},
+                   {{"PET_NPROC_PER_NODE", "3"}, {"PET_MAX_RESTARTS", "9"}, {"PET_STANDALONE", "1"}});
+  ASSERT_TRUE(p.outcome.options) << p.err;
+  EXPECT_EQ(p.outcome.options->nproc_per_node, 3);
+  EXPECT_EQ(p.outcome.options->max_restarts, 1);
+  EXPECT_TRUE(p.outcome.options->standalone);
+}
+
+TEST(LaunchOptions, BadValuesAreArgparseErrors) {
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"--nnodes", "0", "--no-python", "p"},
+           {"--nnodes", "3:2", "--no-python", "p"},
+           {"--nproc-per-node", "lots", "--no-python", "p"},
+           {"--unknown", "--no-python", "p"},
+           {"--rdzv-conf", "nonsense", "--no-python", "p"},
+           {"--rdzv-conf", "colour=blue", "--no-python", "p"},
+           {"--signals-to-handle", "SIGKILL", "--no-python", "p"},
+           {"--start-method", "thread", "--no-python", "p"},
+           {"--max-restarts"},
+           {"/definitely/not/here.py"},
+           {}}) {
+    Parsed p = Parse(args);
+    EXPECT_FALSE(p.outcome.options);
+    EXPECT_EQ(p.outcome.exit_code, 2);
+    EXPECT_EQ(p.err.rfind("usage: flashrun", 0), 0u) << p.err;
+    EXPECT_NE(p.err.find("flashrun: error: "), std::string::npos) << p.err;
+  }
+}
+
+TEST(LaunchOptions, HelpExitsZero) {
+  Parsed p = Parse({"--help"});
+  EXPECT_FALSE(p.outcome.options);
+  EXPECT_EQ(p.outcome.exit_code, 0);
+  EXPECT_NE(p.out.find("--nproc-per-node NPROC_PER_NODE, --nproc_per_node NPROC_PER_NODE"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace flashckpt::launcher
