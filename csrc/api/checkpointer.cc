@@ -4,6 +4,7 @@
 #include "flashckpt/checkpointer.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/file.h>
 #include <unistd.h>
 
@@ -30,6 +31,7 @@
 #include "snapshot/snapshot.h"
 #include "storage/commit.h"
 #include "storage/layout.h"
+#include "storage/persister.h"
 #include "storage/uring_io.h"
 
 namespace flashckpt {
@@ -103,6 +105,18 @@ std::string AbsolutePath(const std::string& p) {
 
 std::string SegmentName(const std::string& root, const std::string& run_id, int rank) {
   return absl::StrFormat("flashckpt-%s-%08x-r%d", run_id, Crc32c(root.data(), root.size()), rank);
+}
+
+// A slot pinned by a persister (this process, or flashrun's agent) must not
+// be overwritten; a pin left by a process that died is void.
+bool PinHeld(SlotHeader* h) {
+  uint32_t pid = h->pin_pid.load(std::memory_order_acquire);
+  if (pid == 0) return false;
+  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
+    h->pin_pid.compare_exchange_strong(pid, 0);
+    return false;
+  }
+  return true;
 }
 
 std::mutex g_open_mu;
@@ -315,7 +329,7 @@ int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
     int best = -1;
     uint64_t best_gen = UINT64_MAX;
     for (int i = 0; i < seg->num_slots(); ++i) {
-      if (i == newest_index || pinned_.count(i) || seg->slot(i)->pin_pid.load() != 0) continue;
+      if (i == newest_index || pinned_.count(i) || PinHeld(seg->slot(i))) continue;
       SlotView v;
       uint64_t gen = seg->ReadSlot(i, &v) ? v.generation : 0;
       if (gen < best_gen) { best = i; best_gen = gen; }
@@ -499,84 +513,9 @@ void Checkpointer::Impl::PersisterLoop() {
 }
 
 absl::Status Checkpointer::Impl::Persist(const PersistJob& job) {
-  auto t0 = std::chrono::steady_clock::now();
-  SlotView v;
-  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
-    return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
-  SlotHeader* h = seg->slot(job.slot);
-  h->pin_pid.store(static_cast<uint32_t>(getpid()));
-  struct Unpin { SlotHeader* h; ~Unpin() { h->pin_pid.store(0); } } unpin{h};
-
-  const std::string dir = StepDir(root, job.step);
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return ErrnoStatus("create step directory", dir, ec.value());
-  const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
-  const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
-  // A step saved again replaces its earlier, uncommitted attempt.
-  ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
-  ::unlink(absl::StrCat(dir, "/", RankDurableName(opt.rank)).c_str());
-
-  auto cleanup = [&](const absl::Status& s) {
-    if (!ReadCommit(root, job.step).ok()) {
-      ::unlink(data_path.c_str());
-      ::unlink(manifest_path.c_str());
-      std::error_code e2;
-      if (fs::is_empty(dir, e2)) fs::remove(dir, e2);
-    }
-    return Annotate(s, absl::StrCat("persist step ", job.step));
-  };
-
-  persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
-  auto wr = persist_io_->WriteFile(data_path, seg->slot_data(job.slot), v.data_bytes);
-  if (!wr.ok()) return cleanup(wr.status());
-  std::string manifest(reinterpret_cast<const char*>(seg->slot_data(job.slot)) + v.manifest_offset,
-                       v.manifest_len);
-  if (!seg->StillValid(v))
-    return cleanup(absl::InternalError(absl::StrCat("slot ", job.slot, " was overwritten while persisting")));
-  if (Crc32c(manifest.data(), manifest.size()) != v.manifest_crc)
-    return cleanup(absl::DataLossError(absl::StrCat("manifest of step ", job.step, " in ", shm_path,
-                                                    " fails its checksum")));
-  CrashPoint("persist: before manifest");
-  absl::Status s = WriteFileAtomic(manifest_path, manifest);
-  if (!s.ok()) return cleanup(s);
-  CrashPoint("persist: before rank record");
-
-  pb::RankRecord rec;
-  rec.set_format_version(kFormatVersion);
-  rec.set_step(job.step);
-  rec.set_rank(opt.rank);
-  rec.set_world_size(opt.world_size);
-  auto* f1 = rec.add_files();
-  f1->set_name(RankDataName(opt.rank));
-  f1->set_size(v.data_bytes);
-  f1->set_crc32c(wr->crc32c);
-  auto* f2 = rec.add_files();
-  f2->set_name(RankManifestName(opt.rank));
-  f2->set_size(manifest.size());
-  f2->set_crc32c(Crc32c(manifest.data(), manifest.size()));
-  try {
-    barrier_->rank_durable(job.step, opt.rank, FrameRecord(RecordKind::kRankRecord, rec));
-    CrashPoint("persist: rank durable");
-    if (opt.rank == 0) {
-      auto records = barrier_->wait_all(job.step, opt.world_size, opt.commit_timeout);
-      s = WriteCommit(root, job.step, opt.world_size, records);
-      if (!s.ok()) return cleanup(s);
-      CrashPoint("commit: before retention");
-      ApplyRetention(root, opt.keep_last);
-    } else {
-      s = WaitForCommit(root, job.step, opt.commit_timeout);
-      if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));
-    }
-  } catch (const Error& e) {
-    return cleanup(StatusFromError(e));
-  }
-  h->durable.store(1, std::memory_order_release);
-  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
-          v.data_bytes / 1048576.0, secs, v.data_bytes / secs / 1e9,
-          wr->used_io_uring ? (wr->used_direct_io ? ", io_uring O_DIRECT" : ", io_uring") : ", pwrite"));
-  return absl::OkStatus();
+  PersistContext ctx{root, opt.rank, opt.world_size, opt.keep_last, barrier_.get(), opt.commit_timeout,
+                     persist_io_.get(), shm_path};
+  return PersistSlot(*seg, job.slot, job.step, ctx).status();
 }
 
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemory(int64_t step, bool verify) {

@@ -1,0 +1,115 @@
+#include "storage/persister.h"
+
+#include <unistd.h>
+
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/crash_point.h"
+#include "common/crc32c.h"
+#include "common/log.h"
+#include "common/status.h"
+#include "flashckpt.pb.h"
+#include "storage/commit.h"
+#include "storage/layout.h"
+
+namespace flashckpt {
+namespace fs = std::filesystem;
+
+absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64_t step, const PersistContext& ctx) {
+  SharedSegment* seg = &seg_ref;
+  struct { int slot; int64_t step; } job{slot, step};
+  struct { int rank, world_size, keep_last; std::chrono::milliseconds commit_timeout; } opt{ctx.rank, ctx.world_size, ctx.keep_last, ctx.commit_timeout};
+  const std::string& root = ctx.root;
+  const std::string& shm_path = ctx.where;
+  BulkIo* persist_io_ = ctx.io;
+  CommitBarrier* barrier_ = ctx.barrier;
+  auto t0 = std::chrono::steady_clock::now();
+  SlotView v;
+  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
+    return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
+  SlotHeader* h = seg->slot(job.slot);
+  h->pin_pid.store(static_cast<uint32_t>(getpid()));
+  CrashPoint("persist: pinned");
+  struct Unpin { SlotHeader* h; ~Unpin() { h->pin_pid.store(0); } } unpin{h};
+
+  const std::string dir = StepDir(root, job.step);
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) return ErrnoStatus("create step directory", dir, ec.value());
+  const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
+  const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
+  // A step saved again replaces its earlier, uncommitted attempt.
+  ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
+  ::unlink(absl::StrCat(dir, "/", RankDurableName(opt.rank)).c_str());
+
+  auto cleanup = [&](const absl::Status& s) {
+    if (!ReadCommit(root, job.step).ok()) {
+      ::unlink(data_path.c_str());
+      ::unlink(manifest_path.c_str());
+      std::error_code e2;
+      if (fs::is_empty(dir, e2)) fs::remove(dir, e2);
+    }
+    return Annotate(s, absl::StrCat("persist step ", job.step));
+  };
+
+  persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
+  auto wr = persist_io_->WriteFile(data_path, seg->slot_data(job.slot), v.data_bytes);
+  if (!wr.ok()) return cleanup(wr.status());
+  std::string manifest(reinterpret_cast<const char*>(seg->slot_data(job.slot)) + v.manifest_offset,
+                       v.manifest_len);
+  if (!seg->StillValid(v))
+    return cleanup(absl::InternalError(absl::StrCat("slot ", job.slot, " was overwritten while persisting")));
+  if (Crc32c(manifest.data(), manifest.size()) != v.manifest_crc)
+    return cleanup(absl::DataLossError(absl::StrCat("manifest of step ", job.step, " in ", shm_path,
+                                                    " fails its checksum")));
+  CrashPoint("persist: before manifest");
+  absl::Status s = WriteFileAtomic(manifest_path, manifest);
+  if (!s.ok()) return cleanup(s);
+  CrashPoint("persist: before rank record");
+
+  pb::RankRecord rec;
+  rec.set_format_version(kFormatVersion);
+  rec.set_step(job.step);
+  rec.set_rank(opt.rank);
+  rec.set_world_size(opt.world_size);
+  auto* f1 = rec.add_files();
+  f1->set_name(RankDataName(opt.rank));
+  f1->set_size(v.data_bytes);
+  f1->set_crc32c(wr->crc32c);
+  auto* f2 = rec.add_files();
+  f2->set_name(RankManifestName(opt.rank));
+  f2->set_size(manifest.size());
+  f2->set_crc32c(Crc32c(manifest.data(), manifest.size()));
+  try {
+    barrier_->rank_durable(job.step, opt.rank, FrameRecord(RecordKind::kRankRecord, rec));
+    CrashPoint("persist: rank durable");
+    if (opt.rank == 0) {
+      auto records = barrier_->wait_all(job.step, opt.world_size, opt.commit_timeout);
+      s = WriteCommit(root, job.step, opt.world_size, records);
+      if (!s.ok()) return cleanup(s);
+      CrashPoint("commit: before retention");
+      ApplyRetention(root, opt.keep_last);
+    } else {
+      s = WaitForCommit(root, job.step, opt.commit_timeout);
+      if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));
+    }
+  } catch (const Error& e) {
+    return cleanup(StatusFromError(e));
+  }
+  h->durable.store(1, std::memory_order_release);
+  double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
+          v.data_bytes / 1048576.0, secs, v.data_bytes / secs / 1e9,
+          wr->used_io_uring ? (wr->used_direct_io ? ", io_uring O_DIRECT" : ", io_uring") : ", pwrite"));
+  PersistStats stats;
+  stats.bytes = v.data_bytes;
+  stats.seconds = secs;
+  stats.io_uring = wr->used_io_uring;
+  stats.direct_io = wr->used_direct_io;
+  return stats;
+}
+
+
+}  // namespace flashckpt
