@@ -18,6 +18,7 @@ p.add_argument("steps", type=int)
 p.add_argument("--kill-rank", type=int, default=-1)
 p.add_argument("--kill-step", type=int, default=-1)
 p.add_argument("--step-seconds", type=float, default=0.05)
+p.add_argument("--hold-mb", type=int, default=0, help="state held per worker (touched), as a big model would")
 args = p.parse_args()
 
 rank = int(os.environ["RANK"])
@@ -32,9 +33,12 @@ import torch.distributed as dist  # noqa: E402
 dist.init_process_group("gloo", init_method="env://")
 torch.manual_seed(0)
 model = torch.nn.Linear(16, 1)
+held = torch.ones(args.hold_mb * 1024 * 1024 // 4) if args.hold_mb else None
 opt = torch.optim.SGD(model.parameters(), lr=0.01)
 for step in range(args.steps):
     if restart == 0 and rank == args.kill_rank and step == args.kill_step:
+        with open(os.path.join(args.out_dir, "killed_at.txt"), "w") as f:
+            f.write("%f\n" % time.time())
         os.kill(os.getpid(), signal.SIGKILL)
     x = torch.randn(8, 16)
     loss = model(x).pow(2).mean()
@@ -44,6 +48,9 @@ for step in range(args.steps):
         dist.all_reduce(param.grad)
         param.grad /= dist.get_world_size()
     opt.step()
+    if step == 0 or (restart > 0 and not os.path.exists(os.path.join(args.out_dir, "first_step_%d_%d.txt" % (rank, restart)))):
+        with open(os.path.join(args.out_dir, "first_step_%d_%d.txt" % (rank, restart)), "w") as f:
+            f.write("%f\n" % time.time())
     time.sleep(args.step_seconds)
 dist.barrier()
 with open(os.path.join(args.out_dir, "done_%d.json" % rank), "w") as f:
