@@ -18,9 +18,12 @@
 #include <set>
 #include <thread>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "agent.pb.h"
+#include "agent/agent_protocol.h"
 #include "api/device_copy.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
@@ -167,11 +170,13 @@ class Checkpointer::Impl {
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
   void JoinReserve();
+  void Init();  // the part of construction that may throw after the locks are taken
 
   CopyPool pool_;
   std::shared_ptr<CommitBarrier> barrier_;
   std::unique_ptr<BulkIo> persist_io_;
   int dir_lock_fd_ = -1;
+  int agent_fd_ = -1;  // connection to flashrun's checkpoint service, or -1
   std::string open_key_;
   uint64_t generation_ = 0;
   uint64_t saves_ = 0;
@@ -222,6 +227,15 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
                                " (lock ", lock_path, ")"));
     ThrowStatus(ErrnoStatus("lock", lock_path, err));
   }
+  try {
+    Init();
+  } catch (...) {
+    Close();  // releases the directory lock and the in-process registration
+    throw;
+  }
+}
+
+void Checkpointer::Impl::Init() {
   if (opt.rank == 0) CleanLeftovers(root);
 
   barrier_ = opt.commit_barrier ? opt.commit_barrier : std::make_shared<FileCommitBarrier>(root);
@@ -260,10 +274,36 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   io.chunk_bytes = opt.io_chunk_bytes;
   io.queue_depth = opt.io_queue_depth;
   persist_io_ = std::make_unique<BulkIo>(io);
+
+  if (opt.agent_socket.empty() && opt.use_agent) {
+    const char* env = std::getenv("FLASHCKPT_AGENT_SOCKET");
+    if (env && *env) opt.agent_socket = env;
+  }
+  if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
+    auto fd = ConnectUnix(opt.agent_socket);
+    if (!fd.ok()) {
+      throw Error(ErrorCode::kUnavailable,
+                  absl::StrCat(fd.status().message(), ": the flashrun agent is not reachable; "
+                               "unset FLASHCKPT_AGENT_SOCKET (or pass use_agent=false) to persist in this process"));
+    }
+    agent_fd_ = *fd;
+    pb::AgentRequest req;
+    auto* h = req.mutable_hello();
+    h->set_rank(opt.rank);
+    h->set_world_size(opt.world_size);
+    h->set_directory(root);
+    h->set_shm_path(shm_path);
+    h->set_keep_last(opt.keep_last);
+    h->set_commit_timeout_ms(opt.commit_timeout.count());
+    h->set_pid(getpid());
+    ThrowIfError(Annotate(WriteFrame(agent_fd_, req), absl::StrCat("hello to the flashrun agent at ", opt.agent_socket)));
+    FCK_LOG(kDebug, "snapshots of rank ", opt.rank, " are persisted by the flashrun agent at ", opt.agent_socket);
+  }
   persister_ = std::thread([this] { PersisterLoop(); });
 
-  // A snapshot a crashed process left in memory, newer than storage: persist it.
-  if (seg && opt.persist && opt.world_size == 1) {
+  // A snapshot a crashed process left in memory, newer than storage: persist it
+  // (under flashrun the agent already did).
+  if (seg && opt.persist && opt.world_size == 1 && agent_fd_ < 0) {
     SlotView v;
     auto committed = LatestCommitted(root);
     if (seg->Newest(&v) && !v.durable && (!committed || v.step > *committed)) {
@@ -498,8 +538,12 @@ void Checkpointer::Impl::PersisterLoop() {
       job.state->SnapshotDone(Annotate(st, absl::StrCat("snapshot of step ", job.step)));
     if (st.ok() && job.persist) {
       st = Persist(job);
-      if (!st.ok()) FCK_LOG(kError, "persisting step ", job.step, " failed: ", st.message());
-      job.state->DurableDone(st, st.ok());
+      if (st.code() == absl::StatusCode::kCancelled) {
+        job.state->DurableDone(absl::OkStatus(), false);  // superseded by a newer step
+      } else {
+        if (!st.ok()) FCK_LOG(kError, "persisting step ", job.step, " failed: ", st.message());
+        job.state->DurableDone(st, st.ok());
+      }
     } else {
       job.state->DurableDone(st, false);
     }
@@ -513,6 +557,27 @@ void Checkpointer::Impl::PersisterLoop() {
 }
 
 absl::Status Checkpointer::Impl::Persist(const PersistJob& job) {
+  if (agent_fd_ >= 0) {
+    SlotView v;
+    if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
+      return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
+    pb::AgentRequest req;
+    req.mutable_published()->set_step(job.step);
+    req.mutable_published()->set_slot(job.slot);
+    req.mutable_published()->set_generation(v.generation);
+    FCK_RETURN_IF_ERROR(Annotate(WriteFrame(agent_fd_, req), absl::StrCat("flashrun agent at ", opt.agent_socket)));
+    for (;;) {
+      pb::AgentReply rep;
+      absl::Status s = ReadFrame(agent_fd_, &rep, opt.commit_timeout + std::chrono::seconds(60));
+      if (!s.ok()) return Annotate(s, absl::StrCat("waiting for the flashrun agent at ", opt.agent_socket,
+                                                   " to persist step ", job.step));
+      if (rep.step() != job.step) continue;
+      if (!rep.ok()) return absl::InternalError(absl::StrCat("the flashrun agent failed to persist step ", job.step,
+                                                             ": ", rep.error()));
+      if (!rep.persisted()) return absl::CancelledError("superseded");
+      return absl::OkStatus();
+    }
+  }
   PersistContext ctx{root, opt.rank, opt.world_size, opt.keep_last, barrier_.get(), opt.commit_timeout,
                      persist_io_.get(), shm_path};
   return PersistSlot(*seg, job.slot, job.step, ctx).status();
@@ -601,7 +666,12 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& lo) 
   SlotView mem;
   bool have_mem = seg && seg->Newest(&mem);
   int64_t step;
-  if (lo.step) {
+  const char* restore = std::getenv("FLASHCKPT_RESTORE_STEP");
+  int64_t restore_step = -1;
+  if (!lo.step && restore && *restore && absl::SimpleAtoi(restore, &restore_step) && restore_step >= 0) {
+    // flashrun's agents agreed on this step: every rank can get it.
+    step = restore_step;
+  } else if (lo.step) {
     step = *lo.step;
   } else if (have_mem && (!committed || mem.step >= *committed) && lo.prefer_memory) {
     step = mem.step;
@@ -661,7 +731,10 @@ void Checkpointer::Impl::Close() {
       auto committed = LatestCommitted(root);
       newest_durable = committed && *committed >= v.step;
     }
-    if (opt.unlink_memory_on_close && newest_durable) {
+    if (agent_fd_ >= 0) {
+      // Under flashrun the agent keeps the snapshots for the next worker and
+      // removes the segment when the job ends.
+    } else if (opt.unlink_memory_on_close && newest_durable) {
       SharedSegment::Unlink(shm_path).IgnoreError();
     } else if (!newest_durable) {
       FCK_LOG(kInfo, "keeping ", shm_path, ": its step ", v.step, " is not persisted yet");
@@ -669,6 +742,7 @@ void Checkpointer::Impl::Close() {
     seg.reset();
   }
   if (dir_lock_fd_ >= 0) { ::close(dir_lock_fd_); dir_lock_fd_ = -1; }
+  if (agent_fd_ >= 0) { ::close(agent_fd_); agent_fd_ = -1; }
   std::lock_guard<std::mutex> l(g_open_mu);
   g_open.erase(open_key_);
 }

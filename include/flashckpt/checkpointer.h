@@ -159,6 +159,10 @@ struct CheckpointerOptions {
   bool unlink_memory_on_close = true;    // only when the newest snapshot is durable
   bool reuse_memory = true;              // open the segment a crashed process left behind
   std::shared_ptr<CommitBarrier> commit_barrier;  // default: rank records in the step directory
+  // Under flashrun: the node agent's Unix socket (default: $FLASHCKPT_AGENT_SOCKET).
+  // The agent then persists and commits the snapshots; this process does no disk I/O.
+  std::string agent_socket;
+  bool use_agent = true;                 // false: persist in-process even under flashrun
 };
 
 struct StepInfo {

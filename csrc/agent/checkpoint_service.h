@@ -1,0 +1,119 @@
+// The node agent's checkpoint service. Workers started by flashrun publish
+// snapshots into their shared-memory slots and tell the service over a Unix
+// socket; the service persists them from its own process (workers do no disk
+// I/O), runs the commit, and — because it outlives every worker — persists the
+// newest snapshot left behind by a crashed worker before the restart.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "agent.pb.h"
+#include "storage/uring_io.h"
+
+namespace flashckpt {
+
+}  // namespace flashckpt
+#include "shm/segment.h"
+namespace flashckpt {
+
+struct CheckpointServiceOptions {
+  std::string socket_path;        // Unix socket the workers connect to
+  std::string status_file;        // JSON status, rewritten after each event ("" = none)
+  int metrics_port = -1;          // Prometheus text on 127.0.0.1:<port>; -1 none, 0 any free port
+  IoOptions io;
+  std::string node;               // host name shown in status and metrics
+};
+
+struct RecoveryTiming {
+  int restart = 0;
+  std::map<std::string, double> phases_s;  // detect, stop, persist, rendezvous, spawn, ...
+};
+
+class CheckpointService {
+ public:
+  static absl::StatusOr<std::unique_ptr<CheckpointService>> Start(CheckpointServiceOptions options);
+  ~CheckpointService();
+  CheckpointService(const CheckpointService&) = delete;
+  CheckpointService& operator=(const CheckpointService&) = delete;
+
+  const std::string& socket_path() const { return options_.socket_path; }
+  int metrics_port() const { return metrics_port_; }
+
+  // Persists, for every rank that registered, the newest snapshot in memory
+  // that is not durable yet (after a worker crash, and on a graceful stop).
+  absl::Status PersistNewest(std::chrono::milliseconds timeout);
+  // Waits until every queued persist finished.
+  void Drain();
+  // The steps each registered rank holds, whole, in shared memory.
+  std::map<int, std::vector<int64_t>> MemorySteps();
+  // The checkpoint directory the workers use ("" before any registered).
+  std::string Directory();
+  void RecordRecovery(RecoveryTiming timing);
+  // At the end of the job: removes every registered rank's shared-memory
+  // segment whose newest snapshot is durable (the others stay, and are named).
+  void ReleaseMemory();
+  std::string MetricsText();
+  void WriteStatus();
+
+ private:
+  explicit CheckpointService(CheckpointServiceOptions o) : options_(std::move(o)) {}
+  struct Job {
+    int64_t step = -1;
+    int slot = -1;
+    int reply_fd = -1;
+  };
+  struct Rank {
+    pb::WorkerHello hello;
+    std::unique_ptr<SharedSegment> seg;
+    ino_t ino = 0;
+    std::deque<Job> queue;
+    bool busy = false;
+    std::thread thread;
+    std::unique_ptr<BulkIo> io;
+    int64_t newest_durable = -1;
+  };
+
+  void AcceptLoop();
+  void ServeConnection(int fd);
+  void RankLoop(int rank);
+  absl::Status OpenSegment(Rank& r);
+  void Enqueue(int rank, Job job);
+  void MetricsLoop();
+
+  CheckpointServiceOptions options_;
+  int listen_fd_ = -1;
+  int metrics_fd_ = -1;
+  int metrics_port_ = -1;
+  std::atomic<bool> stop_{false};
+  std::thread accept_thread_, metrics_thread_;
+  std::mutex conn_mu_;
+  std::vector<std::thread> conn_threads_;
+  std::vector<int> conn_fds_;
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int, std::unique_ptr<Rank>> ranks_;
+  std::mutex reply_mu_;
+
+  // Counters for status and metrics.
+  std::atomic<uint64_t> snapshots_{0}, dropped_{0}, persisted_{0}, persist_failures_{0}, persisted_bytes_{0};
+  std::atomic<double> persist_seconds_{0};
+  std::vector<RecoveryTiming> recoveries_;
+  std::string last_error_;
+};
+
+}  // namespace flashckpt

@@ -1,0 +1,114 @@
+// flashrun's checkpoint service with real workers (Checkpointers in agent
+// mode) over a real Unix socket: the service persists and commits, and
+// persists what a stopped worker left in memory.
+#include "agent/checkpoint_service.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <thread>
+
+#include "gtest/gtest.h"
+#include "test_util.h"
+
+namespace flashckpt {
+namespace {
+
+namespace fs = std::filesystem;
+using testing::FakeState;
+using testing::ScratchDirs;
+
+std::string HttpGet(int port) {
+  int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) { close(fd); return ""; }
+  std::string req = "GET /metrics HTTP/1.0\r\n\r\n";
+  (void)send(fd, req.data(), req.size(), 0);
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) out.append(buf, n);
+  close(fd);
+  return out;
+}
+
+TEST(CheckpointService, PersistsAndCommitsForItsWorkers) {
+  ScratchDirs dirs;
+  CheckpointServiceOptions so;
+  so.socket_path = (dirs.root / "agent.sock").string();
+  so.status_file = (dirs.root / "status.json").string();
+  so.metrics_port = 0;
+  so.node = "testnode";
+  auto service = CheckpointService::Start(so);
+  ASSERT_TRUE(service.ok()) << service.status();
+  {
+    std::vector<std::unique_ptr<Checkpointer>> workers;
+    for (int r = 0; r < 2; ++r) {
+      CheckpointerOptions o = dirs.Options(r, 2);
+      o.agent_socket = so.socket_path;
+      o.persist_every = 2;  // steps 1 and 3 persisted by the agent; 2 and 4 only in memory
+      o.num_slots = 3;
+      workers.push_back(std::make_unique<Checkpointer>(o));
+    }
+    for (int64_t step = 1; step <= 4; ++step) {
+      std::vector<SaveHandle> hs;
+      for (int r = 0; r < 2; ++r) {
+        FakeState s = FakeState::ForStep(step * 10 + r);
+        hs.push_back(workers[r]->save(step, s.Refs(), s.Blobs()));
+      }
+      for (auto& h : hs) h.wait_durable();
+      EXPECT_EQ(hs[0].persisted(), step % 2 == 1) << step;
+    }
+    EXPECT_EQ(workers[0]->latest_step(), 3);
+    EXPECT_TRUE(fs::exists(dirs.ckpt + "/step-3/COMMIT"));
+    // Workers stop (as after a crash): their segments stay for the agent.
+    for (auto& w : workers) w->close();
+  }
+  auto mem = (*service)->MemorySteps();
+  ASSERT_EQ(mem.size(), 2u);
+  EXPECT_EQ(mem[0].back(), 4);
+  ASSERT_TRUE((*service)->PersistNewest(std::chrono::seconds(60)).ok());
+  EXPECT_TRUE(fs::exists(dirs.ckpt + "/step-4/COMMIT")) << "the agent did not persist the newest snapshot";
+  {
+    CheckpointerOptions o = dirs.Options(1, 2);
+    o.use_agent = false;
+    Checkpointer reader(o);
+    LoadOptions lo;
+    lo.prefer_memory = false;
+    auto snap = reader.load(lo);
+    EXPECT_EQ(snap->step(), 4);
+    EXPECT_EQ(FakeState::ForStep(41).Diff(*snap), "");
+  }
+  std::string metrics = HttpGet((*service)->metrics_port());
+  EXPECT_NE(metrics.find("flashckpt_persists_total{node=\"testnode\"} 6"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("flashckpt_newest_durable_step{node=\"testnode\"} 4"), std::string::npos) << metrics;
+  std::ifstream status(so.status_file);
+  std::string json((std::istreambuf_iterator<char>(status)), {});
+  EXPECT_NE(json.find("\"persisted\": 6"), std::string::npos) << json;
+  (*service)->ReleaseMemory();
+  EXPECT_TRUE(fs::is_empty(dirs.shm));
+}
+
+TEST(CheckpointService, UnreachableAgentIsAClearError) {
+  ScratchDirs dirs;
+  CheckpointerOptions o = dirs.Options();
+  o.agent_socket = (dirs.root / "nobody.sock").string();
+  try {
+    Checkpointer c(o);
+    ADD_FAILURE();
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kUnavailable);
+    EXPECT_NE(std::string(e.what()).find(o.agent_socket), std::string::npos) << e.what();
+  }
+}
+
+}  // namespace
+}  // namespace flashckpt
