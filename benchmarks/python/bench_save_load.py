@@ -232,6 +232,9 @@ def bench_one(size_gib: float, runs: int, workdir: str) -> dict:
     for i in range(runs - 1):
         ckpt.save(2 + i, state).wait(timeout=600)
     log("flashckpt reserved first save", res["flashckpt_first_save_reserved_s"])
+    # The state is not needed any more: free it so that loads fit in RAM
+    # (slots + one loaded copy).
+    del state, src
 
     # 5. Loads from memory, same process.
     def load_mem():
@@ -244,13 +247,10 @@ def bench_one(size_gib: float, runs: int, workdir: str) -> dict:
     segment = ckpt.memory_segment_path
     ckpt.wait(timeout=600)
     ckpt.close()  # keeps the segment (unlink_memory_on_close=False) for a fresh process
-    del src
 
     # 6. Fresh process loads from memory (segment kept on close: reopen keeping it).
     if not os.path.exists(segment):
-        # Not expected: put a snapshot back in memory.
-        with flashckpt.Checkpointer(cdir, keep_last=1, unlink_memory_on_close=False) as c:
-            c.save(100, state).wait(timeout=600)
+        raise RuntimeError(f"{segment} is gone: cannot measure a fresh-process load from memory")
     fresh = []
     for _ in range(runs):
         out = subprocess.run([sys.executable, "-c", FRESH_LOAD, cdir, os.path.join(REPO, "python")],
@@ -321,20 +321,47 @@ def main():
     ap.add_argument("--workdir", default="/var/tmp/flashckpt-bench")
     ap.add_argument("--one", type=float, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(RESULTS, "python_save_load.json"))
+    ap.add_argument("--append", action="store_true",
+                    help="keep the other sizes already in --out (replace the ones measured now)")
     a = ap.parse_args()
     if a.one is not None:
         print(json.dumps(bench_one(a.one, a.runs, a.workdir)))
         return
+    import torch
+
     results = []
+    if a.append and os.path.exists(a.out):
+        with open(a.out) as f:
+            results = [r for r in json.load(f)["results"] if r["size_gib_requested"] not in a.sizes]
+    failed = []
     for size in a.sizes:
         out = subprocess.run([sys.executable, __file__, "--one", str(size), "--runs", str(a.runs),
                               "--workdir", a.workdir], stdout=subprocess.PIPE, text=True,
                              timeout=3600)
         if out.returncode != 0:
-            sys.exit(f"size {size} GiB failed (rc {out.returncode})")
+            print(f"size {size} GiB failed (rc {out.returncode})", file=sys.stderr)
+            failed.append(size)
+            cleanup(a.workdir)
+            continue
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    import torch
+        results.sort(key=lambda r: r["size_gib_requested"])
+        write(a, results, torch)
+    if failed:
+        sys.exit(f"failed sizes: {failed}")
 
+
+def cleanup(workdir):
+    """Drops the segment a killed run left behind (it kept it for the fresh-process load)."""
+    import flashckpt
+
+    cdir = os.path.join(workdir, "flashckpt")
+    if os.path.isdir(cdir):
+        with flashckpt.Checkpointer(cdir, persist=False) as c:
+            c.unlink_memory()
+        shutil.rmtree(cdir, ignore_errors=True)
+
+
+def write(a, results, torch):
     doc = {
         "benchmark": "flashckpt Python save/load vs torch.save/torch.load",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),

@@ -17,17 +17,9 @@ PYDIR = os.path.join(REPO, "python")
 if PYDIR not in sys.path:
     sys.path.insert(0, PYDIR)
 
-
-def child_env(**extra):
-    """Environment for a child Python process that imports flashckpt from this tree."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = PYDIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("FLASHCKPT_RUN_ID", None)
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
-
-
-PYTHON = sys.executable
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
 
 
 def _segments():

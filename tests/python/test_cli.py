@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import flashckpt
-from conftest import PYTHON, child_env
+from flashckpt_testutil import PYTHON, child_env
 from flashckpt import cli
 
 

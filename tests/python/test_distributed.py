@@ -5,7 +5,7 @@ import os
 import socket
 import subprocess
 
-from conftest import PYTHON, child_env
+from flashckpt_testutil import PYTHON, child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

@@ -7,7 +7,7 @@ import subprocess
 import pytest
 
 import flashckpt
-from conftest import PYTHON, child_env
+from flashckpt_testutil import PYTHON, child_env
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "train_script.py")
