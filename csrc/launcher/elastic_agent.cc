@@ -7,6 +7,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -26,6 +27,14 @@ using Clock = std::chrono::steady_clock;
 namespace fs = std::filesystem;
 
 void Say(const std::string& text) { std::fprintf(stderr, "[flashrun] %s\n", text.c_str()); }
+
+// FLASHRUN_TRACE_RESTART=1: wall-clock marks of the restart phases, for benchmarks.
+void TraceMark(const char* what) {
+  static const bool enabled = std::getenv("FLASHRUN_TRACE_RESTART") != nullptr;
+  if (!enabled) return;
+  const double now = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+  std::fprintf(stderr, "[flashrun] trace %.6f %s\n", now, what);
+}
 
 std::string RandomRunId() {
   std::random_device device;
@@ -283,6 +292,15 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
   const auto worker_timeout = std::chrono::duration<double>(o.worker_timeout_s);
   int remaining_restarts = o.max_restarts;
   WorkerGroup group;
+  // FLASHRUN_EXIT_PROBE_MS: how often to look for workers on their way out
+  // (default 10 ms; 0 turns it off and leaves only exit notifications).
+  int exit_probe_ms = 10;
+  if (auto it = job.agent_env.find("FLASHRUN_EXIT_PROBE_MS"); it != job.agent_env.end()) {
+    absl::SimpleAtoi(it->second, &exit_probe_ms);
+  }
+  group.set_exit_probe(exit_probe_ms > 0);
+  int poll_ms = static_cast<int>(o.monitor_interval_s * 1000);
+  if (exit_probe_ms > 0) poll_ms = std::min(poll_ms, exit_probe_ms);
 
   // A pending signal wins over everything else.
   auto take_signal = [&]() -> int {
@@ -298,10 +316,19 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     return 128 + sig;
   };
 
+  // Peeks without consuming, so that the signal is then taken and handled above.
+  auto signal_pending = [&]() {
+    pollfd p{signal_fd, POLLIN, 0};
+    return ::poll(&p, 1, 0) == 1;
+  };
+
   while (true) {
     if (int sig = take_signal()) return exit_on_signal(sig);
     absl::StatusOr<RoundAssignment> round =
-        rendezvous->NextRound(hooks.NodePayload(), o.max_restarts - remaining_restarts);
+        rendezvous->NextRound(hooks.NodePayload(), o.max_restarts - remaining_restarts, signal_pending);
+    if (!round.ok() && round.status().code() == absl::StatusCode::kCancelled) {
+      if (int sig = take_signal()) return exit_on_signal(sig);
+    }
     if (!round.ok()) {
       Say(absl::StrFormat("error: %s", round.status().message()));
       rendezvous->Shutdown();
@@ -310,6 +337,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     // A restart anywhere counts for every node of the job.
     remaining_restarts = std::min(remaining_restarts, std::max(0, o.max_restarts - round->restart_count));
     const int restart_count = o.max_restarts - remaining_restarts;
+    TraceMark("round complete");
     if (absl::Status s = hooks.BeforeWorkersStart(restart_count, *round); !s.ok()) {
       Say(absl::StrFormat("error: before starting workers: %s", s.message()));
       rendezvous->Leave();
@@ -323,6 +351,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       rendezvous->Shutdown();
       return 1;
     }
+    TraceMark("workers started");
     Say(absl::StrFormat("round %d: node %d/%d, ranks %d-%d of %d, MASTER_ADDR=%s MASTER_PORT=%d, attempt %d",
                         round->round, round->group_rank, round->group_world_size, round->rank_offset,
                         round->rank_offset + o.nproc_per_node - 1, round->world_size, round->master_addr,
@@ -336,7 +365,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       fds.push_back(pollfd{signal_fd, POLLIN, 0});
       if (rendezvous->RejoinNotifier() >= 0) fds.push_back(pollfd{rendezvous->RejoinNotifier(), POLLIN, 0});
       for (int fd : group.ExitNotifiers()) fds.push_back(pollfd{fd, POLLIN, 0});
-      ::poll(fds.data(), fds.size(), static_cast<int>(o.monitor_interval_s * 1000));
+      ::poll(fds.data(), fds.size(), poll_ms);
       if (int sig = take_signal()) {
         if (sig == SIGTERM || sig == SIGINT || sig == SIGHUP || sig == SIGQUIT) return exit_on_signal(sig);
         Say(absl::StrFormat("forwarding %s to the workers", SignalName(sig)));
@@ -354,32 +383,39 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     if (state == GroupState::kSucceeded) {
       group.Stop(SIGTERM, shutdown_grace);  // reaps; stragglers in the process groups are killed
       // Exit barrier: the rendezvous host must outlive the others' last calls.
-      absl::Status barrier = rendezvous->Barrier("finished", Clock::now() + std::chrono::seconds(300));
+      absl::Status barrier =
+          rendezvous->Barrier("finished", Clock::now() + std::chrono::seconds(300), signal_pending);
+      if (barrier.code() == absl::StatusCode::kCancelled) {
+        if (int sig = take_signal()) return exit_on_signal(sig);
+      }
       if (barrier.code() == absl::StatusCode::kAborted) {
         Say("another node restarted its workers after ours finished: joining the new round");
         continue;
       }
       if (!barrier.ok()) Say(absl::StrFormat("warning: exit barrier: %s", barrier.message()));
-      (void)rendezvous->Barrier("exited", Clock::now() + std::chrono::seconds(5));
+      (void)rendezvous->Barrier("exited", Clock::now() + std::chrono::seconds(5), signal_pending);
       rendezvous->Shutdown();
       Say("all workers finished successfully");
       return 0;
     }
     if (membership_changed) {
       Say("the rendezvous round ended (a node failed, left or joined): stopping workers to re-rendezvous");
-      group.Stop(SIGTERM, shutdown_grace);
+      group.StopForRestart(SIGTERM, shutdown_grace);
       continue;
     }
 
     // Failed.
     std::vector<WorkerFailure> failures = group.failures();
-    group.Stop(SIGTERM, shutdown_grace);
     if (remaining_restarts > 0) {
+      TraceMark("failure noticed");
+      group.StopForRestart(SIGTERM, shutdown_grace);
+      TraceMark("workers stopped");
       --remaining_restarts;
       Say(absl::StrFormat("worker group failed (%s); restarting (%d/%d)", DescribeFailures(failures),
                           o.max_restarts - remaining_restarts, o.max_restarts));
       continue;
     }
+    group.Stop(SIGTERM, shutdown_grace);
     Say(absl::StrFormat("worker group failed (%s); no restarts left (--max-restarts %d)", DescribeFailures(failures),
                         o.max_restarts));
     std::fprintf(stderr, "%s", FormatFailureSummary(job.title_name, job.hostname, failures).c_str());

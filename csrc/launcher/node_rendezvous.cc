@@ -76,7 +76,8 @@ RoundAssignment AssignmentFromView(const rdzv::RoundView& view) {
 class StaticRendezvous : public NodeRendezvous {
  public:
   explicit StaticRendezvous(StaticRendezvousOptions options) : options_(std::move(options)) {}
-  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count) override {
+  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count,
+                                            const std::function<bool()>& stop_requested) override {
     RoundAssignment a;
     a.round = ++round_;
     a.group_rank = options_.node_rank;
@@ -90,7 +91,9 @@ class StaticRendezvous : public NodeRendezvous {
     return a;
   }
   int RejoinNotifier() const override { return -1; }
-  absl::Status Barrier(const std::string&, Clock::time_point) override { return absl::OkStatus(); }
+  absl::Status Barrier(const std::string&, Clock::time_point, const std::function<bool()>&) override {
+    return absl::OkStatus();
+  }
   void Leave() override {}
   void Shutdown() override {}
   std::string Describe() const override {
@@ -143,7 +146,8 @@ class DynamicRendezvous : public NodeRendezvous {
     return absl::OkStatus();
   }
 
-  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count) override {
+  absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count,
+                                            const std::function<bool()>& stop_requested) override {
     StopWatcher();
     uint64_t drained;
     (void)!::read(rejoin_fd_, &drained, sizeof(drained));
@@ -163,8 +167,10 @@ class DynamicRendezvous : public NodeRendezvous {
     rdzv::RoundView view;
     while (true) {
       if (Clock::now() >= deadline) break;
+      if (stop_requested()) return absl::CancelledError("rendezvous abandoned: the agent was asked to stop");
       if (!joined) {
-        absl::StatusOr<rdzv::RoundView> joined_view = client_->Join(node, deadline);
+        absl::StatusOr<rdzv::RoundView> joined_view =
+            client_->Join(node, std::min(deadline, Clock::now() + std::chrono::seconds(1)));
         if (!joined_view.ok()) {
           last_error = joined_view.status();
           if (IsFatal(last_error)) return last_error;
@@ -175,9 +181,10 @@ class DynamicRendezvous : public NodeRendezvous {
         if (view.my_group_rank() >= 0 && !view.waiting() && view.round() > last_round_) break;
       }
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      const auto wait = std::min(left, options_.keep_alive_interval);
-      absl::StatusOr<rdzv::RoundView> synced =
-          client_->Sync(options_.node_id, last_round_, wait, deadline);
+      // Short polls, so that a signal to the agent is handled within a second.
+      const auto wait = std::min({left, options_.keep_alive_interval, std::chrono::milliseconds(1000)});
+      absl::StatusOr<rdzv::RoundView> synced = client_->Sync(
+          options_.node_id, last_round_, wait, std::min(deadline, Clock::now() + wait + std::chrono::seconds(2)));
       if (!synced.ok()) {
         last_error = synced.status();
         if (IsFatal(last_error)) return last_error;
@@ -204,7 +211,8 @@ class DynamicRendezvous : public NodeRendezvous {
 
   int RejoinNotifier() const override { return rejoin_fd_; }
 
-  absl::Status Barrier(const std::string& name, Clock::time_point deadline) override {
+  absl::Status Barrier(const std::string& name, Clock::time_point deadline,
+                       const std::function<bool()>& stop_requested) override {
     const Clock::time_point started = Clock::now();
     const std::string key = absl::StrFormat("%s/round/%d/barrier/%s", options_.run_id, last_round_, name);
     absl::StatusOr<int64_t> count = client_->StoreAdd(key, 1, deadline);
@@ -216,6 +224,7 @@ class DynamicRendezvous : public NodeRendezvous {
         return absl::AbortedError("the round ended during the barrier");
       }
       if (Clock::now() >= deadline) break;
+      if (stop_requested()) return absl::CancelledError("barrier abandoned: the agent was asked to stop");
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       count = client_->StoreAdd(key, 0, deadline);
     }

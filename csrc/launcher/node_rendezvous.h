@@ -4,6 +4,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <memory>
 #include <string>
@@ -39,12 +40,15 @@ class NodeRendezvous {
  public:
   virtual ~NodeRendezvous() = default;
   // Joins the next round and waits (up to the join timeout) until it completes.
-  virtual absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count) = 0;
+  // Returns kCancelled soon after `stop_requested` turns true (a signal to the agent).
+  virtual absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count,
+                                                    const std::function<bool()>& stop_requested) = 0;
   // Readable (an eventfd) when the current round is over and the agent must
   // stop its workers and call NextRound; -1 when that never happens.
   virtual int RejoinNotifier() const = 0;
   // Every node of the round reached `name` (the exit barrier), up to the deadline.
-  virtual absl::Status Barrier(const std::string& name, std::chrono::steady_clock::time_point deadline) = 0;
+  virtual absl::Status Barrier(const std::string& name, std::chrono::steady_clock::time_point deadline,
+                               const std::function<bool()>& stop_requested) = 0;
   // Tells the others this node is gone for good (after it failed), so that they need not wait for its keep-alives to lapse.
   virtual void Leave() = 0;
   virtual void Shutdown() = 0;

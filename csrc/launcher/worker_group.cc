@@ -12,8 +12,10 @@
 
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 
 #include "absl/strings/str_format.h"
 
@@ -39,6 +41,8 @@ void WriteAll(int fd, const char* data, size_t size) {
 }
 
 }  // namespace
+
+std::optional<int> ExitStatusIfExiting(pid_t pid);
 
 // ---------------------------------------------------------------------------
 OutputForwarder::OutputForwarder() { wake_fd_ = ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); }
@@ -166,6 +170,7 @@ int WorkerGroup::ReapOrphans() {
   for (pid_t pid : ChildrenOfThisProcess()) {
     bool is_worker = false;
     for (const Worker& w : workers_) is_worker |= (w.pid == pid && !w.reaped);
+    for (const Worker& w : draining_) is_worker |= (w.pid == pid && !w.reaped);
     if (is_worker) continue;
     int status;
     if (::waitpid(pid, &status, WNOHANG) == 0) ++alive;
@@ -179,6 +184,7 @@ WorkerGroup::WorkerGroup() = default;
 WorkerGroup::~WorkerGroup() { Stop(SIGKILL, std::chrono::seconds(0)); }
 
 absl::Status WorkerGroup::Start(std::vector<WorkerLaunch> launches) {
+  if (!workers_.empty()) StopForRestart(SIGKILL, std::chrono::seconds(0));
   workers_.clear();
   failures_.clear();
   forwarder_ = std::make_unique<OutputForwarder>();
@@ -269,6 +275,9 @@ std::vector<int> WorkerGroup::ExitNotifiers() const {
   for (const Worker& w : workers_) {
     if (!w.exited && w.pidfd >= 0) fds.push_back(w.pidfd);
   }
+  for (const Worker& w : draining_) {
+    if (!w.reaped && w.pidfd >= 0) fds.push_back(w.pidfd);
+  }
   return fds;
 }
 
@@ -279,6 +288,7 @@ std::vector<pid_t> WorkerGroup::pids() const {
 }
 
 bool WorkerGroup::PeekExit(Worker& worker) {
+  // (A draining worker's pidfd stays readable until it is reaped; Check reaps it.)
   if (worker.exited) return true;
   siginfo_t info{};
   if (::waitid(P_PID, static_cast<id_t>(worker.pid), &info, WEXITED | WNOHANG | WNOWAIT) != 0) return false;
@@ -303,6 +313,7 @@ void WorkerGroup::Reap(Worker& worker) {
 }
 
 GroupState WorkerGroup::Check(std::chrono::duration<double> worker_timeout) {
+  ReapDraining(/*block=*/false);
   bool all_succeeded = true;
   const double now_wall = WallSeconds(std::chrono::system_clock::now());
   for (Worker& w : workers_) {
@@ -323,6 +334,25 @@ GroupState WorkerGroup::Check(std::chrono::duration<double> worker_timeout) {
       continue;
     }
     all_succeeded = false;
+    if (exit_probe_) {
+      // A worker on its way out with a non-zero status has failed: no need to
+      // wait for the kernel to tear it down. (A clean exit is not hurried.)
+      if (std::optional<int> status = ExitStatusIfExiting(w.pid); status && *status != 0) {
+        const int exitcode = WIFEXITED(*status) ? WEXITSTATUS(*status) : -WTERMSIG(*status);
+        WorkerFailure f;
+        f.local_rank = w.launch.local_rank;
+        f.global_rank = w.launch.global_rank;
+        f.pid = w.pid;
+        f.exitcode = exitcode;
+        f.timestamp_s = now_wall;
+        f.error_file = w.launch.error_file;
+        ReadErrorFile(&f);
+        failures_.push_back(std::move(f));
+        w.exited = true;
+        w.exitcode = exitcode;
+        continue;
+      }
+    }
     if (worker_timeout.count() > 0 && !w.launch.heartbeat_file.empty()) {
       struct stat st;
       auto last_beat = w.started_wall;
@@ -360,31 +390,114 @@ void WorkerGroup::Signal(int signal_number) {
   }
 }
 
-void WorkerGroup::Stop(int first_signal, std::chrono::duration<double> grace) {
-  if (workers_.empty()) {
-    if (forwarder_) forwarder_->Finish(Clock::now());
-    return;
-  }
+namespace {
+bool LeaderExited(pid_t pid) {
+  siginfo_t info{};
+  return ::waitid(P_PID, static_cast<id_t>(pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == pid;
+}
+
+}  // namespace
+
+// The wait status of a process in the kernel's exit path (PF_EXITING), read from
+// /proc/<pid>/stat (exit_code, field 52, is set before the kernel frees the
+// process's memory, which for a large worker takes a quarter of a second).
+std::optional<int> ExitStatusIfExiting(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return std::nullopt;
+  std::istringstream fields(stat.substr(paren + 1));
+  std::vector<std::string> f;
+  for (std::string field; fields >> field;) f.push_back(field);
+  // f[0] is field 3 (state); flags is field 9, exit_code field 52.
+  if (f.size() < 50) return std::nullopt;
+  constexpr unsigned long kPfExiting = 0x4;
+  const unsigned long flags = std::stoul(f[6]);
+  if (f[0] != "Z" && f[0] != "X" && (flags & kPfExiting) == 0) return std::nullopt;
+  return std::stoi(f[49]);
+}
+
+namespace {
+// Exited, or in the kernel's exit path (PF_EXITING): it runs no user code any more.
+bool LeaderExiting(pid_t pid) {
+  if (LeaderExited(pid)) return true;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return true;  // gone
+  std::istringstream fields(stat.substr(paren + 1));
+  std::string state, ppid, pgrp, session, tty, tpgid;
+  unsigned long flags = 0;
+  fields >> state >> ppid >> pgrp >> session >> tty >> tpgid >> flags;
+  constexpr unsigned long kPfExiting = 0x4;
+  return state == "Z" || state == "X" || (flags & kPfExiting) != 0;
+}
+}  // namespace
+
+template <typename Predicate>
+void WorkerGroup::SignalUntil(int first_signal, std::chrono::duration<double> grace, Predicate done) {
+  auto all_done = [&] {
+    for (Worker& w : workers_) {
+      if (!w.reaped && !done(w.pid)) return false;
+    }
+    return true;
+  };
   // The leaders are not reaped yet, so their pids, and with them the process
   // group ids, cannot have been reused.
   Signal(first_signal);
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(grace);
-  while (true) {
+  while (!all_done() && Clock::now() < deadline) {
     std::vector<pollfd> fds;
     for (Worker& w : workers_) {
-      if (w.reaped) continue;
-      siginfo_t info{};
-      // Not PeekExit: a hung worker is marked exited but still runs.
-      if (::waitid(P_PID, static_cast<id_t>(w.pid), &info, WEXITED | WNOHANG | WNOWAIT) == 0 && info.si_pid == w.pid) {
-        continue;
-      }
-      if (w.pidfd >= 0) fds.push_back(pollfd{w.pidfd, POLLIN, 0});
+      if (!w.reaped && w.pidfd >= 0 && !LeaderExited(w.pid)) fds.push_back(pollfd{w.pidfd, POLLIN, 0});
     }
     if (fds.empty()) break;
-    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
-    if (left <= 0) break;
-    ::poll(fds.data(), fds.size(), static_cast<int>(std::min<int64_t>(left, 100)));
+    // Exits wake the poll; the exiting state has no event, hence the short timeout.
+    ::poll(fds.data(), fds.size(), 2);
   }
+  if (all_done()) return;
+  Signal(SIGKILL);
+  const auto kill_deadline = Clock::now() + std::chrono::seconds(5);
+  while (!all_done() && Clock::now() < kill_deadline) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+}
+
+void WorkerGroup::StopForRestart(int first_signal, std::chrono::duration<double> grace) {
+  SignalUntil(first_signal, grace, LeaderExiting);
+  for (Worker& w : workers_) draining_.push_back(std::move(w));
+  workers_.clear();
+  if (forwarder_) draining_forwarders_.push_back(std::move(forwarder_));
+}
+
+void WorkerGroup::ReapDraining(bool block) {
+  bool all_reaped = true;
+  for (Worker& w : draining_) {
+    if (w.reaped) continue;
+    if (!block && !LeaderExited(w.pid)) {
+      all_reaped = false;
+      continue;
+    }
+    if (block && !LeaderExited(w.pid)) {
+      ::kill(-w.pid, SIGKILL);
+      pollfd p{w.pidfd, POLLIN, 0};
+      ::poll(&p, 1, 10000);
+    }
+    ::kill(-w.pid, SIGKILL);  // stragglers of its process group, while the zombie reserves the id
+    Reap(w);
+  }
+  if (all_reaped) {
+    draining_.clear();
+    for (auto& f : draining_forwarders_) f->Finish(Clock::now() + std::chrono::milliseconds(block ? 500 : 0));
+    draining_forwarders_.clear();
+  }
+}
+
+void WorkerGroup::Stop(int first_signal, std::chrono::duration<double> grace) {
+  ReapDraining(/*block=*/true);
+  if (workers_.empty()) {
+    if (forwarder_) forwarder_->Finish(Clock::now());
+    return;
+  }
+  SignalUntil(first_signal, grace, LeaderExited);
   // Whatever is left in the process groups (stragglers, grandchildren) is killed.
   Signal(SIGKILL);
   for (Worker& w : workers_) {

@@ -71,12 +71,22 @@ class WorkerGroup {
   // after `grace`, then reaps every worker. Safe to call more than once.
   void Stop(int first_signal, std::chrono::duration<double> grace);
 
+  // For a restart: like Stop, but returns as soon as no worker can run user code
+  // any more (exited, or its exit is under way in the kernel), so that the
+  // teardown of their memory overlaps with the next rendezvous and start. They
+  // are reaped later (Check, Stop, the destructor).
+  void StopForRestart(int first_signal, std::chrono::duration<double> grace);
+
   std::vector<pid_t> pids() const;
 
   // The agent is a child subreaper (see BecomeSubreaper), so orphaned
   // grandchildren of workers become its children: reap those that exited.
   // Returns how many children other than workers are still alive.
   int ReapOrphans();
+
+  // Check() also reads /proc/<pid>/stat of running workers to notice a failing
+  // worker while the kernel is still freeing its memory (see ExitStatusIfExiting).
+  void set_exit_probe(bool enabled) { exit_probe_ = enabled; }
   bool empty() const { return workers_.empty(); }
 
  private:
@@ -92,6 +102,15 @@ class WorkerGroup {
   };
   bool PeekExit(Worker& worker);
   void Reap(Worker& worker);
+  // Reaps stopped workers of earlier starts; with block, waits for all of them.
+  void ReapDraining(bool block);
+  // Sends first_signal, then SIGKILL after grace, until `done` holds for every worker.
+  template <typename Predicate>
+  void SignalUntil(int first_signal, std::chrono::duration<double> grace, Predicate done);
+
+  bool exit_probe_ = false;
+  std::vector<Worker> draining_;
+  std::vector<std::unique_ptr<OutputForwarder>> draining_forwarders_;
 
   std::vector<Worker> workers_;
   std::vector<WorkerFailure> failures_;

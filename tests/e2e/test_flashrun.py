@@ -268,3 +268,36 @@ def test_agent_sigkilled_survivor_goes_on_alone(flashrun, launchers, tmp_path):
     assert a.returncode == 0, err_a
     done = [json.load(open(f)) for f in glob.glob(str(tmp_path / "done_*.json"))]
     assert len(done) == 2 and all(d["world_size"] == 2 for d in done), done
+
+
+def test_sigterm_while_waiting_for_other_nodes_exits_promptly(flashrun, launchers, tmp_path):
+    port = free_port()
+    p = launchers.start(_two_agent_args(flashrun, port, "lonely", "2", "node-a",
+                                        [script("flashrun_env_dump.py"), str(tmp_path)]))
+    wait_for(lambda: _port_open(port), 20, "the agent to host the rendezvous")
+    time.sleep(0.5)
+    started = time.time()
+    p.send_signal(signal.SIGTERM)
+    p.wait(timeout=10)
+    assert p.returncode == 128 + signal.SIGTERM
+    assert time.time() - started < 5
+
+
+def test_static_backend_single_node(flashrun, launchers, tmp_path):
+    port = free_port()
+    rc, _, err = launchers.run([flashrun, "--nnodes", "1", "--nproc_per_node", "2", "--master_port", str(port),
+                                script("flashrun_env_dump.py"), str(tmp_path)], timeout=30)
+    assert rc == 0, err
+    env = json.load(open(tmp_path / "env_1.json"))
+    assert env["MASTER_ADDR"] == "127.0.0.1" and env["MASTER_PORT"] == str(port)
+    assert env["RANK"] == "1" and env["WORLD_SIZE"] == "2" and env["GROUP_WORLD_SIZE"] == "1"
+
+
+def test_python_module_entry_point(launchers, tmp_path):
+    binary = flashrun_binary()
+    rc, _, err = launchers.run([PYTHON, "-m", "flashckpt.run", "--standalone", script("flashrun_env_dump.py"),
+                                str(tmp_path)], env={"FLASHRUN_BIN": binary,
+                                                     "PYTHONPATH": os.path.join(REPO, "python")}, timeout=30)
+    assert rc == 0, err
+    env = json.load(open(tmp_path / "env_0.json"))
+    assert env["FLASHRUN_PYTHON_INTERPRETER"] == PYTHON
