@@ -77,7 +77,7 @@ class StaticRendezvous : public NodeRendezvous {
  public:
   explicit StaticRendezvous(StaticRendezvousOptions options) : options_(std::move(options)) {}
   absl::StatusOr<RoundAssignment> NextRound(const std::string& payload, int restart_count,
-                                            const std::function<bool()>& stop_requested) override {
+                                            const std::function<bool()>& /*stop_requested*/) override {
     RoundAssignment a;
     a.round = ++round_;
     a.group_rank = options_.node_rank;
