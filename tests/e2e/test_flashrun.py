@@ -301,3 +301,44 @@ def test_python_module_entry_point(launchers, tmp_path):
     assert rc == 0, err
     env = json.load(open(tmp_path / "env_0.json"))
     assert env["FLASHRUN_PYTHON_INTERPRETER"] == PYTHON
+
+
+def _summary_block(text):
+    lines = text.splitlines()
+    start = next(i for i, l in enumerate(lines) if l.startswith("====="))
+    end = max(i for i, l in enumerate(lines) if l.startswith("====="))
+    block = []
+    for line in lines[start:end + 1]:
+        for field in ("  time      : ", "  exitcode  : ", "  error_file: "):
+            if line.startswith(field):
+                line = field + "<varies>"
+        if line.endswith(" FAILED"):
+            # torchrun names the interpreter instead of the script when PYTHON_EXEC is set
+            line = "<entrypoint> FAILED"
+        block.append(line)
+    return block
+
+
+def test_failure_summary_matches_torchrun(flashrun, launchers, tmp_path):
+    if not os.access("/usr/bin/torchrun", os.X_OK):
+        pytest.skip("Debian's torchrun (python3-torch) is not installed")
+    flags = ["-r", "1", "-t", "1", "--standalone", "--nproc_per_node", "1", script("flashrun_fail_always.py")]
+    rc_t, out_t, err_t = launchers.run(["/usr/bin/torchrun"] + flags, timeout=90)
+    rc_f, out_f, err_f = launchers.run([flashrun] + flags, timeout=60)
+    assert rc_t != 0 and rc_f == 1
+    assert _summary_block(err_f) == _summary_block(err_t + out_t)
+
+
+def test_new_node_below_max_triggers_rerendezvous(flashrun, launchers, tmp_path):
+    port = free_port()
+    train = ["--max-restarts", "0", script("flashrun_train.py"), str(tmp_path), "150", "--step-seconds", "0.02"]
+    a = launchers.start(_two_agent_args(flashrun, port, "scale-up", "1:2", "node-a", train))
+    wait_for(lambda: os.path.exists(tmp_path / "start_0_0.txt"), 60, "node a's workers to start alone")
+    b = launchers.start(_two_agent_args(flashrun, port, "scale-up", "1:2", "node-b", train))
+    out_a, err_a = a.communicate(timeout=120)
+    out_b, err_b = b.communicate(timeout=60)
+    assert a.returncode == 0 and b.returncode == 0, err_a + err_b
+    assert "a node failed, left or joined" in err_a
+    done = [json.load(open(f)) for f in glob.glob(str(tmp_path / "done_*.json"))]
+    assert sorted(d["rank"] for d in done) == [0, 1, 2, 3]
+    assert all(d["world_size"] == 4 and d["restart_count"] == 0 for d in done)  # scaling is not a restart
