@@ -314,7 +314,13 @@ class Checkpointer:
 
     # -- load --------------------------------------------------------------
     def _agree_step(self, step: Optional[int]) -> Optional[int]:
-        """With torch.distributed up, the newest step every rank can load."""
+        """With torch.distributed up, the newest step every rank can load.
+
+        Under flashrun the node agents already agreed on it during the
+        rendezvous and pass it as ``$FLASHCKPT_RESTORE_STEP``."""
+        restore = os.environ.get("FLASHCKPT_RESTORE_STEP", "")
+        if step is None and restore.strip().lstrip("-").isdigit() and int(restore) >= 0:
+            return int(restore)
         dist = _dist()
         if dist is None or dist.get_world_size(self._group) == 1:
             return step
