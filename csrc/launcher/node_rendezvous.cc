@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <mutex>
 
@@ -133,6 +134,12 @@ class DynamicRendezvous : public NodeRendezvous {
           rdzv::RendezvousServer::Start(server_options);
       if (server.ok()) {
         server_ = std::move(*server);
+        if (options_.token.empty() && !absl::StartsWith(server_->host(), "127.") && server_->host() != "::1") {
+          std::fprintf(stderr,
+                       "[flashrun] warning: the rendezvous at %s has no token (set FLASHRUN_RDZV_TOKEN or "
+                       "--rdzv-conf token_file=...): anyone who can reach it can join the job\n",
+                       rdzv::FormatEndpoint(server_->host(), server_->port()).c_str());
+        }
         options_.endpoint_port = server_->port();
         client_host_ = server_->host();
       } else if (!inferred || !absl::StrContains(server.status().message(), "in use")) {

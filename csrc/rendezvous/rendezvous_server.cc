@@ -15,6 +15,8 @@ namespace {
 namespace asio = boost::asio;
 using tcp = asio::ip::tcp;
 
+constexpr size_t kMaxConnections = 4096;
+
 bool TokensEqual(const std::string& a, const std::string& b) {
   // Constant time in the length of the expected token.
   unsigned char diff = a.size() == b.size() ? 0 : 1;
@@ -149,7 +151,12 @@ class RendezvousServer::Impl {
   void Accept() {
     acceptor_.async_accept([this](boost::system::error_code ec, tcp::socket socket) {
       if (ec == asio::error::operation_aborted) return;
-      if (!ec) {
+      if (!ec && sessions_.size() >= kMaxConnections) {
+        // Agents hold two connections each; this many means a misbehaving peer.
+        ++counters_.frames_rejected;
+        boost::system::error_code ignored;
+        socket.close(ignored);
+      } else if (!ec) {
         ++counters_.connections_accepted;
         boost::system::error_code ignored;
         socket.set_option(tcp::no_delay(true), ignored);

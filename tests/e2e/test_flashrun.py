@@ -342,3 +342,20 @@ def test_new_node_below_max_triggers_rerendezvous(flashrun, launchers, tmp_path)
     done = [json.load(open(f)) for f in glob.glob(str(tmp_path / "done_*.json"))]
     assert sorted(d["rank"] for d in done) == [0, 1, 2, 3]
     assert all(d["world_size"] == 4 and d["restart_count"] == 0 for d in done)  # scaling is not a restart
+
+
+def test_local_ranks_filter_module_and_run_path(flashrun, launchers, tmp_path):
+    rc, out, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "-t", "3",
+                                  "--local-ranks-filter", "1", "--log-dir", str(tmp_path / "logs"),
+                                  script("flashrun_env_dump.py"), str(tmp_path / "filter")], timeout=30)
+    assert rc == 0, err
+    assert "[default1]:rank 1 done" in out and "rank 0 done" not in out
+    # -m: the script directory on PYTHONPATH, the module name as the entry point
+    rc, _, err = launchers.run([flashrun, "--standalone", "-m", "flashrun_env_dump", str(tmp_path / "module")],
+                               env={"PYTHONPATH": os.path.dirname(script("flashrun_env_dump.py"))}, timeout=30)
+    assert rc == 0, err
+    assert os.path.exists(tmp_path / "module" / "env_0.json")
+    rc, _, err = launchers.run([flashrun, "--standalone", "--run-path", script("flashrun_env_dump.py"),
+                                str(tmp_path / "run_path")], timeout=30)
+    assert rc == 0, err
+    assert os.path.exists(tmp_path / "run_path" / "env_0.json")
