@@ -9,8 +9,10 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <fstream>
+#include <iterator>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -218,22 +220,41 @@ void CheckpointService::RankLoop(int rank) {
   }
 }
 
-absl::Status CheckpointService::PersistNewest(std::chrono::milliseconds timeout) {
-  auto t0 = std::chrono::steady_clock::now();
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    for (auto& [rank, r] : ranks_) {
-      if (!OpenSegment(*r).ok()) continue;
-      SlotView v;
-      if (!r->seg->Newest(&v) || v.durable || v.step <= r->newest_durable) continue;
-      bool queued = false;
-      for (auto& j : r->queue) queued |= j.step == v.step;
-      if (queued) continue;
-      FCK_LOG(kInfo, "agent: persisting rank ", rank, " step ", v.step, " (newest snapshot, not yet durable)");
-      r->queue.push_back(Job{v.step, v.index, -1});
-    }
+void CheckpointService::PersistStepAsync(int64_t step) {
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& [rank, r] : ranks_) {
+    if (!OpenSegment(*r).ok()) continue;
+    SlotView v;
+    if (!r->seg->Newest(&v, step) || v.durable || step <= r->newest_durable) continue;
+    bool queued = false;
+    for (auto& j : r->queue) queued |= j.step >= step;
+    if (queued) continue;
+    FCK_LOG(kInfo, "agent: persisting rank ", rank, " step ", step, " (in memory only)");
+    r->queue.push_back(Job{step, v.index, -1});
   }
   cv_.notify_all();
+}
+
+absl::Status CheckpointService::PersistNewest(std::chrono::milliseconds timeout) {
+  auto t0 = std::chrono::steady_clock::now();
+  // The newest step every local rank holds: one COMMIT needs every rank's files.
+  std::optional<int64_t> common;
+  {
+    std::map<int, std::vector<int64_t>> mem = MemorySteps();
+    std::vector<int64_t> both;
+    bool first = true;
+    for (auto& [rank, steps] : mem) {
+      if (first) both = steps;
+      else {
+        std::vector<int64_t> x;
+        std::set_intersection(both.begin(), both.end(), steps.begin(), steps.end(), std::back_inserter(x));
+        both = x;
+      }
+      first = false;
+    }
+    if (!both.empty()) common = both.back();
+  }
+  if (common) PersistStepAsync(*common);
   std::unique_lock<std::mutex> l(mu_);
   bool done = cv_.wait_until(l, t0 + timeout, [&] {
     for (auto& [k, r] : ranks_)

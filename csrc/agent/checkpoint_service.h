@@ -53,9 +53,13 @@ class CheckpointService {
   const std::string& socket_path() const { return options_.socket_path; }
   int metrics_port() const { return metrics_port_; }
 
-  // Persists, for every rank that registered, the newest snapshot in memory
-  // that is not durable yet (after a worker crash, and on a graceful stop).
+  // Persists the newest step every registered rank holds in memory, where it
+  // is not durable yet (on a graceful stop, or when restarts run out), and
+  // waits for it.
   absl::Status PersistNewest(std::chrono::milliseconds timeout);
+  // Queues `step` for every registered rank that holds it in memory, not yet
+  // durable (after a crash: the restore step), and returns at once.
+  void PersistStepAsync(int64_t step);
   // Waits until every queued persist finished.
   void Drain();
   // The steps each registered rank holds, whole, in shared memory.

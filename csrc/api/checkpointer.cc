@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -201,8 +202,17 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   if (opt.num_slots < 2) throw Error(ErrorCode::kInvalidArgument, "num_slots must be at least 2");
   if (opt.persist_every < 1) throw Error(ErrorCode::kInvalidArgument, "persist_every must be at least 1");
   if (opt.run_id.empty()) {
+    // Snapshots belong to one job run: a restarted worker of the same run
+    // (torchrun or flashrun set TORCHELASTIC_RUN_ID) finds its predecessor's.
     const char* env = std::getenv("FLASHCKPT_RUN_ID");
+    if (!env || !*env) env = std::getenv("TORCHELASTIC_RUN_ID");
     opt.run_id = env && *env ? env : "local";
+    for (char& c : opt.run_id)
+      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') c = '_';
+  }
+  if (opt.shm_dir == "/dev/shm") {
+    const char* env = std::getenv("FLASHCKPT_SHM_DIR");
+    if (env && *env) opt.shm_dir = env;
   }
   root = AbsolutePath(opt.directory);
   ThrowIfError(PrepareDirectory(root));

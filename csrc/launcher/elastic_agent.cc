@@ -82,6 +82,7 @@ struct Job {
   std::vector<std::string> command;  // interpreter, flags, script, args
   std::string title_name;            // for the failure summary
   std::string hostname;
+  std::string agent_socket;          // the checkpoint service's Unix socket
 };
 
 std::vector<WorkerLaunch> PlanWorkers(const Job& job, const RoundAssignment& round, int restart_count,
@@ -110,7 +111,7 @@ std::vector<WorkerLaunch> PlanWorkers(const Job& job, const RoundAssignment& rou
     id.run_id = job.run_id;
     id.use_agent_store = false;  // the rank-0 worker hosts the torch store itself
     id.error_file = (rank_dir / "error.json").string();
-    id.agent_socket = (job.run_log_dir / "agent.sock").string();
+    id.agent_socket = job.agent_socket;
     id.restore_step = hooks.RestoreStep();
     id.heartbeat_file = (rank_dir / "heartbeat").string();
 
@@ -230,7 +231,11 @@ void BlockHandledSignals(const LaunchOptions& options) {
 }
 
 int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
-  Job job{o, o.standalone ? RandomRunId() : o.rdzv_id, {}, CurrentEnvironment(), {}, {}, FullyQualifiedHostName()};
+  auto mark = [&hooks](const char* what) {
+    TraceMark(what);
+    hooks.OnEvent(what);
+  };
+  Job job{o, o.standalone ? RandomRunId() : o.rdzv_id, {}, CurrentEnvironment(), {}, {}, FullyQualifiedHostName(), {}};
 
   if (!job.agent_env.count("OMP_NUM_THREADS") && o.nproc_per_node > 1) {
     std::fprintf(stderr,
@@ -275,6 +280,18 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     return 1;
   }
 
+  // A Unix socket path holds at most 107 bytes: a deep log directory gets one in /tmp.
+  job.agent_socket = (job.run_log_dir / "agent.sock").string();
+  if (job.agent_socket.size() > 100)
+    job.agent_socket = absl::StrFormat("/tmp/flashrun-%d-%08x.sock", ::getpid(),
+                                       static_cast<uint32_t>(std::hash<std::string>{}(job.agent_socket)));
+  if (absl::Status s = hooks.OnJobStart(job.agent_socket, job.run_log_dir.string(),
+                                         o.node_name.empty() ? job.hostname : o.node_name);
+      !s.ok()) {
+    Say(absl::StrFormat("error: starting the checkpoint service: %s", s.message()));
+    return 1;
+  }
+
   sigset_t handled;
   sigemptyset(&handled);
   for (int sig : o.signals_to_handle) sigaddset(&handled, sig);
@@ -311,6 +328,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
   auto exit_on_signal = [&](int sig) {
     Say(absl::StrFormat("received %s: stopping workers (SIGKILL after %.0f s)", SignalName(sig), o.shutdown_timeout_s));
     group.Stop(sig, shutdown_grace);
+    hooks.BeforeExit();
     rendezvous->Leave();
     rendezvous->Shutdown();
     return 128 + sig;
@@ -337,7 +355,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     // A restart anywhere counts for every node of the job.
     remaining_restarts = std::min(remaining_restarts, std::max(0, o.max_restarts - round->restart_count));
     const int restart_count = o.max_restarts - remaining_restarts;
-    TraceMark("round complete");
+    mark("round complete");
     if (absl::Status s = hooks.BeforeWorkersStart(restart_count, *round); !s.ok()) {
       Say(absl::StrFormat("error: before starting workers: %s", s.message()));
       rendezvous->Leave();
@@ -351,7 +369,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       rendezvous->Shutdown();
       return 1;
     }
-    TraceMark("workers started");
+    mark("workers started");
     Say(absl::StrFormat("round %d: node %d/%d, ranks %d-%d of %d, MASTER_ADDR=%s MASTER_PORT=%d, attempt %d",
                         round->round, round->group_rank, round->group_world_size, round->rank_offset,
                         round->rank_offset + o.nproc_per_node - 1, round->world_size, round->master_addr,
@@ -394,6 +412,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       }
       if (!barrier.ok()) Say(absl::StrFormat("warning: exit barrier: %s", barrier.message()));
       (void)rendezvous->Barrier("exited", Clock::now() + std::chrono::seconds(5), signal_pending);
+      hooks.BeforeExit();
       rendezvous->Shutdown();
       Say("all workers finished successfully");
       return 0;
@@ -407,15 +426,16 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     // Failed.
     std::vector<WorkerFailure> failures = group.failures();
     if (remaining_restarts > 0) {
-      TraceMark("failure noticed");
+      mark("failure noticed");
       group.StopForRestart(SIGTERM, shutdown_grace);
-      TraceMark("workers stopped");
+      mark("workers stopped");
       --remaining_restarts;
       Say(absl::StrFormat("worker group failed (%s); restarting (%d/%d)", DescribeFailures(failures),
                           o.max_restarts - remaining_restarts, o.max_restarts));
       continue;
     }
     group.Stop(SIGTERM, shutdown_grace);
+    hooks.BeforeExit();
     Say(absl::StrFormat("worker group failed (%s); no restarts left (--max-restarts %d)", DescribeFailures(failures),
                         o.max_restarts));
     std::fprintf(stderr, "%s", FormatFailureSummary(job.title_name, job.hostname, failures).c_str());

@@ -26,6 +26,18 @@ class NodeHooks {
   }
   // FLASHCKPT_RESTORE_STEP for the workers ("" for none).
   virtual std::string RestoreStep() { return {}; }
+  // Once, before the first round: where the workers will find the agent.
+  virtual absl::Status OnJobStart(const std::string& agent_socket, const std::string& run_log_dir,
+                                  const std::string& node_name) {
+    (void)agent_socket;
+    (void)run_log_dir;
+    (void)node_name;
+    return absl::OkStatus();
+  }
+  // Moments of a restart ("failure noticed", "workers stopped", "round complete", "workers started").
+  virtual void OnEvent(const char* what) { (void)what; }
+  // Before flashrun exits (success, failure or a signal), after the workers stopped.
+  virtual void BeforeExit() {}
 };
 
 // Runs the job; returns the process exit code. The handled signals must already

@@ -4,6 +4,7 @@
 #include <string>
 #include <vector>
 
+#include "launcher/checkpoint_hooks.h"
 #include "launcher/elastic_agent.h"
 #include "launcher/launch_options.h"
 #include "launcher/worker_group.h"
@@ -20,6 +21,6 @@ int main(int argc, char** argv) {
   // signals arrive only through the agent's signalfd.
   BlockHandledSignals(*parsed.options);
   BecomeSubreaper();
-  NodeHooks no_hooks;
-  return RunElasticAgent(*parsed.options, no_hooks);
+  CheckpointHooks hooks;
+  return RunElasticAgent(*parsed.options, hooks);
 }

@@ -142,8 +142,8 @@ struct CheckpointerOptions {
   std::string directory;                 // storage root; created if missing
   int rank = 0;
   int world_size = 1;
-  std::string run_id;                    // names the shared-memory segment; default "$FLASHCKPT_RUN_ID" or "local"
-  std::string shm_dir = "/dev/shm";
+  std::string run_id;                    // names the shared-memory segment; default $FLASHCKPT_RUN_ID, $TORCHELASTIC_RUN_ID or "local"
+  std::string shm_dir = "/dev/shm";      // "/dev/shm" means: $FLASHCKPT_SHM_DIR if set, else /dev/shm
   int num_slots = 2;                     // snapshots kept in memory per rank (>= 2)
   uint64_t reserve_bytes = 0;            // > 0: size and touch the slots at construction
   bool reserve_in_background = true;     // touch slots on a background thread
