@@ -116,8 +116,8 @@ absl::Status CheckpointHooks::BeforeWorkersStart(int restart_count, const RoundA
   if (step) {
     int from_memory = 0;
     for (const auto& n : nodes) from_memory += n.memory.count(*step) ? 1 : 0;
-    Say(absl::StrCat("restore step ", *step, ": in memory on ", from_memory, "/", nodes.size(),
-                     " nodes, the others load it from storage"));
+    Say(absl::StrCat("restore step ", *step, ": in memory on ", from_memory, "/", nodes.size(), " nodes",
+                     from_memory == static_cast<int>(nodes.size()) ? "" : ", the others load it from storage"));
     // Make it durable too, without holding up the restart: the slot is pinned
     // while the agent reads it, so the new workers cannot overwrite it.
     if (service_) service_->PersistStepAsync(*step);

@@ -100,7 +100,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   }
   h->durable.store(1, std::memory_order_release);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
+  if (v.data_bytes >= (64u << 20) || LogEnabled(LogLevel::kDebug)) FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
           v.data_bytes / 1048576.0, secs, v.data_bytes / secs / 1e9,
           wr->used_io_uring ? (wr->used_direct_io ? ", io_uring O_DIRECT" : ", io_uring") : ", pwrite"));
   PersistStats stats;
