@@ -218,7 +218,8 @@ def test_worker_sigkill_resumes_from_memory_bit_exact(flashrun, nodes, tmp_path,
     _, _, a, b = two_nodes(nodes, flashrun, "kill-worker",
                            train_args(ck, "--digest-out", tmp_path / "digest", *crash), train_args(ck, *crash),
                            tmp_path)
-    out_a, err_a = nodes.communicate(a, 150)
+    # about 15 s; a hang here is the "all 2 slots busy" bug described in the report
+    out_a, err_a = nodes.communicate(a, 60)
     out_b, err_b = nodes.communicate(b, 60)
     assert a.returncode == 0 and b.returncode == 0, err_a[-4000:] + err_b[-4000:]
     for err in (err_a, err_b):
