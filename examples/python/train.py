@@ -11,6 +11,10 @@ right after step N, to show recovery. `--ckpt torch` checkpoints with
 torch.save/torch.load instead (the baseline of benchmarks/recovery).
 """
 
+import time  # first: the exec mark below is the worker's first line of Python (recovery benchmark)
+
+_T_EXEC = time.time()
+
 import argparse
 import hashlib
 import os
@@ -20,6 +24,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+_T_IMPORTED = time.time()
 
 
 def log(msg):
@@ -77,12 +83,14 @@ def main():
 
     start = 0
     t_load0 = time.time()
+    t_restore0 = t_load0
     source = "none"
     if args.ckpt == "flashckpt":
         import flashckpt
 
         ckpt = flashckpt.Checkpointer(args.dir, keep_last=2, persist_every=args.persist_every)
         if ckpt.latest_step() is not None or os.environ.get("FLASHCKPT_RESTORE_STEP"):
+            t_restore0 = time.time()
             res = ckpt.load_into(model, opt)
             start = res.step
             source = ckpt.last_load.source
@@ -90,6 +98,7 @@ def main():
         ckpt = None
         path = os.path.join(args.dir, f"rank{rank}.pt")
         if os.path.exists(path):
+            t_restore0 = time.time()
             state = torch.load(path)
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optim"])
@@ -99,6 +108,9 @@ def main():
     if start:
         log(f"resumed from step {start} ({source}) in {1000 * (t_load - t_load0):.1f} ms; "
             f"attempt {attempt}; import+init {t_pg - t_start:.3f} s")
+    # wall-clock marks of this process's start-up, for benchmarks/recovery
+    log(f"phase_marks exec={_T_EXEC:.6f} imported={_T_IMPORTED:.6f} pg_start={t_start:.6f} "
+        f"pg_done={t_pg:.6f} load_start={t_load0:.6f} restore_start={t_restore0:.6f} load_done={t_load:.6f}")
     log(f"resume_point t={t_load:.6f} start={start} source={source} "
         f"pg_init_s={t_pg - t_start:.4f} load_s={t_load - t_load0:.4f}")
 
