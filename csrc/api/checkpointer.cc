@@ -164,7 +164,9 @@ class Checkpointer::Impl {
 
  private:
   absl::Status EnsureSegment(uint64_t needed);
-  absl::Status CreateSegment(uint64_t capacity);
+  // all_slots: allocate every slot now (reserve); else only slot 0, the
+  // others on the reserve thread, so a first save pays for one slot only.
+  absl::Status CreateSegment(uint64_t capacity, bool all_slots = true);
   int ChooseSlot(std::unique_lock<std::mutex>& l);
   void PersisterLoop();
   absl::Status Persist(const PersistJob& job);
@@ -275,7 +277,8 @@ void Checkpointer::Impl::Init() {
     }
   } else if (seg && opt.reserve_in_background) {
     SharedSegment* s = seg.get();
-    reserve_thread_ = std::thread([s] { s->Prefault(); });
+    const int threads = pool_.threads();
+    reserve_thread_ = std::thread([this, s, threads] { reserve_status_ = s->AllocateAll(threads); });
   }
 
   IoOptions io;
@@ -334,7 +337,7 @@ void Checkpointer::Impl::JoinReserve() {
   if (reserve_thread_.joinable()) reserve_thread_.join();
 }
 
-absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity) {
+absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity, bool all_slots) {
   // Room to grow a little without re-creating the segment.
   capacity = AlignUp(capacity + capacity / 64 + (1u << 20), 2u << 20);
   if (seg) {
@@ -349,10 +352,15 @@ absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity) {
   auto t0 = std::chrono::steady_clock::now();
   FCK_ASSIGN_OR_RETURN(auto s, SharedSegment::Create(shm_path, opt.num_slots, capacity, opt.rank, root));
   FCK_RETURN_IF_ERROR(s->LockForWriting());
-  s->Prefault();
-  FCK_LOG(kDebug, "allocated ", opt.num_slots, " slots of ", capacity >> 20, " MiB in ", shm_path, " in ",
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s");
+  const int threads = pool_.threads();
+  FCK_RETURN_IF_ERROR(all_slots ? s->AllocateAll(threads) : s->AllocateSlot(0, threads));
+  FCK_LOG(kDebug, "allocated ", all_slots ? opt.num_slots : 1, " slots of ", capacity >> 20, " MiB in ", shm_path,
+          " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s");
   seg = std::move(s);
+  if (!all_slots) {
+    SharedSegment* raw = seg.get();
+    reserve_thread_ = std::thread([this, raw, threads] { reserve_status_ = raw->AllocateAll(threads); });
+  }
   return absl::OkStatus();
 }
 
@@ -369,7 +377,7 @@ absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
     std::unique_lock<std::mutex> l(mu_);
     cv_.wait(l, [&] { return queue_.empty() && !busy_; });
   }
-  return CreateSegment(needed);
+  return CreateSegment(needed, /*all_slots=*/false);
 }
 
 int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
@@ -399,6 +407,7 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   SavePlan plan = ValueOrThrow(PlanSave(tensors, blobs, kSlotAlignment));
   ThrowIfError(Annotate(EnsureSegment(plan.slot_bytes_needed()), absl::StrCat("save of step ", step)));
 
+
   bool any_device = false;
   for (const auto& t : tensors) any_device |= (t.device >= 0 && t.storage_key.empty() && t.nbytes > 0);
   DeviceCopier* dc = nullptr;
@@ -415,6 +424,16 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
     std::unique_lock<std::mutex> l(mu_);
     slot = ChooseSlot(l);
     pinned_.insert(slot);
+  }
+  if (!seg->slot_allocated(slot)) {
+    // Still being allocated in the background (or a segment reopened after a crash).
+    JoinReserve();
+    absl::Status st = seg->AllocateSlot(slot, pool_.threads());
+    if (!st.ok()) {
+      std::lock_guard<std::mutex> l(mu_);
+      pinned_.erase(slot);
+      ThrowStatus(Annotate(st, absl::StrCat("save of step ", step)));
+    }
   }
   auto state = std::make_shared<SaveState>(step);
   uint8_t* data = seg->slot_data(slot);

@@ -61,16 +61,24 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Create(
   std::string tmp = absl::StrCat(path, ".tmp.", getpid());
   int fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return ErrnoStatus("create shared-memory segment", tmp, errno);
-  int rc = ::fallocate(fd, 0, 0, static_cast<off_t>(size));
-  if (rc != 0) {
+  // The file gets its full size now (a hole), and real pages only for the
+  // headers; slots are allocated by AllocateSlot before their first write.
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0) {
     int err = errno;
     ::close(fd);
     ::unlink(tmp.c_str());
-    if (err == ENOSPC) return ShmTooSmall(path, size, free_bytes, num_slots, slot_capacity);
-    if (err != EOPNOTSUPP) return ErrnoStatus("fallocate", tmp, err);
-    fd = ::open(tmp.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
-    if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0)
-      return ErrnoStatus("ftruncate", tmp, errno);
+    return ErrnoStatus("ftruncate", tmp, err);
+  }
+  const uint64_t stride = kSlotAlignment + slot_capacity;
+  for (int i = -1; i < num_slots; ++i) {
+    off_t off = i < 0 ? 0 : static_cast<off_t>(kSlotAlignment + i * stride);
+    if (::fallocate(fd, 0, off, kSlotAlignment) != 0 && errno != EOPNOTSUPP) {
+      int err = errno;
+      ::close(fd);
+      ::unlink(tmp.c_str());
+      if (err == ENOSPC) return ShmTooSmall(path, size, free_bytes, num_slots, slot_capacity);
+      return ErrnoStatus("fallocate", tmp, err);
+    }
   }
   void* base = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
   if (base == MAP_FAILED) {
@@ -153,14 +161,51 @@ absl::Status SharedSegment::LockForWriting() {
   return absl::OkStatus();
 }
 
-void SharedSegment::Prefault() {
-  // MADV_POPULATE_WRITE (5.14+) maps every page without touching the bytes.
+absl::Status SharedSegment::AllocateSlot(int i, int threads) {
+  if (slot_allocated(i)) return absl::OkStatus();
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
-  if (::madvise(base_, size_, MADV_POPULATE_WRITE) == 0) return;
-  volatile uint8_t* p = base_;
-  for (uint64_t off = 0; off < size_; off += 4096) p[off] = p[off];
+  const uint64_t begin = kSlotAlignment + i * header()->slot_stride + kSlotAlignment;
+  const uint64_t len = header()->slot_capacity;
+  constexpr uint64_t kPiece = 64u << 20;
+  const uint64_t pieces = (len + kPiece - 1) / kPiece;
+  std::atomic<uint64_t> next{0};
+  std::atomic<int> failed_errno{0};
+  auto work = [&] {
+    for (uint64_t p; (p = next.fetch_add(1)) < pieces && failed_errno.load() == 0;) {
+      uint64_t off = begin + p * kPiece, n = std::min(kPiece, begin + len - off);
+      if (::fallocate(fd_, 0, static_cast<off_t>(off), static_cast<off_t>(n)) != 0 && errno != EOPNOTSUPP) {
+        failed_errno = errno;
+        return;
+      }
+      if (::madvise(base_ + off, n, MADV_POPULATE_WRITE) != 0) {
+        volatile uint8_t* q = base_ + off;  // kernels before 5.14: touch each page
+        for (uint64_t k = 0; k < n; k += 4096) q[k] = q[k];
+      }
+    }
+  };
+  std::vector<std::thread> helpers;
+  for (int t = 1; t < threads && static_cast<uint64_t>(t) < pieces; ++t) helpers.emplace_back(work);
+  work();
+  for (auto& h : helpers) h.join();
+  if (int err = failed_errno.load()) {
+    if (err == ENOSPC) {
+      std::string dir = path_.substr(0, path_.rfind('/'));
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "shared memory at ", dir, " ran out while allocating snapshot slot ", i, " of ", path_, " (",
+          len >> 20, " MiB): something else filled it since the segment was created; free space there "
+          "or raise its size"));
+    }
+    return ErrnoStatus("fallocate", path_, err, static_cast<int64_t>(begin));
+  }
+  allocated_[i].store(true, std::memory_order_release);
+  return absl::OkStatus();
+}
+
+absl::Status SharedSegment::AllocateAll(int threads) {
+  for (int i = 0; i < num_slots(); ++i) FCK_RETURN_IF_ERROR(AllocateSlot(i, threads));
+  return absl::OkStatus();
 }
 
 SlotHeader* SharedSegment::slot(int i) const {
