@@ -199,7 +199,7 @@ def baseline_digest(flashrun, tmp_path_factory):
         ck = make_ckpt_dir(tmp / "ckpt")
         _, _, a, b = two_nodes(n, flashrun, "base", train_args(ck, "--digest-out", tmp / "digest"),
                                train_args(ck), tmp)
-        out_a, err_a = n.communicate(a, 120)
+        out_a, err_a = n.communicate(a, 60)  # ~12 s when healthy
         out_b, err_b = n.communicate(b, 60)
         assert a.returncode == 0 and b.returncode == 0, err_a[-4000:] + err_b[-4000:]
         with open(tmp / "digest") as f:
