@@ -137,6 +137,51 @@ def _remove_shm(run_id):
                 pass
 
 
+# -- a private copy of what the jobs run ---------------------------------------
+def snapshot_code():
+    """Copies flashrun, the flashckpt package + extension and train.py into a temp dir.
+
+    The source tree is shared: a rebuild of build/ between a job's first attempt
+    and its restart mixes two builds (an old segment read by a new extension).
+    Every job of this run uses the same copy instead.
+    """
+    snap = tempfile.mkdtemp(prefix="bench_recovery_code_")
+    _tmpdirs.append(snap)
+    src_bin = flashrun_binary()
+    os.makedirs(os.path.join(snap, "bin"))
+    shutil.copy2(src_bin, os.path.join(snap, "bin", "flashrun"))
+    shutil.copytree(os.path.join(REPO, "python", "flashckpt"), os.path.join(snap, "python", "flashckpt"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    build = os.environ.get("FLASHCKPT_BUILD_DIR", os.path.join(REPO, "build"))
+    libs = [f for f in os.listdir(os.path.join(build, "python", "flashckpt")) if f.endswith(".so")]
+    ext = [f for f in libs if f.startswith("_C")]
+    if not ext:
+        raise SystemExit("no flashckpt extension in %s/python/flashckpt: build it first" % build)
+    os.makedirs(os.path.join(snap, "build", "python", "flashckpt"))
+    for f in libs:
+        shutil.copy2(os.path.join(build, "python", "flashckpt", f), os.path.join(snap, "build", "python", "flashckpt", f))
+    shutil.copy2(TRAIN, os.path.join(snap, "train.py"))
+    git = subprocess.run(["git", "-C", REPO, "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
+    info = {"flashrun": src_bin, "flashrun_mtime": time.ctime(os.path.getmtime(src_bin)),
+            "extension": os.path.join(build, "python", "flashckpt", ext[0]),
+            "extension_mtime": time.ctime(os.path.getmtime(os.path.join(build, "python", "flashckpt", ext[0]))),
+            "git": git}
+    # Fail fast on a package/extension mismatch (e.g. python/ edited, build/ not rebuilt yet).
+    probe = os.path.join(snap, "probe")
+    chk = subprocess.run(
+        [PY, "-c", "import flashckpt; c = flashckpt.Checkpointer(%r, persist=False); c.unlink_memory(); c.close()" % probe],
+        env=dict(os.environ, PYTHONPATH=os.path.join(snap, "python"), FLASHCKPT_BUILD_DIR=os.path.join(snap, "build"),
+                 FLASHCKPT_RUN_ID="bench-recovery-probe-%d" % os.getpid()),
+        capture_output=True, text=True, timeout=120)
+    if chk.returncode != 0:
+        raise SystemExit("flashckpt from %s and %s does not work together (a rebuild in progress?):\n%s"
+                         % (os.path.join(REPO, "python"), build, chk.stderr[-2000:]))
+    return snap, info
+
+
+CODE = {}  # set by main(): flashrun, pythonpath, build_dir, train
+
+
 # -- sizing -----------------------------------------------------------------
 def model_shape(gib):
     """width, depth of train.py's MLP so that NPROC ranks hold `gib` GiB (params + 2 Adam moments)."""
@@ -163,16 +208,16 @@ def one_run(kind, cfg, keep_logs):
     tmp = tempfile.mkdtemp(prefix="bench_recovery_")
     _tmpdirs.append(tmp)
     ckdir = os.path.join(tmp, "ckpt")
-    train_args = [TRAIN, "--dir", ckdir, "--steps", str(cfg["crash_at_step"] + 1), "--every", str(cfg["every"]),
+    train_args = [CODE["train"], "--dir", ckdir, "--steps", str(cfg["crash_at_step"] + 1), "--every", str(cfg["every"]),
                   "--crash-at-step", str(cfg["crash_at_step"]), "--crash-rank", "1",
                   "--width", str(cfg["width"]), "--depth", str(cfg["depth"]),
                   "--digest-out", os.path.join(tmp, "digest.txt")]
     common = ["--standalone", "--nproc_per_node", str(NPROC), "--max_restarts", "1", "--monitor_interval", "0.1"]
     env = dict(os.environ, PYTHON_EXEC=PY, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=os.path.join(REPO, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               FLASHCKPT_BUILD_DIR=os.environ.get("FLASHCKPT_BUILD_DIR", os.path.join(REPO, "build")))
+               PYTHONPATH=CODE["pythonpath"] + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               FLASHCKPT_BUILD_DIR=CODE["build_dir"])
     if kind == "flashrun":
-        cmd = [flashrun_binary()] + common + ["--log-dir", os.path.join(tmp, "logs")] + train_args + ["--ckpt", "flashckpt"]
+        cmd = [CODE["flashrun"]] + common + ["--log-dir", os.path.join(tmp, "logs")] + train_args + ["--ckpt", "flashckpt"]
         env["FLASHRUN_TRACE_RESTART"] = "1"
     else:
         cmd = ["/usr/bin/torchrun"] + common + ["-r", "1", "-t", "1"] + train_args + ["--ckpt", "torch"]
@@ -410,6 +455,9 @@ def main():
     signal.signal(signal.SIGTERM, _on_signal)
     atexit.register(_cleanup)
 
+    snap, code_info = snapshot_code()
+    CODE.update(flashrun=os.path.join(snap, "bin", "flashrun"), pythonpath=os.path.join(snap, "python"),
+                build_dir=os.path.join(snap, "build"), train=os.path.join(snap, "train.py"))
     width, depth = model_shape(args.gib)
     params = n_params(width, depth)
     per_rank = 3 * params * 4
@@ -426,7 +474,9 @@ def main():
                    "launch": "--standalone --nproc_per_node 2 --max_restarts 1 --monitor_interval 0.1",
                    "flashckpt": "--persist-every 1 (every snapshot also written to disk in the background)",
                    "torch": "torch.save + fsync + rename every --every steps, torch.load on restart"},
+        "code": code_info,
         "runs": {"flashrun": [], "torchrun": [], "memcpy": []},
+        "failed": [],
     }
     print("state: %d ranks x %.3f GB (width %d, depth %d, %.1fM params per rank) = %.3f GiB on the node; "
           "crash after step %d, snapshots every %d" % (NPROC, per_rank / 1e9, width, depth, params / 1e6,
@@ -435,7 +485,12 @@ def main():
     for i in range(args.repeats):
         order = ["flashrun", "torchrun"] if i % 2 == 0 else ["torchrun", "flashrun"]  # interleaved, alternating
         for kind in order:
-            r = one_run(kind, cfg, args.keep_logs)
+            try:
+                r = one_run(kind, cfg, args.keep_logs)
+            except RuntimeError as e:  # recorded, left out of the medians
+                results["failed"].append({"repeat": i, "kind": kind, "error": str(e)[-4000:]})
+                print("run %d %-8s FAILED: %s" % (i, kind, str(e)[-1500:]), flush=True)
+                continue
             r["load_avg_1m"] = round(os.getloadavg()[0], 2)
             results["runs"][kind].append(r)
             print("run %d %-8s resume %.3f s, first step done %.3f s, load %.3f s, resumed step %s (%s), "
@@ -446,6 +501,10 @@ def main():
         results["runs"]["memcpy"].append(mc)
         print("run %d memcpy   fresh %.3f s, touched %.3f s" % (i, mc["fresh_s"], mc["touched_s"]), flush=True)
 
+    if not results["runs"]["flashrun"] or not results["runs"]["torchrun"]:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=2)
+        raise SystemExit("no successful run of flashrun or torchrun; see %s" % args.out)
     med = {k: median_run(results["runs"][k]) for k in ("flashrun", "torchrun")}
     med["memcpy"] = {k: round(statistics.median(m[k] for m in results["runs"]["memcpy"]), 4)
                      for k in ("fresh_s", "touched_s")}
