@@ -6,6 +6,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 
 #include "absl/status/statusor.h"
@@ -53,7 +54,18 @@ absl::Status ReadExact(int fd, char* p, size_t n, std::chrono::steady_clock::tim
 }  // namespace
 
 absl::Status ReadFrame(int fd, google::protobuf::MessageLite* msg, std::chrono::milliseconds timeout) {
-  auto deadline = std::chrono::steady_clock::now() + timeout;
+  // `timeout` bounds the wait for a frame to begin; once its first byte is
+  // here the whole frame gets kFrameDeadline, so a slow sender never leaves a
+  // half-read frame behind (which would desynchronize the stream).
+  constexpr std::chrono::seconds kFrameDeadline{30};
+  pollfd pfd{fd, POLLIN, 0};
+  int rc;
+  do {
+    rc = ::poll(&pfd, 1, static_cast<int>(timeout.count()));
+  } while (rc < 0 && errno == EINTR);
+  if (rc < 0) return ErrnoStatus("poll", "agent socket", errno);
+  if (rc == 0) return absl::DeadlineExceededError("no frame in time");
+  auto deadline = std::chrono::steady_clock::now() + std::max<std::chrono::milliseconds>(timeout, kFrameDeadline);
   uint32_t len = 0;
   FCK_RETURN_IF_ERROR(ReadExact(fd, reinterpret_cast<char*>(&len), 4, deadline));
   if (len > kMaxAgentFrame) return absl::InvalidArgumentError(absl::StrCat("frame of ", len, " bytes exceeds the 1 MiB cap"));

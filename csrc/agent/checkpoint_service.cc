@@ -11,6 +11,7 @@
 #include <cerrno>
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
@@ -119,7 +120,7 @@ void CheckpointService::ServeConnection(int fd) {
               req.hello().shm_path());
     } else if (req.has_published() && rank >= 0) {
       snapshots_++;
-      Enqueue(rank, Job{req.published().step(), req.published().slot(), fd});
+      Enqueue(rank, Job{req.published().step(), req.published().slot(), fd, epoch_.load()});
     }
   }
   // Replies for this connection can no longer be delivered.
@@ -152,9 +153,20 @@ void CheckpointService::Enqueue(int rank, Job job) {
       }
     }
   }
+  for (auto& old : r.queue)
+    if (old.step < job.step) Unpin(r, old.slot);
   std::erase_if(r.queue, [&](const Job& j) { return j.step < job.step; });
+  // Pinned from now on, so that no worker (a restarted one knows nothing of
+  // this queue) overwrites the slot before it is persisted.
+  if (OpenSegment(r).ok()) r.seg->slot(job.slot)->pin_pid.store(static_cast<uint32_t>(::getpid()));
   r.queue.push_back(job);
   cv_.notify_all();
+}
+
+void CheckpointService::Unpin(Rank& r, int slot) {
+  if (!r.seg) return;
+  uint32_t me = static_cast<uint32_t>(::getpid());
+  r.seg->slot(slot)->pin_pid.compare_exchange_strong(me, 0);
 }
 
 absl::Status CheckpointService::OpenSegment(Rank& r) {
@@ -185,10 +197,12 @@ void CheckpointService::RankLoop(int rank) {
     if (!st.ok()) {
       stats = st;
     } else {
-      FileCommitBarrier barrier(r->hello.directory());
+      const uint64_t epoch = job.epoch;
+      auto cancelled = [this, epoch] { return stop_.load() || epoch_.load() != epoch; };
+      FileCommitBarrier barrier(r->hello.directory(), cancelled);
       PersistContext ctx{r->hello.directory(), r->hello.rank(), r->hello.world_size(), r->hello.keep_last(),
                          &barrier, std::chrono::milliseconds(r->hello.commit_timeout_ms()), r->io.get(),
-                         r->hello.shm_path()};
+                         r->hello.shm_path(), cancelled};
       r->io->RegisterRegion(r->seg->header(), r->seg->mapped_bytes());
       stats = PersistSlot(*r->seg, job.slot, job.step, ctx);
     }
@@ -202,6 +216,7 @@ void CheckpointService::RankLoop(int rank) {
     }
     {
       std::lock_guard<std::mutex> l(mu_);
+      Unpin(*r, job.slot);
       if (stats.ok()) r->newest_durable = std::max(r->newest_durable, job.step);
       else last_error_ = std::string(stats.status().message());
       r->busy = false;
@@ -220,6 +235,43 @@ void CheckpointService::RankLoop(int rank) {
   }
 }
 
+void CheckpointService::Restart(int64_t restore_step) {
+  epoch_++;
+  std::vector<int> local_ranks;
+  std::string dir;
+  {
+    std::unique_lock<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_) {
+      for (auto& j : r->queue) {
+        dropped_++;
+        Unpin(*r, j.slot);
+      }
+      r->queue.clear();
+      local_ranks.push_back(rank);
+      dir = r->hello.directory();
+    }
+    // In-flight persists notice the new epoch within one barrier poll; a data
+    // write in progress finishes first (about a second per GiB).
+    cv_.wait_for(l, std::chrono::seconds(60), [&] {
+      for (auto& [k, r] : ranks_)
+        if (r->busy) return false;
+      return true;
+    });
+  }
+  if (!dir.empty()) {
+    for (const auto& st : ListSteps(dir)) {
+      if (st.committed || st.step == restore_step) continue;
+      for (int rank : local_ranks) {
+        std::string base = absl::StrCat(StepDir(dir, st.step), "/rank-", rank);
+        for (const char* ext : {".durable", ".data", ".manifest", ".failed"}) ::unlink((base + ext).c_str());
+      }
+      std::error_code ec;
+      if (std::filesystem::is_empty(StepDir(dir, st.step), ec)) std::filesystem::remove(StepDir(dir, st.step), ec);
+    }
+  }
+  if (restore_step >= 0) PersistStepAsync(restore_step);
+}
+
 void CheckpointService::PersistStepAsync(int64_t step) {
   std::lock_guard<std::mutex> l(mu_);
   for (auto& [rank, r] : ranks_) {
@@ -230,7 +282,8 @@ void CheckpointService::PersistStepAsync(int64_t step) {
     for (auto& j : r->queue) queued |= j.step >= step;
     if (queued) continue;
     FCK_LOG(kInfo, "agent: persisting rank ", rank, " step ", step, " (in memory only)");
-    r->queue.push_back(Job{step, v.index, -1});
+    r->seg->slot(v.index)->pin_pid.store(static_cast<uint32_t>(::getpid()));
+    r->queue.push_back(Job{step, v.index, -1, epoch_.load()});
   }
   cv_.notify_all();
 }

@@ -60,6 +60,11 @@ class CheckpointService {
   // Queues `step` for every registered rank that holds it in memory, not yet
   // durable (after a crash: the restore step), and returns at once.
   void PersistStepAsync(int64_t step);
+  // After a restart agreed on `restore_step`: every persist of another step
+  // that is queued or in flight is abandoned (its commit could only mix the
+  // dead timeline with the new one), this node's files of uncommitted other
+  // steps are removed, and `restore_step` is persisted if only memory holds it.
+  void Restart(int64_t restore_step);
   // Waits until every queued persist finished.
   void Drain();
   // The steps each registered rank holds, whole, in shared memory.
@@ -79,6 +84,7 @@ class CheckpointService {
     int64_t step = -1;
     int slot = -1;
     int reply_fd = -1;
+    uint64_t epoch = 0;
   };
   struct Rank {
     pb::WorkerHello hello;
@@ -96,6 +102,7 @@ class CheckpointService {
   void RankLoop(int rank);
   absl::Status OpenSegment(Rank& r);
   void Enqueue(int rank, Job job);
+  void Unpin(Rank& r, int slot);
   void MetricsLoop();
 
   CheckpointServiceOptions options_;
@@ -114,6 +121,7 @@ class CheckpointService {
   std::mutex reply_mu_;
 
   // Counters for status and metrics.
+  std::atomic<uint64_t> epoch_{0};  // bumped by Restart(); persists of older epochs give up
   std::atomic<uint64_t> snapshots_{0}, dropped_{0}, persisted_{0}, persist_failures_{0}, persisted_bytes_{0};
   std::atomic<double> persist_seconds_{0};
   std::vector<RecoveryTiming> recoveries_;

@@ -170,6 +170,8 @@ class Checkpointer::Impl {
   int ChooseSlot(std::unique_lock<std::mutex>& l);
   void PersisterLoop();
   absl::Status Persist(const PersistJob& job);
+  absl::Status PersistViaAgent(const PersistJob& job);
+  absl::Status ConnectAgent();
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
   void JoinReserve();
@@ -179,7 +181,8 @@ class Checkpointer::Impl {
   std::shared_ptr<CommitBarrier> barrier_;
   std::unique_ptr<BulkIo> persist_io_;
   int dir_lock_fd_ = -1;
-  int agent_fd_ = -1;  // connection to flashrun's checkpoint service, or -1
+  int agent_fd_ = -1;        // connection to flashrun's checkpoint service, or -1
+  bool agent_mode_ = false;  // the agent persists (even while reconnecting)
   std::string open_key_;
   uint64_t generation_ = 0;
   uint64_t saves_ = 0;
@@ -201,7 +204,13 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   if (opt.world_size < 1 || opt.rank < 0 || opt.rank >= opt.world_size)
     throw Error(ErrorCode::kInvalidArgument,
                 absl::StrCat("rank ", opt.rank, " is not within world size ", opt.world_size));
-  if (opt.num_slots < 2) throw Error(ErrorCode::kInvalidArgument, "num_slots must be at least 2");
+  if (opt.num_slots == 0) {
+    const char* env = std::getenv("FLASHCKPT_AGENT_SOCKET");
+    bool agent = opt.use_agent && opt.persist && (!opt.agent_socket.empty() || (env && *env));
+    opt.num_slots = agent ? 3 : 2;
+  }
+  if (opt.num_slots < 2 || opt.num_slots > 64)
+    throw Error(ErrorCode::kInvalidArgument, absl::StrCat("num_slots must be within 2..64, got ", opt.num_slots));
   if (opt.persist_every < 1) throw Error(ErrorCode::kInvalidArgument, "persist_every must be at least 1");
   if (opt.run_id.empty()) {
     // Snapshots belong to one job run: a restarted worker of the same run
@@ -293,30 +302,19 @@ void Checkpointer::Impl::Init() {
     if (env && *env) opt.agent_socket = env;
   }
   if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
-    auto fd = ConnectUnix(opt.agent_socket);
-    if (!fd.ok()) {
+    absl::Status c = ConnectAgent();
+    if (!c.ok())
       throw Error(ErrorCode::kUnavailable,
-                  absl::StrCat(fd.status().message(), ": the flashrun agent is not reachable; "
+                  absl::StrCat(c.message(), ": the flashrun agent is not reachable; "
                                "unset FLASHCKPT_AGENT_SOCKET (or pass use_agent=false) to persist in this process"));
-    }
-    agent_fd_ = *fd;
-    pb::AgentRequest req;
-    auto* h = req.mutable_hello();
-    h->set_rank(opt.rank);
-    h->set_world_size(opt.world_size);
-    h->set_directory(root);
-    h->set_shm_path(shm_path);
-    h->set_keep_last(opt.keep_last);
-    h->set_commit_timeout_ms(opt.commit_timeout.count());
-    h->set_pid(getpid());
-    ThrowIfError(Annotate(WriteFrame(agent_fd_, req), absl::StrCat("hello to the flashrun agent at ", opt.agent_socket)));
+    agent_mode_ = true;
     FCK_LOG(kDebug, "snapshots of rank ", opt.rank, " are persisted by the flashrun agent at ", opt.agent_socket);
   }
   persister_ = std::thread([this] { PersisterLoop(); });
 
   // A snapshot a crashed process left in memory, newer than storage: persist it
   // (under flashrun the agent already did).
-  if (seg && opt.persist && opt.world_size == 1 && agent_fd_ < 0) {
+  if (seg && opt.persist && opt.world_size == 1 && !agent_mode_) {
     SlotView v;
     auto committed = LatestCommitted(root);
     if (seg->Newest(&v) && !v.durable && (!committed || v.step > *committed)) {
@@ -381,6 +379,8 @@ absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
 }
 
 int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
+  const auto start = std::chrono::steady_clock::now();
+  auto last_log = start - std::chrono::hours(1);
   for (;;) {
     SlotView newest;
     int newest_index = seg->Newest(&newest) ? newest.index : -1;
@@ -394,9 +394,14 @@ int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
     }
     if (best >= 0) return best;
     // Every other slot is being persisted: the disk is slower than the save rate.
-    FCK_LOG(kWarn, "all ", seg->num_slots(), " slots busy (persisting is slower than saving); waiting. "
-            "More slots (num_slots) or a larger persist_every avoid this wait");
-    cv_.wait_for(l, std::chrono::milliseconds(100));
+    auto now = std::chrono::steady_clock::now();
+    if (now - start > opt.commit_timeout) return -1;
+    if (now - last_log > std::chrono::seconds(10)) {
+      FCK_LOG(kWarn, "all ", seg->num_slots(), " snapshot slots are busy (persisting is slower than saving); "
+              "waiting. More slots (num_slots) or a larger persist_every avoid this wait");
+      last_log = now;
+    }
+    cv_.wait_for(l, std::chrono::milliseconds(20));
   }
 }
 
@@ -423,6 +428,11 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   {
     std::unique_lock<std::mutex> l(mu_);
     slot = ChooseSlot(l);
+    if (slot < 0)
+      throw Error(ErrorCode::kDeadlineExceeded,
+                  absl::StrCat("save of step ", step, ": no free snapshot slot in ", shm_path, " for ",
+                               std::chrono::duration_cast<std::chrono::seconds>(opt.commit_timeout).count(),
+                               " s: every other slot is still being persisted (is the disk or another rank stuck?)"));
     pinned_.insert(slot);
   }
   if (!seg->slot_allocated(slot)) {
@@ -585,30 +595,71 @@ void Checkpointer::Impl::PersisterLoop() {
   }
 }
 
-absl::Status Checkpointer::Impl::Persist(const PersistJob& job) {
-  if (agent_fd_ >= 0) {
-    SlotView v;
-    if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
-      return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
-    pb::AgentRequest req;
-    req.mutable_published()->set_step(job.step);
-    req.mutable_published()->set_slot(job.slot);
-    req.mutable_published()->set_generation(v.generation);
-    FCK_RETURN_IF_ERROR(Annotate(WriteFrame(agent_fd_, req), absl::StrCat("flashrun agent at ", opt.agent_socket)));
-    for (;;) {
-      pb::AgentReply rep;
-      absl::Status s = ReadFrame(agent_fd_, &rep, opt.commit_timeout + std::chrono::seconds(60));
-      if (!s.ok()) return Annotate(s, absl::StrCat("waiting for the flashrun agent at ", opt.agent_socket,
-                                                   " to persist step ", job.step));
-      if (rep.step() != job.step) continue;
-      if (!rep.ok()) return absl::InternalError(absl::StrCat("the flashrun agent failed to persist step ", job.step,
-                                                             ": ", rep.error()));
-      if (!rep.persisted()) return absl::CancelledError("superseded");
-      return absl::OkStatus();
+absl::Status Checkpointer::Impl::ConnectAgent() {
+  if (agent_fd_ >= 0) ::close(agent_fd_);
+  agent_fd_ = -1;
+  FCK_ASSIGN_OR_RETURN(int fd, ConnectUnix(opt.agent_socket));
+  pb::AgentRequest req;
+  auto* h = req.mutable_hello();
+  h->set_rank(opt.rank);
+  h->set_world_size(opt.world_size);
+  h->set_directory(root);
+  h->set_shm_path(shm_path);
+  h->set_keep_last(opt.keep_last);
+  h->set_commit_timeout_ms(opt.commit_timeout.count());
+  h->set_pid(getpid());
+  absl::Status s = WriteFrame(fd, req);
+  if (!s.ok()) {
+    ::close(fd);
+    return Annotate(s, absl::StrCat("hello to the flashrun agent at ", opt.agent_socket));
+  }
+  agent_fd_ = fd;
+  return absl::OkStatus();
+}
+
+absl::Status Checkpointer::Impl::PersistViaAgent(const PersistJob& job) {
+  SlotView v;
+  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
+    return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
+  pb::AgentRequest req;
+  req.mutable_published()->set_step(job.step);
+  req.mutable_published()->set_slot(job.slot);
+  req.mutable_published()->set_generation(v.generation);
+  if (agent_fd_ < 0) FCK_RETURN_IF_ERROR(ConnectAgent());
+  absl::Status sent = WriteFrame(agent_fd_, req);
+  if (!sent.ok()) {
+    // The connection broke (an agent restart, or a reset): connect once more.
+    FCK_LOG(kWarn, "lost the connection to the flashrun agent at ", opt.agent_socket, " (", sent.message(),
+            "); reconnecting");
+    FCK_RETURN_IF_ERROR(ConnectAgent());
+    sent = WriteFrame(agent_fd_, req);
+  }
+  FCK_RETURN_IF_ERROR(Annotate(sent, absl::StrCat("flashrun agent at ", opt.agent_socket)));
+  for (;;) {
+    pb::AgentReply rep;
+    absl::Status s = ReadFrame(agent_fd_, &rep, opt.commit_timeout + std::chrono::seconds(60));
+    if (!s.ok()) {
+      if (s.code() == absl::StatusCode::kUnavailable) ConnectAgent().IgnoreError();  // for the next step
+      return Annotate(s, absl::StrCat("waiting for the flashrun agent at ", opt.agent_socket, " to persist step ",
+                                      job.step));
     }
+    if (rep.step() != job.step) continue;
+    if (!rep.ok()) return absl::InternalError(absl::StrCat("the flashrun agent failed to persist step ", job.step,
+                                                           ": ", rep.error()));
+    if (!rep.persisted()) return absl::CancelledError("superseded");
+    return absl::OkStatus();
+  }
+}
+
+absl::Status Checkpointer::Impl::Persist(const PersistJob& job) {
+  if (agent_mode_) {
+    absl::Status s = PersistViaAgent(job);
+    if (!s.ok() && s.code() != absl::StatusCode::kCancelled)
+      ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
+    return s;
   }
   PersistContext ctx{root, opt.rank, opt.world_size, opt.keep_last, barrier_.get(), opt.commit_timeout,
-                     persist_io_.get(), shm_path};
+                     persist_io_.get(), shm_path, nullptr};
   return PersistSlot(*seg, job.slot, job.step, ctx).status();
 }
 
@@ -760,7 +811,7 @@ void Checkpointer::Impl::Close() {
       auto committed = LatestCommitted(root);
       newest_durable = committed && *committed >= v.step;
     }
-    if (agent_fd_ >= 0) {
+    if (agent_mode_) {
       // Under flashrun the agent keeps the snapshots for the next worker and
       // removes the segment when the job ends.
     } else if (opt.unlink_memory_on_close && newest_durable) {

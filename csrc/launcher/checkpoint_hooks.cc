@@ -118,12 +118,13 @@ absl::Status CheckpointHooks::BeforeWorkersStart(int restart_count, const RoundA
     for (const auto& n : nodes) from_memory += n.memory.count(*step) ? 1 : 0;
     Say(absl::StrCat("restore step ", *step, ": in memory on ", from_memory, "/", nodes.size(), " nodes",
                      from_memory == static_cast<int>(nodes.size()) ? "" : ", the others load it from storage"));
-    // Make it durable too, without holding up the restart: the slot is pinned
-    // while the agent reads it, so the new workers cannot overwrite it.
-    if (service_) service_->PersistStepAsync(*step);
   } else if (restart_count > 0) {
     Say("no step is available on every node: workers start from what they find");
   }
+  // Persists of other steps belong to the dead timeline: abandon them (and
+  // their files), then make the restore step durable in the background (its
+  // slot stays pinned while the agent reads it).
+  if (service_ && restart_count > 0) service_->Restart(step.value_or(-1));
   return absl::OkStatus();
 }
 

@@ -213,7 +213,7 @@ PYBIND11_MODULE(_C, m) {
              return std::make_unique<Checkpointer>(std::move(o));
            }),
            py::arg("directory"), py::arg("rank") = 0, py::arg("world_size") = 1,
-           py::arg("run_id") = "", py::arg("shm_dir") = "/dev/shm", py::arg("num_slots") = 2,
+           py::arg("run_id") = "", py::arg("shm_dir") = "/dev/shm", py::arg("num_slots") = 0,
            py::arg("reserve_bytes") = 0, py::arg("reserve_in_background") = true,
            py::arg("copy_threads") = 0, py::arg("persist") = true,
            py::arg("persist_every") = 1, py::arg("keep_last") = 3,

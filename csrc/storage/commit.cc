@@ -1,6 +1,9 @@
 #include "storage/commit.h"
 
 #include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
 
 #include <chrono>
 #include <set>
@@ -8,12 +11,28 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "common/crash_point.h"
 #include "common/status.h"
 #include "storage/layout.h"
 #include "storage/uring_io.h"
 
 namespace flashckpt {
+
+namespace {
+std::string FailedName(int rank) { return absl::StrCat("rank-", rank, ".failed"); }
+}  // namespace
+
+void ReportPersistFailure(const std::string& root, int64_t step, int rank, const std::string& why) {
+  std::string dir = StepDir(root, step);
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  WriteFileAtomic(absl::StrCat(dir, "/", FailedName(rank)), why + "\n").IgnoreError();
+}
+
+void ClearPersistFailure(const std::string& root, int64_t step, int rank) {
+  ::unlink(absl::StrCat(StepDir(root, step), "/", FailedName(rank)).c_str());
+}
 
 void FileCommitBarrier::rank_durable(int64_t step, int rank, const std::string& record) {
   std::string path = absl::StrCat(StepDir(root_, step), "/", RankDurableName(rank));
@@ -40,6 +59,17 @@ std::vector<std::string> FileCommitBarrier::wait_all(int64_t step, int world_siz
       ++count;
     }
     if (count == world_size) return records;
+    if (cancelled_ && cancelled_())
+      throw Error(ErrorCode::kUnavailable, absl::StrCat("commit of step ", step, " in ", root_,
+                                                        " abandoned: a restart made it obsolete"));
+    for (int r = 0; r < world_size; ++r) {
+      if (have[r]) continue;
+      auto failed = ReadSmallFile(absl::StrCat(dir, "/", FailedName(r)), 1 << 16);
+      if (failed.ok())
+        throw Error(ErrorCode::kUnavailable, absl::StrCat("commit of step ", step, " in ", root_, " abandoned: rank ", r,
+                                                          " could not persist it: ",
+                                                          absl::StripTrailingAsciiWhitespace(*failed)));
+    }
     if (std::chrono::steady_clock::now() >= deadline) {
       std::vector<int> missing;
       for (int r = 0; r < world_size; ++r) if (!have[r]) missing.push_back(r);

@@ -1,11 +1,13 @@
 #include "storage/layout.h"
 
 #include <dirent.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -199,7 +201,10 @@ absl::Status PrepareDirectory(const std::string& root) {
           "; this version reads up to ", kFormatVersion, "): upgrade flashckpt or use another directory"));
     return absl::OkStatus();
   }
-  return WriteFileAtomic(format_path, absl::StrCat("flashckpt format ", kFormatVersion, "\n"));
+  absl::Status w = WriteFileAtomic(format_path, absl::StrCat("flashckpt format ", kFormatVersion, "\n"));
+  // Another rank may have created it at the same moment: fine if it is there now.
+  if (!w.ok() && ReadSmallFile(format_path, 4096).ok()) return absl::OkStatus();
+  return w;
 }
 
 absl::Status RemoveTree(const std::string& path) {
@@ -209,13 +214,29 @@ absl::Status RemoveTree(const std::string& path) {
   return absl::OkStatus();
 }
 
+namespace {
+// A temp file "<name>.tmp-<pid>" belongs to a live writer (another rank
+// creating it right now) unless its pid is gone and it is not brand new.
+bool AbandonedTempFile(const fs::directory_entry& e) {
+  std::string name = e.path().filename().string();
+  auto pos = name.rfind(".tmp-");
+  if (pos == std::string::npos) return false;
+  int pid = 0;
+  if (absl::SimpleAtoi(name.substr(pos + 5), &pid) && pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM))
+    return false;
+  std::error_code ec;
+  auto age = fs::file_time_type::clock::now() - fs::last_write_time(e.path(), ec);
+  return !ec && age > std::chrono::seconds(60);
+}
+}  // namespace
+
 void CleanLeftovers(const std::string& root) {
   auto newest = LatestCommitted(root);
   std::error_code ec;
   for (const auto& e : fs::directory_iterator(root, ec)) {
     std::string name = e.path().filename().string();
     if (name.find(".tmp-") != std::string::npos) {
-      fs::remove(e.path(), ec);
+      if (AbandonedTempFile(e)) fs::remove(e.path(), ec);
       continue;
     }
     auto step = ParseStepDirName(name);
@@ -227,7 +248,7 @@ void CleanLeftovers(const std::string& root) {
       continue;
     }
     for (const auto& f : fs::directory_iterator(e.path(), ec))
-      if (f.path().filename().string().find(".tmp-") != std::string::npos) fs::remove(f.path(), ec);
+      if (AbandonedTempFile(f)) fs::remove(f.path(), ec);
   }
 }
 

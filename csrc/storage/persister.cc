@@ -27,8 +27,12 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   CommitBarrier* barrier_ = ctx.barrier;
   auto t0 = std::chrono::steady_clock::now();
   SlotView v;
-  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
-    return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
+  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step) {
+    absl::Status s = absl::InternalError(absl::StrCat("slot ", job.slot, " of ", shm_path, " no longer holds step ",
+                                                      job.step, " (overwritten by a newer snapshot before it was persisted)"));
+    ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
+    return s;
+  }
   SlotHeader* h = seg->slot(job.slot);
   h->pin_pid.store(static_cast<uint32_t>(getpid()));
   CrashPoint("persist: pinned");
@@ -44,7 +48,9 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
   ::unlink(absl::StrCat(dir, "/", RankDurableName(opt.rank)).c_str());
 
+  ClearPersistFailure(root, job.step, opt.rank);
   auto cleanup = [&](const absl::Status& s) {
+    ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
     if (!ReadCommit(root, job.step).ok()) {
       ::unlink(data_path.c_str());
       ::unlink(manifest_path.c_str());
@@ -83,6 +89,8 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   f2->set_size(manifest.size());
   f2->set_crc32c(Crc32c(manifest.data(), manifest.size()));
   try {
+    if (ctx.cancelled && ctx.cancelled())
+      return cleanup(absl::CancelledError(absl::StrCat("step ", job.step, " abandoned: a restart made it obsolete")));
     barrier_->rank_durable(job.step, opt.rank, FrameRecord(RecordKind::kRankRecord, rec));
     CrashPoint("persist: rank durable");
     if (opt.rank == 0) {

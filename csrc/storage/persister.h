@@ -6,6 +6,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -24,6 +25,10 @@ struct PersistContext {
   std::chrono::milliseconds commit_timeout{600000};
   BulkIo* io = nullptr;
   std::string where;                   // the segment's path, for messages
+  // Polled before the rank record is written and while waiting for the other
+  // ranks: true abandons this persist (flashrun, after a restart made the
+  // step obsolete). The barrier must poll it too (see FileCommitBarrier).
+  std::function<bool()> cancelled;
 };
 
 struct PersistStats {

@@ -142,6 +142,8 @@ def main():
                     os.fsync(f.fileno())
                 os.replace(path + ".tmp", path)
             log(f"step {step} loss {loss.item():.6f} snapshot {1000 * (time.perf_counter() - t0):.1f} ms")
+        if step == args.crash_at_step and attempt == 0 and world > 1:
+            dist.barrier()  # every rank has its snapshot of this step before the failure
         if step == args.crash_at_step and rank == args.crash_rank and attempt == 0:
             log(f"SIGKILL at step {step} (simulated failure)")
             os.kill(os.getpid(), signal.SIGKILL)
