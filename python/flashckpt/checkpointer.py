@@ -118,7 +118,7 @@ class Checkpointer:
       run_id: names the shared-memory segment (with the directory and rank);
         default ``$FLASHCKPT_RUN_ID`` or "local". A restarted process with the
         same directory and run_id finds the snapshots its predecessor left.
-      num_slots: snapshots kept in memory per rank (>= 2).
+      num_slots: snapshots kept in memory per rank (>= 2; default 3 under flashrun, else 2).
       reserve_bytes: allocate and touch the slots up front (first save as fast
         as later ones).
       persist: False keeps snapshots in memory only.
@@ -131,7 +131,7 @@ class Checkpointer:
 
     def __init__(self, directory, *, keep_last: int = 3, persist_every: int = 1,
                  rank: Optional[int] = None, world_size: Optional[int] = None,
-                 run_id: Optional[str] = None, num_slots: int = 2, reserve_bytes: int = 0,
+                 run_id: Optional[str] = None, num_slots: Optional[int] = None, reserve_bytes: int = 0,
                  persist: bool = True, commit_timeout: float = 600.0, process_group=None,
                  **core_options):
         directory = os.fspath(directory)
@@ -173,7 +173,7 @@ class Checkpointer:
         try:
             self._core = _native.load().Checkpointer(
                 directory, rank=rank, world_size=world_size,
-                run_id=run_id or "", num_slots=num_slots,
+                run_id=run_id or "", num_slots=num_slots or 0,
                 reserve_bytes=reserve_bytes, persist=persist, persist_every=persist_every,
                 keep_last=keep_last, commit_timeout_s=float(commit_timeout), **core_options)
         except BaseException:
@@ -416,7 +416,7 @@ class Checkpointer:
                         f"step {result.step} has no {optimizer_key!r} entry", missing=[optimizer_key])
                 result.missing.append(optimizer_key)
             else:
-                optimizer.load_state_dict(state[optimizer_key])
+                _load_optimizer_state(optimizer, state[optimizer_key])
         if scheduler is not None:
             if scheduler_key not in state:
                 if strict:
@@ -434,6 +434,35 @@ class Checkpointer:
     def __repr__(self):
         return (f"<flashckpt.Checkpointer {self.directory!r} rank={self.rank}/"
                 f"{self.world_size}{' closed' if self._closed else ''}>")
+
+
+def _load_optimizer_state(optimizer, optim_state) -> None:
+    """``optimizer.load_state_dict`` without its deep copy of every tensor.
+
+    PyTorch's ``Optimizer.load_state_dict`` deep-copies the state dict, which
+    for Adam copies twice the model's size into fresh memory. The tensors that
+    ``load()`` returns are private to this call (they live in the loaded
+    snapshot's buffer), so the copy buys nothing: the containers are still
+    deep-copied, the tensors are handed over as they are.
+    """
+    import copy
+
+    import torch.optim.optimizer as optmod
+
+    original = getattr(optmod, "deepcopy", None)
+    if original is not copy.deepcopy:  # a PyTorch that does not deep-copy this way
+        optimizer.load_state_dict(optim_state)
+        return
+    keep = {id(t): t for t in _collect_tensors(optim_state)}
+
+    def deepcopy_sharing_tensors(obj, memo=None):
+        return copy.deepcopy(obj, dict(keep) if memo is None else memo)
+
+    optmod.deepcopy = deepcopy_sharing_tensors
+    try:
+        optimizer.load_state_dict(optim_state)
+    finally:
+        optmod.deepcopy = original
 
 
 def _collect_tensors(state) -> List[torch.Tensor]:
