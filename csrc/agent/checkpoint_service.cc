@@ -230,6 +230,7 @@ void CheckpointService::RankLoop(int rank) {
       std::lock_guard<std::mutex> lr(reply_mu_);
       WriteFrame(job.reply_fd, rep).IgnoreError();
     }
+    if (stats.ok() && r->hello.rank() == 0) ApplyRetention(r->hello.directory(), r->hello.keep_last());
     cv_.notify_all();
     WriteStatus();
   }

@@ -175,6 +175,21 @@ class Checkpointer::Impl {
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
   void JoinReserve();
+  // Loads read only published slots; they wait for the reserve thread only
+  // when it is still creating the segment itself.
+  void JoinReserveForLoad() {
+    if (reserve_creates_segment_) JoinReserve();
+  }
+  void PrefaultAfterLoad() {
+    if (!prefault_after_load_ || !seg) return;
+    prefault_after_load_ = false;
+    JoinReserve();
+    SharedSegment* s = seg.get();
+    const int threads = pool_.threads();
+    reserve_thread_ = std::thread([this, s, threads] { reserve_status_ = s->AllocateAll(threads); });
+  }
+  bool reserve_creates_segment_ = false;
+  bool prefault_after_load_ = false;
   void Init();  // the part of construction that may throw after the locks are taken
 
   CopyPool pool_;
@@ -280,14 +295,16 @@ void Checkpointer::Impl::Init() {
   }
   if (opt.reserve_bytes > 0 && (!seg || seg->slot_capacity() < opt.reserve_bytes)) {
     if (opt.reserve_in_background) {
+      reserve_creates_segment_ = true;
       reserve_thread_ = std::thread([this] { reserve_status_ = CreateSegment(opt.reserve_bytes); });
     } else {
       ThrowIfError(CreateSegment(opt.reserve_bytes));
     }
   } else if (seg && opt.reserve_in_background) {
-    SharedSegment* s = seg.get();
-    const int threads = pool_.threads();
-    reserve_thread_ = std::thread([this, s, threads] { reserve_status_ = s->AllocateAll(threads); });
+    // A segment left by an earlier process: its slots are mapped in the
+    // background only after the restore (load) is done, so that mapping them
+    // does not compete with the load on the restart's critical path.
+    prefault_after_load_ = true;
   }
 
   IoOptions io;
@@ -582,6 +599,7 @@ void Checkpointer::Impl::PersisterLoop() {
       } else {
         if (!st.ok()) FCK_LOG(kError, "persisting step ", job.step, " failed: ", st.message());
         job.state->DurableDone(st, st.ok());
+        if (st.ok() && opt.rank == 0 && !agent_mode_) ApplyRetention(root, opt.keep_last);
       }
     } else {
       job.state->DurableDone(st, false);
@@ -741,7 +759,8 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStor
 }
 
 std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& lo) {
-  JoinReserve();
+  JoinReserveForLoad();
+  struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
   std::optional<int64_t> committed = LatestCommitted(root);
   SlotView mem;
   bool have_mem = seg && seg->Newest(&mem);
@@ -887,7 +906,8 @@ pb::Manifest ManifestOf(const LoadedSnapshot& snap) {
 absl::StatusOr<int64_t> Checkpointer::Impl::LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
                                                                std::map<std::string, std::string>* blobs,
                                                                const LoadOptions& lo) {
-  JoinReserve();
+  JoinReserveForLoad();
+  struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
   SlotView v;
   if (!seg || !seg->Newest(&v, lo.step.value_or(-1))) return absl::NotFoundError("not in memory");
   auto committed = LatestCommitted(root);

@@ -98,7 +98,8 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
       s = WriteCommit(root, job.step, opt.world_size, records);
       if (!s.ok()) return cleanup(s);
       CrashPoint("commit: before retention");
-      ApplyRetention(root, opt.keep_last);
+      // Retention (deleting older steps) is left to the caller, after it has
+      // reported this step durable: it is housekeeping, not durability.
     } else {
       s = WaitForCommit(root, job.step, opt.commit_timeout);
       if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));

@@ -39,6 +39,7 @@ struct PersistStats {
 };
 
 // Pins the slot (pin_pid) while reading it, marks it durable when committed.
+// Rank 0 callers then run ApplyRetention (after reporting the step durable).
 // On failure, this rank's files of the step are removed unless the step got
 // committed, so no partial step is left behind.
 absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg, int slot, int64_t step, const PersistContext& ctx);

@@ -58,6 +58,7 @@ TEST(Checkpointer, RetentionKeepsTheNewestCommittedSteps) {
     FakeState s = FakeState::ForStep(step);
     ckpt.save(step, s.Refs(), s.Blobs()).wait_durable();
   }
+  ckpt.wait_all();  // retention runs after the step is reported durable
   std::vector<int64_t> committed;
   for (const auto& st : ckpt.steps())
     if (st.committed) committed.push_back(st.step);

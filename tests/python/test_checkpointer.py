@@ -21,6 +21,7 @@ def test_context_manager_steps_and_retention(tmp_path):
         assert ckpt.latest_step() is None and ckpt.steps() == []
         for step in (10, 20, 30):
             ckpt.save(step, small_state(step)).wait(timeout=60)
+        ckpt.wait(timeout=60)  # retention runs after the newest step is reported durable
         assert ckpt.latest_step() == 30
         assert ckpt.latest_committed_step() == 30
         detail = ckpt.steps(detail=True)
