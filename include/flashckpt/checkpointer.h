@@ -144,7 +144,10 @@ struct CheckpointerOptions {
   int world_size = 1;
   std::string run_id;                    // names the shared-memory segment; default $FLASHCKPT_RUN_ID, $TORCHELASTIC_RUN_ID or "local"
   std::string shm_dir = "/dev/shm";      // "/dev/shm" means: $FLASHCKPT_SHM_DIR if set, else /dev/shm
-  int num_slots = 2;                     // snapshots kept in memory per rank (>= 2)
+  // Snapshots kept in memory per rank (>= 2). 0: 3 under flashrun (one being
+  // persisted, the newest, one being written: saves never wait for the disk),
+  // else 2.
+  int num_slots = 0;
   uint64_t reserve_bytes = 0;            // > 0: size and touch the slots at construction
   bool reserve_in_background = true;     // touch slots on a background thread
   int copy_threads = 0;                  // 0: one per core
