@@ -14,6 +14,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <set>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -292,22 +293,9 @@ void CheckpointService::PersistStepAsync(int64_t step) {
 absl::Status CheckpointService::PersistNewest(std::chrono::milliseconds timeout) {
   auto t0 = std::chrono::steady_clock::now();
   // The newest step every local rank holds: one COMMIT needs every rank's files.
+  std::set<int64_t> both = CommonMemorySteps();
   std::optional<int64_t> common;
-  {
-    std::map<int, std::vector<int64_t>> mem = MemorySteps();
-    std::vector<int64_t> both;
-    bool first = true;
-    for (auto& [rank, steps] : mem) {
-      if (first) both = steps;
-      else {
-        std::vector<int64_t> x;
-        std::set_intersection(both.begin(), both.end(), steps.begin(), steps.end(), std::back_inserter(x));
-        both = x;
-      }
-      first = false;
-    }
-    if (!both.empty()) common = both.back();
-  }
+  if (!both.empty()) common = *both.rbegin();
   if (common) PersistStepAsync(*common);
   std::unique_lock<std::mutex> l(mu_);
   bool done = cv_.wait_until(l, t0 + timeout, [&] {
@@ -358,6 +346,21 @@ void CheckpointService::ReleaseMemory() {
     }
     r->seg.reset();
   }
+}
+
+std::set<int64_t> CheckpointService::CommonMemorySteps() {
+  std::set<int64_t> common;
+  bool first = true;
+  for (auto& [rank, steps] : MemorySteps()) {
+    std::set<int64_t> these(steps.begin(), steps.end());
+    if (first) {
+      common = std::move(these);
+    } else {
+      std::erase_if(common, [&](int64_t s) { return !these.count(s); });
+    }
+    first = false;
+  }
+  return common;
 }
 
 std::string CheckpointService::Directory() {

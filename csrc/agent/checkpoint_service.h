@@ -16,6 +16,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -69,6 +70,8 @@ class CheckpointService {
   void Drain();
   // The steps each registered rank holds, whole, in shared memory.
   std::map<int, std::vector<int64_t>> MemorySteps();
+  // The steps every registered rank holds in memory.
+  std::set<int64_t> CommonMemorySteps();
   // The checkpoint directory the workers use ("" before any registered).
   std::string Directory();
   void RecordRecovery(RecoveryTiming timing);

@@ -686,9 +686,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemo
   if (!seg || !seg->Newest(&v, step))
     return absl::NotFoundError(absl::StrCat("step ", step, " is not in shared memory"));
   const uint8_t* data = seg->slot_data(v.index);
-  std::string framed(reinterpret_cast<const char*>(data) + v.manifest_offset, v.manifest_len);
-  if (!seg->StillValid(v) || Crc32c(framed.data(), framed.size()) != v.manifest_crc)
-    return absl::UnavailableError(absl::StrCat("slot of step ", step, " changed while reading"));
+  FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
   auto buffer = AllocateAligned(v.data_bytes);
@@ -913,9 +911,7 @@ absl::StatusOr<int64_t> Checkpointer::Impl::LoadIntoFromMemory(const std::map<st
   auto committed = LatestCommitted(root);
   if (!lo.step && committed && *committed > v.step) return absl::NotFoundError("storage is newer");
   const uint8_t* data = seg->slot_data(v.index);
-  std::string framed(reinterpret_cast<const char*>(data) + v.manifest_offset, v.manifest_len);
-  if (!seg->StillValid(v) || Crc32c(framed.data(), framed.size()) != v.manifest_crc)
-    return absl::UnavailableError("slot changed while reading");
+  FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
   FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));

@@ -85,23 +85,10 @@ absl::Status CheckpointHooks::OnJobStart(const std::string& agent_socket, const 
 std::string CheckpointHooks::NodePayload() {
   NodeSteps s;
   if (!service_) return "";
-  auto mem = service_->MemorySteps();
   std::string dir = service_->Directory();
-  if (mem.empty() && dir.empty()) return "";  // no worker ever registered here
+  if (dir.empty()) return "";  // no worker ever registered here
   s.known = true;
-  bool first = true;
-  for (auto& [rank, steps] : mem) {
-    std::set<int64_t> these(steps.begin(), steps.end());
-    if (first) {
-      s.memory = these;
-    } else {
-      std::set<int64_t> x;
-      for (int64_t v : s.memory)
-        if (these.count(v)) x.insert(v);
-      s.memory = x;
-    }
-    first = false;
-  }
+  s.memory = service_->CommonMemorySteps();
   if (!dir.empty())
     for (int64_t c : CommittedSteps(dir)) s.committed.insert(c);
   return EncodeNodeSteps(s);

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/crc32c.h"
 #include "common/status.h"
 
 namespace flashckpt {
@@ -242,6 +243,16 @@ bool SharedSegment::ReadSlot(int i, SlotView* v) const {
 bool SharedSegment::StillValid(const SlotView& v) const {
   std::atomic_thread_fence(std::memory_order_acquire);
   return slot(v.index)->seq.load(std::memory_order_relaxed) == v.seq;
+}
+
+absl::StatusOr<std::string> SharedSegment::ManifestBytes(const SlotView& v) const {
+  std::string framed(reinterpret_cast<const char*>(slot_data(v.index)) + v.manifest_offset, v.manifest_len);
+  if (!StillValid(v))
+    return absl::UnavailableError(absl::StrCat("slot ", v.index, " of ", path_, " (step ", v.step,
+                                               ") was overwritten while reading it"));
+  if (Crc32c(framed.data(), framed.size()) != v.manifest_crc)
+    return absl::DataLossError(absl::StrCat("manifest of step ", v.step, " in ", path_, " fails its checksum"));
+  return framed;
 }
 
 bool SharedSegment::Newest(SlotView* out, int64_t step) const {

@@ -110,6 +110,9 @@ class SharedSegment {
   bool ReadSlot(int i, SlotView* view) const;
   // True if slot i's seq is still `seq` (the copy taken after ReadSlot is whole).
   bool StillValid(const SlotView& view) const;
+  // The framed manifest of a slot read with ReadSlot: kUnavailable when the
+  // slot was overwritten meanwhile, kDataLoss when it fails its checksum.
+  absl::StatusOr<std::string> ManifestBytes(const SlotView& view) const;
   // The newest complete slot (highest generation), optionally with a given step.
   bool Newest(SlotView* view, int64_t step = -1) const;
 

@@ -63,13 +63,9 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
   auto wr = persist_io_->WriteFile(data_path, seg->slot_data(job.slot), v.data_bytes);
   if (!wr.ok()) return cleanup(wr.status());
-  std::string manifest(reinterpret_cast<const char*>(seg->slot_data(job.slot)) + v.manifest_offset,
-                       v.manifest_len);
-  if (!seg->StillValid(v))
-    return cleanup(absl::InternalError(absl::StrCat("slot ", job.slot, " was overwritten while persisting")));
-  if (Crc32c(manifest.data(), manifest.size()) != v.manifest_crc)
-    return cleanup(absl::DataLossError(absl::StrCat("manifest of step ", job.step, " in ", shm_path,
-                                                    " fails its checksum")));
+  absl::StatusOr<std::string> manifest_or = seg->ManifestBytes(v);
+  if (!manifest_or.ok()) return cleanup(manifest_or.status());
+  const std::string& manifest = *manifest_or;
   CrashPoint("persist: before manifest");
   absl::Status s = WriteFileAtomic(manifest_path, manifest);
   if (!s.ok()) return cleanup(s);
