@@ -137,8 +137,25 @@ void CheckpointService::ServeConnection(int fd) {
 }
 
 void CheckpointService::Enqueue(int rank, Job job) {
-  std::lock_guard<std::mutex> l(mu_);
-  Rank& r = *ranks_[rank];
+  std::vector<int64_t> dropped;
+  std::string dir;
+  int world_size = 1;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    Rank& r = *ranks_[rank];
+    dir = r.hello.directory();
+    world_size = r.hello.world_size();
+    for (auto& old : r.queue)
+      if (old.step < job.step) dropped.push_back(old.step);
+    EnqueueLocked(rank, r, job);
+  }
+  // The other ranks may have persisted a dropped step: tell them not to wait for its COMMIT.
+  if (world_size > 1)
+    for (int64_t step : dropped)
+      ReportPersistFailure(dir, step, rank, absl::StrCat("superseded by step ", job.step, " before it was persisted"));
+}
+
+void CheckpointService::EnqueueLocked(int rank, Rank& r, const Job& job) {
   // Persisting is slower than snapshotting: the older queued one is dropped.
   for (auto& old : r.queue) {
     if (old.step < job.step) {
@@ -213,7 +230,10 @@ void CheckpointService::RankLoop(int rank) {
       persist_seconds_ = persist_seconds_ + stats->seconds;
     } else {
       persist_failures_++;
-      FCK_LOG(kError, "agent: rank ", rank, " step ", job.step, ": ", stats.status().message());
+      if (job.epoch != epoch_.load())  // a restart made it obsolete: expected, not an error
+        FCK_LOG(kInfo, "agent: rank ", rank, " step ", job.step, ": ", stats.status().message());
+      else
+        FCK_LOG(kError, "agent: rank ", rank, " step ", job.step, ": ", stats.status().message());
     }
     {
       std::lock_guard<std::mutex> l(mu_);
@@ -262,7 +282,12 @@ void CheckpointService::Restart(int64_t restore_step) {
   }
   if (!dir.empty()) {
     for (const auto& st : ListSteps(dir)) {
-      if (st.committed || st.step == restore_step) continue;
+      if (st.committed) continue;
+      if (st.step == restore_step) {
+        // Persisted again below: a marker of the dead timeline must not fail its commit.
+        for (int rank : local_ranks) ClearPersistFailure(dir, st.step, rank);
+        continue;
+      }
       for (int rank : local_ranks) {
         std::string base = absl::StrCat(StepDir(dir, st.step), "/rank-", rank);
         for (const char* ext : {".durable", ".data", ".manifest", ".failed"}) ::unlink((base + ext).c_str());

@@ -105,6 +105,7 @@ class CheckpointService {
   void RankLoop(int rank);
   absl::Status OpenSegment(Rank& r);
   void Enqueue(int rank, Job job);
+  void EnqueueLocked(int rank, Rank& r, const Job& job);
   void Unpin(Rank& r, int slot);
   void MetricsLoop();
 

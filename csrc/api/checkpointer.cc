@@ -207,6 +207,9 @@ class Checkpointer::Impl {
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<PersistJob> queue_;
+  // Steps superseded in queue_ whose marker the persister still has to write
+  // (the other ranks may have persisted them and wait for their COMMIT).
+  std::vector<std::pair<int64_t, int64_t>> superseded_;  // (step, by step)
   std::set<int> pinned_;
   bool busy_ = false;
   bool stop_ = false;
@@ -327,6 +330,12 @@ void Checkpointer::Impl::Init() {
     agent_mode_ = true;
     FCK_LOG(kDebug, "snapshots of rank ", opt.rank, " are persisted by the flashrun agent at ", opt.agent_socket);
   }
+  // A standalone job restarted (by torchrun, say) may save a step its earlier
+  // incarnation left uncommitted: that one's record must not be taken for
+  // this one's. Under flashrun the agent does this at the restart (and may be
+  // persisting the restore step for this rank right now); a Checkpointer that
+  // does not persist touches nothing.
+  if (opt.persist && !agent_mode_) ForgetUncommittedRecords(root, opt.rank);
   persister_ = std::thread([this] { PersisterLoop(); });
 
   // A snapshot a crashed process left in memory, newer than storage: persist it
@@ -557,6 +566,7 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
     for (auto it = queue_.begin(); it != queue_.end();) {
       if (it->persist && !it->finish_snapshot && it->device_events.empty() && persist) {
         FCK_LOG(kInfo, "step ", it->step, " superseded by step ", step, " before it was persisted");
+        if (opt.world_size > 1) superseded_.emplace_back(it->step, step);
         it->state->DurableDone(absl::OkStatus(), false);
         pinned_.erase(it->slot);
         it = queue_.erase(it);
@@ -573,10 +583,19 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
 void Checkpointer::Impl::PersisterLoop() {
   for (;;) {
     PersistJob job;
+    std::vector<std::pair<int64_t, int64_t>> superseded;
     {
       std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return stop_ || !queue_.empty(); });
-      if (queue_.empty() && stop_) return;
+      cv_.wait(l, [&] { return stop_ || !queue_.empty() || !superseded_.empty(); });
+      superseded.swap(superseded_);
+    }
+    // Off the training thread: a small durable file per dropped step.
+    for (auto [step, by] : superseded)
+      ReportPersistFailure(root, step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      if (queue_.empty() && stop_ && superseded_.empty()) return;
+      if (queue_.empty()) continue;
       job = std::move(queue_.front());
       queue_.pop_front();
       busy_ = true;

@@ -34,6 +34,21 @@ void ClearPersistFailure(const std::string& root, int64_t step, int rank) {
   ::unlink(absl::StrCat(StepDir(root, step), "/", FailedName(rank)).c_str());
 }
 
+std::optional<std::string> PersistFailure(const std::string& root, int64_t step, int rank) {
+  auto failed = ReadSmallFile(absl::StrCat(StepDir(root, step), "/", FailedName(rank)), 1 << 16);
+  if (!failed.ok()) return std::nullopt;
+  return std::string(absl::StripTrailingAsciiWhitespace(*failed));
+}
+
+void ForgetUncommittedRecords(const std::string& root, int rank) {
+  for (const auto& st : ListSteps(root)) {
+    if (st.committed) continue;
+    const std::string dir = StepDir(root, st.step);
+    ::unlink(absl::StrCat(dir, "/", RankDurableName(rank)).c_str());
+    ::unlink(absl::StrCat(dir, "/", FailedName(rank)).c_str());
+  }
+}
+
 void FileCommitBarrier::rank_durable(int64_t step, int rank, const std::string& record) {
   std::string path = absl::StrCat(StepDir(root_, step), "/", RankDurableName(rank));
   ThrowIfError(WriteFileAtomic(path, record));
@@ -64,11 +79,9 @@ std::vector<std::string> FileCommitBarrier::wait_all(int64_t step, int world_siz
                                                         " abandoned: a restart made it obsolete"));
     for (int r = 0; r < world_size; ++r) {
       if (have[r]) continue;
-      auto failed = ReadSmallFile(absl::StrCat(dir, "/", FailedName(r)), 1 << 16);
-      if (failed.ok())
+      if (auto why = PersistFailure(root_, step, r))
         throw Error(ErrorCode::kUnavailable, absl::StrCat("commit of step ", step, " in ", root_, " abandoned: rank ", r,
-                                                          " could not persist it: ",
-                                                          absl::StripTrailingAsciiWhitespace(*failed)));
+                                                          " did not persist it: ", *why));
     }
     if (std::chrono::steady_clock::now() >= deadline) {
       std::vector<int> missing;
@@ -117,13 +130,19 @@ absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
   return absl::OkStatus();
 }
 
-absl::Status WaitForCommit(const std::string& root, int64_t step, std::chrono::milliseconds timeout) {
+absl::Status WaitForCommit(const std::string& root, int64_t step, std::chrono::milliseconds timeout,
+                           const std::function<bool()>& cancelled) {
   auto deadline = std::chrono::steady_clock::now() + timeout;
   auto sleep = std::chrono::microseconds(200);
   for (;;) {
     auto rec = ReadCommit(root, step);
     if (rec.ok()) return absl::OkStatus();
     if (rec.status().code() == absl::StatusCode::kFailedPrecondition) return rec.status();
+    if (cancelled && cancelled())
+      return absl::CancelledError(absl::StrCat("step ", step, " abandoned: a restart made it obsolete"));
+    // Rank 0 writes COMMIT; its marker says it gave the step up.
+    if (auto why = PersistFailure(root, step, 0))
+      return absl::AbortedError(absl::StrCat("commit of step ", step, " in ", root, " abandoned by rank 0: ", *why));
     if (std::chrono::steady_clock::now() >= deadline)
       return absl::DeadlineExceededError(absl::StrCat("COMMIT of step ", step, " in ", root, " did not appear within ",
                                                       std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -34,13 +35,26 @@ class FileCommitBarrier : public CommitBarrier {
 absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
                          const std::vector<std::string>& rank_records);
 
-// Best effort: records in the step directory that `rank` could not persist
-// `step` (rank-<r>.failed), so that the committer gives up at once instead of
-// waiting for the commit timeout.
+// Best effort: records in the step directory that `rank` will not persist
+// `step` (rank-<r>.failed: it failed, or the step was superseded in its queue
+// by a newer one), so that the others give up at once instead of waiting for
+// the commit timeout: rank 0 stops waiting for the records, and rank 0's own
+// marker tells the other ranks that no COMMIT will come.
 void ReportPersistFailure(const std::string& root, int64_t step, int rank, const std::string& why);
 void ClearPersistFailure(const std::string& root, int64_t step, int rank);
+// The reason `rank` recorded for not persisting `step`, if it did.
+std::optional<std::string> PersistFailure(const std::string& root, int64_t step, int rank);
 
-// Waits (polling, with a deadline) until COMMIT of `step` is valid.
-absl::Status WaitForCommit(const std::string& root, int64_t step, std::chrono::milliseconds timeout);
+// Before a rank persists anything, after a restart of a standalone job: its
+// rank record (.durable) and failure marker in every step without a valid
+// COMMIT are removed, so that rank 0 never takes a record of an earlier
+// incarnation (other bytes) for this one's, nor a stale marker for a failure.
+void ForgetUncommittedRecords(const std::string& root, int rank);
+
+// Waits (polling, with a deadline) until COMMIT of `step` is valid. Gives up
+// early, with kAborted, when rank 0 marked the step failed (no COMMIT will
+// come), and with kCancelled when `cancelled` says so.
+absl::Status WaitForCommit(const std::string& root, int64_t step, std::chrono::milliseconds timeout,
+                           const std::function<bool()>& cancelled = nullptr);
 
 }  // namespace flashckpt

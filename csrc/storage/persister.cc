@@ -44,14 +44,19 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   if (ec) return ErrnoStatus("create step directory", dir, ec.value());
   const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
   const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
+  const std::string durable_path = absl::StrCat(dir, "/", RankDurableName(opt.rank));
   // A step saved again replaces its earlier, uncommitted attempt.
   ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
-  ::unlink(absl::StrCat(dir, "/", RankDurableName(opt.rank)).c_str());
+  ::unlink(durable_path.c_str());
 
   ClearPersistFailure(root, job.step, opt.rank);
   auto cleanup = [&](const absl::Status& s) {
-    ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
+    // A persist abandoned because a restart made the step obsolete is not a
+    // failure the other ranks must hear of: after the restart they persist
+    // (again) only the agreed step, and a marker would fail its commit.
+    if (!(ctx.cancelled && ctx.cancelled())) ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
     if (!ReadCommit(root, job.step).ok()) {
+      ::unlink(durable_path.c_str());  // first: rank 0 must never take the record without the files
       ::unlink(data_path.c_str());
       ::unlink(manifest_path.c_str());
       std::error_code e2;
@@ -97,7 +102,10 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
       // Retention (deleting older steps) is left to the caller, after it has
       // reported this step durable: it is housekeeping, not durability.
     } else {
-      s = WaitForCommit(root, job.step, opt.commit_timeout);
+      s = WaitForCommit(root, job.step, opt.commit_timeout, ctx.cancelled);
+      // Rank 0 gave the step up, or a restart did: no COMMIT will come. After a
+      // timeout rank 0 may still commit, so the files stay.
+      if (s.code() == absl::StatusCode::kAborted || s.code() == absl::StatusCode::kCancelled) return cleanup(s);
       if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));
     }
   } catch (const Error& e) {

@@ -113,6 +113,76 @@ TEST(Checkpointer, TwoRanksCommitOnceAfterBothAreDurable) {
   EXPECT_EQ(s1.Diff(*r1.load(lo)), "");
 }
 
+// Rank 0 drops step 1 from its queue (step 2 came while it was still persisting
+// step 0); rank 1 persisted step 1 and waits for its COMMIT. Rank 0's marker
+// ends that wait at once, instead of the commit timeout, and both go on to
+// commit step 2.
+TEST(Checkpointer, StepSupersededOnRankZeroEndsTheWaitOfTheOthers) {
+  ScratchDirs dirs;
+  CheckpointerOptions o0 = dirs.Options(0, 2), o1 = dirs.Options(1, 2);
+  o0.num_slots = o1.num_slots = 4;
+  o0.commit_timeout = o1.commit_timeout = std::chrono::seconds(60);
+  Checkpointer r0(o0), r1(o1);
+  std::vector<FakeState> s;
+  for (int step = 0; step <= 2; ++step) s.push_back(FakeState::ForStep(step));
+  auto a0 = r0.save(0, s[0].Refs(), s[0].Blobs());  // persister waits for rank 1's record of step 0
+  auto a1 = r0.save(1, s[1].Refs(), s[1].Blobs());
+  auto a2 = r0.save(2, s[2].Refs(), s[2].Blobs());  // supersedes step 1 in rank 0's queue
+  EXPECT_TRUE(a1.wait_durable_for(std::chrono::seconds(5)));
+  EXPECT_FALSE(a1.persisted());
+  auto b0 = r1.save(0, s[0].Refs(), s[0].Blobs());
+  b0.wait_durable();
+  auto t0 = std::chrono::steady_clock::now();
+  auto b1 = r1.save(1, s[1].Refs(), s[1].Blobs());
+  try {
+    b1.wait_durable();
+    ADD_FAILURE() << "step 1 was committed though rank 0 never persisted it";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("abandoned by rank 0: superseded by step 2"), std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(20));
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-1/COMMIT"));
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-1/rank-1.data"));  // no orphan files of a step never committed
+  auto b2 = r1.save(2, s[2].Refs(), s[2].Blobs());
+  a2.wait_durable();
+  b2.wait_durable();
+  EXPECT_TRUE(a2.persisted() && b2.persisted());
+  EXPECT_TRUE(fs::exists(dirs.ckpt + "/step-2/COMMIT"));
+}
+
+// A standalone job restarted after rank 1 had reported step 9 durable but
+// before rank 0 committed it: the new incarnation saves step 9 with other
+// bytes. Rank 0 must not commit with the dead incarnation's record (its size
+// and crc describe bytes that are being overwritten).
+TEST(Checkpointer, RecordOfAnEarlierIncarnationIsNeverCommitted) {
+  ScratchDirs dirs;
+  {
+    CheckpointerOptions o1 = dirs.Options(1, 2);
+    o1.commit_timeout = std::chrono::seconds(1);
+    Checkpointer r1(o1);
+    FakeState old = FakeState::ForStep(900);
+    auto h = r1.save(9, old.Refs(), old.Blobs());
+    EXPECT_THROW(h.wait_durable(), Error);  // rank 0 never came
+    ASSERT_TRUE(fs::exists(dirs.ckpt + "/step-9/rank-1.durable"));
+    r1.close();
+    r1.unlink_memory();
+  }
+  Checkpointer r0(dirs.Options(0, 2));
+  Checkpointer r1(dirs.Options(1, 2));
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-9/rank-1.durable"));
+  FakeState s0 = FakeState::ForStep(9), s1 = FakeState::ForStep(10);
+  auto h0 = r0.save(9, s0.Refs(), s0.Blobs());
+  EXPECT_FALSE(h0.wait_durable_for(std::chrono::milliseconds(500)));  // waits for this rank 1
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-9/COMMIT"));
+  auto h1 = r1.save(9, s1.Refs(), s1.Blobs());
+  h0.wait_durable();
+  h1.wait_durable();
+  LoadOptions lo;
+  lo.prefer_memory = false;
+  lo.verify = true;
+  EXPECT_EQ(s1.Diff(*r1.load(lo)), "");
+}
+
 TEST(Checkpointer, SecondCheckpointerOnTheSameDirectoryIsRefused) {
   ScratchDirs dirs;
   Checkpointer a(dirs.Options());
