@@ -19,10 +19,14 @@ $FLASHRUN "${FLAGS[@]}" --log-dir "$WORK/logs-clean" "${TRAIN[@]}" --dir "$WORK/
   > "$WORK/clean.log" 2>&1 || { tail -n 30 "$WORK/clean.log"; exit 1; }
 grep -E "done: step" "$WORK/clean.log"
 
-echo "== 2/4 the same run; rank 1 is SIGKILLed right after step $CRASH"
-$FLASHRUN "${FLAGS[@]}" --log-dir "$WORK/logs-crash" "${TRAIN[@]}" --dir "$WORK/crash" --digest-out "$WORK/crash.digest" \
+echo "== 2/4 the same run with warm standby workers; rank 1 is SIGKILLed right after step $CRASH"
+# --standby: the restarted workers are interpreters that imported torch while the job ran
+# (started at once here: FLASHRUN_STANDBY_DELAY=0; steps slowed a little so they are ready)
+FLASHRUN_STANDBY_DELAY=0 $FLASHRUN "${FLAGS[@]}" --standby --standby-import torch,flashckpt --log-dir "$WORK/logs-crash" \
+  "${TRAIN[@]}" --dir "$WORK/crash" --digest-out "$WORK/crash.digest" --step-sleep 0.15 \
   --crash-at-step $CRASH --crash-rank 1 > "$WORK/crash.log" 2>&1 || { tail -n 30 "$WORK/crash.log"; exit 1; }
-grep -E "SIGKILL at|worker group failed|restore step|loaded step|resumed from|done: step|all workers" "$WORK/crash.log"
+grep -E "SIGKILL at|worker group failed|restore step|warm standbys|loaded step|resumed from|done: step|all workers" \
+  "$WORK/crash.log"
 
 echo "== 3/4 checks"
 a=$(cat "$WORK/clean.digest"); b=$(cat "$WORK/crash.digest")

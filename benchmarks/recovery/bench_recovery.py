@@ -5,7 +5,10 @@ an MLP + Adam sized so the node holds --gib GiB of training state: parameters
 plus the two Adam moments). Rank 1 SIGKILLs itself after step --crash-at-step;
 both jobs snapshot every --every steps:
 
-  (a) flashrun --standalone ... train.py --ckpt flashckpt   (restores from the agent's shared memory)
+  (a) flashrun --standalone --standby ... train.py --ckpt flashckpt
+      (restores from the agent's shared memory; the restarted workers are the
+      warm standby interpreters flashrun keeps, torch already imported)
+  (a0) the same without --standby ("flashrun_cold": fresh interpreters)
   (b) torchrun --standalone --monitor_interval 0.1 ... train.py --ckpt torch
       (torch.save + fsync every --every steps, torch.load on restart)
 
@@ -17,12 +20,13 @@ phases add up to the resume point:
   detect      kill -> flashrun notices the failure            (flashrun trace)
   stop        -> the surviving workers are stopped            (flashrun trace)
   rendezvous  -> the new round is complete                    (flashrun trace)
-  spawn       -> every new worker runs its first line of Python (fork/exec + interpreter start)
+  spawn       -> every new worker runs its first line of Python (fork/exec + interpreter start;
+                 with --standby: the hand-over to the waiting interpreter)
   (torchrun has no such marks: its detect+stop+rendezvous+spawn is one phase, kill -> first line)
   import      -> `import torch` etc. done
   pg_init     -> dist.init_process_group done (gloo; includes waiting for the other rank)
-  model       -> model and optimizer built (random init, same in both)
-  ckpt_setup  -> ready to load (flashckpt: import + Checkpointer(); torch: a path check)
+  ckpt_setup  -> knows what to load (flashckpt: import + Checkpointer(); torch: a path check)
+  model       -> model and optimizer built (without random init: the load overwrites it; same in all)
   load        -> state restored into model and optimizer (resume point)
   first_step  -> the next training step completed on every rank
 
@@ -58,7 +62,9 @@ NPROC = 2
 
 FLASH_PHASES = ["detect", "stop", "rendezvous", "spawn"]
 TORCH_PHASES = ["detect+stop+rendezvous+spawn"]
-WORKER_PHASES = ["import", "pg_init", "model", "ckpt_setup", "load"]
+WORKER_PHASES = ["import", "pg_init", "ckpt_setup", "model", "load"]
+KINDS = ["flashrun", "flashrun_cold", "torchrun"]
+LABELS = {"flashrun": "(a) flashrun --standby", "flashrun_cold": "(a0) flashrun", "torchrun": "(b) torchrun"}
 
 _live = []  # Popen objects (each the leader of its own session / process group)
 _tmpdirs = []
@@ -216,8 +222,10 @@ def one_run(kind, cfg, keep_logs):
     env = dict(os.environ, PYTHON_EXEC=PY, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=CODE["pythonpath"] + os.pathsep + os.environ.get("PYTHONPATH", ""),
                FLASHCKPT_BUILD_DIR=CODE["build_dir"])
-    if kind == "flashrun":
-        cmd = [CODE["flashrun"]] + common + ["--log-dir", os.path.join(tmp, "logs")] + train_args + ["--ckpt", "flashckpt"]
+    if kind.startswith("flashrun"):
+        standby = ["--standby", "--standby-import", "torch,flashckpt"] if kind == "flashrun" else []
+        cmd = ([CODE["flashrun"]] + common + standby + ["--log-dir", os.path.join(tmp, "logs")] + train_args +
+               ["--ckpt", "flashckpt"])
         env["FLASHRUN_TRACE_RESTART"] = "1"
     else:
         cmd = ["/usr/bin/torchrun"] + common + ["-r", "1", "-t", "1"] + train_args + ["--ckpt", "torch"]
@@ -288,7 +296,7 @@ def parse(kind, text, cfg):
     # The kill line carries a millisecond timestamp written just before os.kill.
     last = {k: max(mk[k] for mk in marks.values()) for k in next(iter(marks.values()))}
     ph = {}
-    if kind == "flashrun":
+    if kind.startswith("flashrun"):
         after = [(t, w) for t, w in traces if t >= kill_t - 0.002]
         tr = {}
         for t, w in after:
@@ -301,14 +309,16 @@ def parse(kind, text, cfg):
         ph["rendezvous"] = tr["round complete"] - tr["workers stopped"]
         ph["spawn"] = last["exec"] - tr["round complete"]
         extra = {"spawn_until_workers_started_s": tr["workers started"] - tr["round complete"]}
+        m = re.search(r"attempt 1, (\d+)/\d+ workers from warm standbys", text)
+        extra["workers_from_standbys"] = int(m.group(1)) if m else 0
     else:
         ph["detect+stop+rendezvous+spawn"] = last["exec"] - kill_t
         extra = {}
     ph["import"] = last["imported"] - last["exec"]
     ph["pg_init"] = last["pg_done"] - last["imported"]
-    ph["model"] = last["load_start"] - last["pg_done"]
-    ph["ckpt_setup"] = last["restore_start"] - last["load_start"]
-    ph["load"] = last["load_done"] - last["restore_start"]
+    ph["ckpt_setup"] = last["ckpt_ready"] - last["pg_done"]
+    ph["model"] = last["model_ready"] - last["ckpt_ready"]
+    ph["load"] = last["load_done"] - last["model_ready"]
     resume_s = last["load_done"] - kill_t
     first_s = max(first.values()) - kill_t
     ph["first_step"] = first_s - resume_s
@@ -318,7 +328,7 @@ def parse(kind, text, cfg):
         "phases_s": {k: round(v, 4) for k, v in ph.items()},
         "resume_point_s": round(resume_s, 4),
         "first_step_done_s": round(first_s, 4),
-        "load_per_rank_s": {r: round(mk["load_done"] - mk["restore_start"], 4) for r, mk in sorted(marks.items())},
+        "load_per_rank_s": {r: round(mk["load_done"] - mk["model_ready"], 4) for r, mk in sorted(marks.items())},
         "pg_init_per_rank_s": {r: round(mk["pg_done"] - mk["pg_start"], 4) for r, mk in sorted(marks.items())},
         "sources": sorted({r["source"] for r in resume.values()}),
         "resumed_step": starts[0] if len(starts) == 1 else starts,
@@ -327,7 +337,7 @@ def parse(kind, text, cfg):
         "steps_redone": cfg["crash_at_step"] - starts[0],
         "steps_lost_past_last_snapshot": last_snapshot - min(starts),
     }
-    res.update({k: round(v, 4) for k, v in extra.items()})
+    res.update({k: round(v, 4) if isinstance(v, float) else v for k, v in extra.items()})
     return res
 
 
@@ -374,32 +384,34 @@ def median_run(runs):
 
 
 def table(results):
-    a, b = results["median"]["flashrun"], results["median"]["torchrun"]
-    rows = [("detect", "detect"), ("stop", "stop"), ("rendezvous", "rendezvous"), ("spawn", "spawn")]
+    med = results["median"]
+    kinds = [k for k in KINDS if k in med]
     print("\nmedians of %d runs, %.2f GiB of state on the node (%.3f GB per rank), seconds from the SIGKILL"
           % (results["config"]["repeats"], results["config"]["state_gib_node"], results["config"]["state_bytes_per_rank"] / 1e9))
-    print("%-30s %12s %12s" % ("phase", "(a) flashrun", "(b) torchrun"))
-    for k, _ in rows:
-        print("%-30s %12.3f %12s" % (k, a["phases_s"][k], ""))
-    print("%-30s %12.3f %12.3f" % ("detect+stop+rendezvous+spawn",
-                                   sum(a["phases_s"][k] for k in FLASH_PHASES),
-                                   b["phases_s"]["detect+stop+rendezvous+spawn"]))
+    print("%-30s" % "phase" + "".join("%24s" % LABELS[k] for k in kinds))
+
+    def row(name, value):
+        print("%-30s" % name + "".join("%24s" % ("" if value(k) is None else "%.3f" % value(k)) for k in kinds))
+
+    for k in FLASH_PHASES:
+        row(k, lambda kind, k=k: med[kind]["phases_s"].get(k))
+    row("detect+stop+rendezvous+spawn", lambda kind: sum(med[kind]["phases_s"].get(k, 0) for k in FLASH_PHASES + TORCH_PHASES))
     for k in WORKER_PHASES:
-        print("%-30s %12.3f %12.3f" % (k, a["phases_s"][k], b["phases_s"][k]))
-    print("%-30s %12.3f %12.3f" % ("= resume point", a["resume_point_s"], b["resume_point_s"]))
-    print("%-30s %12.3f %12.3f" % ("first step", a["phases_s"]["first_step"], b["phases_s"]["first_step"]))
-    print("%-30s %12.3f %12.3f" % ("= first step done", a["first_step_done_s"], b["first_step_done_s"]))
+        row(k, lambda kind, k=k: med[kind]["phases_s"][k])
+    row("= resume point", lambda kind: med[kind]["resume_point_s"])
+    row("first step", lambda kind: med[kind]["phases_s"]["first_step"])
+    row("= first step done", lambda kind: med[kind]["first_step_done_s"])
     r = results["ratios"]
-    mc = results["median"]["memcpy"]
+    mc = med["memcpy"]
     print("\nmemcpy of one rank's state (%d processes at once): fresh memory %.3f s, touched memory %.3f s"
           % (NPROC, mc["fresh_s"], mc["touched_s"]))
     print("resume point (a)/(b)            %.3f   (goal <= 0.35)" % r["resume_point_a_over_b"])
+    print("resume point (a0)/(b)           %.3f   (without --standby)" % r["resume_point_a0_over_b"])
     print("first step done (a)/(b)         %.3f" % r["first_step_done_a_over_b"])
     print("load (a) / memcpy fresh         %.3f   (goal <= 1.3)" % r["load_a_over_memcpy_fresh"])
     print("load (a) / memcpy touched       %.3f" % r["load_a_over_memcpy_touched"])
     print("load (b) / memcpy fresh         %.3f" % r["load_b_over_memcpy_fresh"])
-    print("steps lost past the last snapshot: (a) %s, (b) %s" % (r["steps_lost_past_last_snapshot"]["flashrun"],
-                                                                 r["steps_lost_past_last_snapshot"]["torchrun"]))
+    print("steps lost past the last snapshot: %s" % r["steps_lost_past_last_snapshot"])
 
 
 def plot(results, path):
@@ -411,8 +423,9 @@ def plot(results, path):
               "detect+stop+rendezvous+spawn": "#e377c2", "import": "#7f7f7f", "pg_init": "#17becf",
               "model": "#9467bd", "ckpt_setup": "#aec7e8", "load": "#2ca02c", "first_step": "#c7c7c7"}
     bars = [("(b) torchrun + torch.load", results["median"]["torchrun"], TORCH_PHASES),
-            ("(a) flashrun + flashckpt", results["median"]["flashrun"], FLASH_PHASES)]
-    fig, ax = plt.subplots(figsize=(11, 3.6))
+            ("(a0) flashrun + flashckpt", results["median"]["flashrun_cold"], FLASH_PHASES),
+            ("(a) flashrun --standby + flashckpt", results["median"]["flashrun"], FLASH_PHASES)]
+    fig, ax = plt.subplots(figsize=(11, 4.4))
     seen = set()
     for y, (label, med, launch) in enumerate(bars):
         left = 0.0
@@ -472,10 +485,11 @@ def main():
                    "state_bytes_per_rank": per_rank, "state_gib_node": round(NPROC * per_rank / 2**30, 3),
                    "every": args.every, "crash_at_step": args.crash_at_step, "crash_rank": 1,
                    "launch": "--standalone --nproc_per_node 2 --max_restarts 1 --monitor_interval 0.1",
+                   "standby": "(a) only: --standby --standby-import torch,flashckpt",
                    "flashckpt": "--persist-every 1 (every snapshot also written to disk in the background)",
                    "torch": "torch.save + fsync + rename every --every steps, torch.load on restart"},
         "code": code_info,
-        "runs": {"flashrun": [], "torchrun": [], "memcpy": []},
+        "runs": {"flashrun": [], "flashrun_cold": [], "torchrun": [], "memcpy": []},
         "failed": [],
     }
     print("state: %d ranks x %.3f GB (width %d, depth %d, %.1fM params per rank) = %.3f GiB on the node; "
@@ -483,7 +497,7 @@ def main():
                                                        results["config"]["state_gib_node"], args.crash_at_step, args.every),
           flush=True)
     for i in range(args.repeats):
-        order = ["flashrun", "torchrun"] if i % 2 == 0 else ["torchrun", "flashrun"]  # interleaved, alternating
+        order = KINDS[i % len(KINDS):] + KINDS[:i % len(KINDS)]  # interleaved, rotating
         for kind in order:
             try:
                 r = one_run(kind, cfg, args.keep_logs)
@@ -501,24 +515,26 @@ def main():
         results["runs"]["memcpy"].append(mc)
         print("run %d memcpy   fresh %.3f s, touched %.3f s" % (i, mc["fresh_s"], mc["touched_s"]), flush=True)
 
-    if not results["runs"]["flashrun"] or not results["runs"]["torchrun"]:
+    if not all(results["runs"][k] for k in KINDS):
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=2)
-        raise SystemExit("no successful run of flashrun or torchrun; see %s" % args.out)
-    med = {k: median_run(results["runs"][k]) for k in ("flashrun", "torchrun")}
+        raise SystemExit("no successful run of one of %s; see %s" % (KINDS, args.out))
+    med = {k: median_run(results["runs"][k]) for k in KINDS}
     med["memcpy"] = {k: round(statistics.median(m[k] for m in results["runs"]["memcpy"]), 4)
                      for k in ("fresh_s", "touched_s")}
     results["median"] = med
-    a, b, mc = med["flashrun"], med["torchrun"], med["memcpy"]
-    digests = {r["final_digest"] for k in ("flashrun", "torchrun") for r in results["runs"][k]}
+    a, a0, b, mc = med["flashrun"], med["flashrun_cold"], med["torchrun"], med["memcpy"]
+    digests = {r["final_digest"] for k in KINDS for r in results["runs"][k]}
     results["ratios"] = {
         "resume_point_a_over_b": round(a["resume_point_s"] / b["resume_point_s"], 3),
+        "resume_point_a0_over_b": round(a0["resume_point_s"] / b["resume_point_s"], 3),
+        "workers_from_standbys_in_a": [r.get("workers_from_standbys") for r in results["runs"]["flashrun"]],
         "first_step_done_a_over_b": round(a["first_step_done_s"] / b["first_step_done_s"], 3),
         "load_a_over_memcpy_fresh": round(a["phases_s"]["load"] / mc["fresh_s"], 3),
         "load_a_over_memcpy_touched": round(a["phases_s"]["load"] / mc["touched_s"], 3),
         "load_b_over_memcpy_fresh": round(b["phases_s"]["load"] / mc["fresh_s"], 3),
         "steps_lost_past_last_snapshot": {k: max(r["steps_lost_past_last_snapshot"] for r in results["runs"][k])
-                                          for k in ("flashrun", "torchrun")},
+                                          for k in KINDS},
         "same_final_parameters_all_runs": len(digests) == 1,
     }
     results["goals"] = {

@@ -15,6 +15,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
 #include "launcher/failure_report.h"
 #include "launcher/worker_environment.h"
@@ -135,6 +136,14 @@ std::vector<WorkerLaunch> PlanWorkers(const Job& job, const RoundAssignment& rou
     launch.console_prefix = absl::StrFormat("[%s%d]:", o.role, local_rank);
     launch.error_file = id.error_file;
     launch.heartbeat_file = id.heartbeat_file;
+    if (o.standby) {
+      // A standby may replace this worker when it was started with the same
+      // command and the same start-up environment (the agent's: PYTHONPATH and
+      // such); the per-attempt variables (RANK, MASTER_PORT, ...) come at the hand-over.
+      launch.standby_key = absl::StrJoin(job.command, "\x1f");
+      for (const auto& [k, v] : job.agent_env) absl::StrAppend(&launch.standby_key, "\x1e", k, "=", v);
+      launch.standby_log = (job.run_log_dir / absl::StrCat("standby_", local_rank, ".log")).string();
+    }
     launches.push_back(std::move(launch));
   }
   return launches;
@@ -316,6 +325,16 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     absl::SimpleAtoi(it->second, &exit_probe_ms);
   }
   group.set_exit_probe(exit_probe_ms > 0);
+  if (o.standby) {
+    StandbyOptions so;
+    so.imports = o.standby_import;
+    // FLASHRUN_STANDBY_DELAY: seconds after the workers' start before standbys start (default 5).
+    if (auto it = job.agent_env.find("FLASHRUN_STANDBY_DELAY"); it != job.agent_env.end()) {
+      double d;
+      if (absl::SimpleAtod(it->second, &d) && d >= 0) so.delay = std::chrono::duration<double>(d);
+    }
+    group.EnableStandby(so);
+  }
   int poll_ms = static_cast<int>(o.monitor_interval_s * 1000);
   if (exit_probe_ms > 0) poll_ms = std::min(poll_ms, exit_probe_ms);
 
@@ -370,10 +389,13 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       return 1;
     }
     mark("workers started");
-    Say(absl::StrFormat("round %d: node %d/%d, ranks %d-%d of %d, MASTER_ADDR=%s MASTER_PORT=%d, attempt %d",
+    Say(absl::StrFormat("round %d: node %d/%d, ranks %d-%d of %d, MASTER_ADDR=%s MASTER_PORT=%d, attempt %d%s",
                         round->round, round->group_rank, round->group_world_size, round->rank_offset,
                         round->rank_offset + o.nproc_per_node - 1, round->world_size, round->master_addr,
-                        round->master_port, restart_count));
+                        round->master_port, restart_count,
+                        group.standbys_used() ? absl::StrFormat(", %d/%d workers from warm standbys",
+                                                                group.standbys_used(), o.nproc_per_node)
+                                              : std::string()));
 
     // Watch: exits wake the poll at once; the interval bounds heartbeat checks.
     bool membership_changed = false;

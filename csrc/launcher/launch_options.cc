@@ -32,6 +32,7 @@ constexpr const char* kUsage =
     "                [--signals-to-handle SIGNALS_TO_HANDLE]\n"
     "                [--shutdown-timeout SHUTDOWN_TIMEOUT]\n"
     "                [--worker-timeout WORKER_TIMEOUT] [--node-name NODE_NAME]\n"
+    "                [--standby] [--standby-import STANDBY_IMPORT]\n"
     "                training_script ...\n";
 
 constexpr const char* kHelpBody =
@@ -135,7 +136,15 @@ constexpr const char* kHelpBody =
     "  --node-name NODE_NAME, --node_name NODE_NAME\n"
     "                        (flashrun) Identity of this agent in the rendezvous\n"
     "                        (default: <fqdn>_<pid>); lets tests run several nodes\n"
-    "                        on one host.\n";
+    "                        on one host.\n"
+    "  --standby             (flashrun) Keep one warm Python interpreter per local\n"
+    "                        rank, with --standby-import already imported, started\n"
+    "                        5 s after the workers; a restart hands the worker's\n"
+    "                        command and environment to it instead of starting a\n"
+    "                        fresh interpreter (the script runs as with runpy).\n"
+    "  --standby-import STANDBY_IMPORT, --standby_import STANDBY_IMPORT\n"
+    "                        (flashrun) Comma-separated modules a standby imports\n"
+    "                        ahead (default: torch).\n";
 
 enum class ValueKind { kNone, kRequired };
 
@@ -185,6 +194,8 @@ const std::vector<FlagSpec>& Flags() {
     add("shutdown_timeout", {}, ValueKind::kRequired);
     add("worker_timeout", {}, ValueKind::kRequired);
     add("node_name", {}, ValueKind::kRequired);
+    add("standby", {}, ValueKind::kNone);
+    add("standby_import", {}, ValueKind::kRequired);
     return f;
   }();
   return flags;
@@ -483,6 +494,10 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
   if (auto e = double_flag("shutdown_timeout", &options.shutdown_timeout_s, -1e-9)) return fail(*e);
   if (auto e = double_flag("worker_timeout", &options.worker_timeout_s, -1e-9)) return fail(*e);
   if (auto v = value_of("node_name")) options.node_name = *v;
+  options.standby = switches["standby"];
+  if (auto v = value_of("standby_import")) options.standby_import = *v;
+  if (options.standby && options.no_python)
+    return fail("argument --standby: a standby is a Python interpreter; it does not go with --no-python");
 
   if (options.node_rank >= options.max_nodes && options.rdzv_backend == "static" && !options.standalone) {
     return fail(absl::StrFormat("argument --node-rank: %d is not below --nnodes %d", options.node_rank, options.max_nodes));

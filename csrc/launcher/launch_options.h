@@ -50,6 +50,8 @@ struct LaunchOptions {
   // Beyond torchrun.
   double worker_timeout_s = 0.0;  // 0: no hang detection
   std::string node_name;          // identity of this agent in the rendezvous (tests run several per host)
+  bool standby = false;           // warm standby interpreters (see standby.h)
+  std::string standby_import = "torch";
   std::string training_script;
   std::vector<std::string> training_script_args;
 };

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <filesystem>
@@ -171,6 +172,7 @@ int WorkerGroup::ReapOrphans() {
     bool is_worker = false;
     for (const Worker& w : workers_) is_worker |= (w.pid == pid && !w.reaped);
     for (const Worker& w : draining_) is_worker |= (w.pid == pid && !w.reaped);
+    for (const auto& [local_rank, s] : standbys_) is_worker |= (s->pid() == pid);
     if (is_worker) continue;
     int status;
     if (::waitpid(pid, &status, WNOHANG) == 0) ++alive;
@@ -187,6 +189,8 @@ absl::Status WorkerGroup::Start(std::vector<WorkerLaunch> launches) {
   if (!workers_.empty()) StopForRestart(SIGKILL, std::chrono::seconds(0));
   workers_.clear();
   failures_.clear();
+  standbys_used_ = 0;
+  started_at_ = Clock::now();
   forwarder_ = std::make_unique<OutputForwarder>();
   const pid_t agent_pid = ::getpid();
   for (WorkerLaunch& launch : launches) {
@@ -231,6 +235,26 @@ absl::Status WorkerGroup::Start(std::vector<WorkerLaunch> launches) {
     if (!l.heartbeat_file.empty()) {
       const int fd = ::open(l.heartbeat_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
       if (fd >= 0) ::close(fd);
+    }
+
+    // A warm standby started for this very command takes the worker's place.
+    if (auto it = standbys_.find(l.local_rank); it != standbys_.end()) {
+      std::unique_ptr<Standby> standby = std::move(it->second);
+      standbys_.erase(it);
+      if (standby->key() == l.standby_key && standby->Ready() && standby->Alive() &&
+          standby->Activate(l.env, child_out >= 0 ? child_out : STDOUT_FILENO,
+                            child_err >= 0 ? child_err : STDERR_FILENO).ok()) {
+        if (child_out >= 0) ::close(child_out);
+        if (child_err >= 0) ::close(child_err);
+        worker.pid = standby->pid();
+        worker.pidfd = OpenPidfd(worker.pid);
+        worker.started = Clock::now();
+        worker.started_wall = std::chrono::system_clock::now();
+        workers_.push_back(std::move(worker));
+        ++standbys_used_;
+        continue;
+      }
+      // Not ready, or started for another command: the destructor kills it, a fresh process starts.
     }
 
     const pid_t pid = ::fork();
@@ -312,8 +336,50 @@ void WorkerGroup::Reap(Worker& worker) {
   worker.pidfd = -1;
 }
 
+std::vector<pid_t> WorkerGroup::standby_pids() const {
+  std::vector<pid_t> out;
+  for (const auto& [local_rank, s] : standbys_) out.push_back(s->pid());
+  return out;
+}
+
+int WorkerGroup::standbys_ready() {
+  int n = 0;
+  for (auto& [local_rank, s] : standbys_) n += s->Ready() && s->Alive();
+  return n;
+}
+
+void WorkerGroup::MaintainStandbys() {
+  if (!standby_ || workers_.empty() || Clock::now() - started_at_ < standby_->delay) return;
+  for (const Worker& w : workers_)
+    if (w.exited) return;  // the group is ending or failing: a standby now would be killed right away
+  for (const Worker& w : workers_) {
+    const int lr = w.launch.local_rank;
+    if (w.launch.standby_key.empty() || standby_broken_[lr]) continue;
+    if (auto it = standbys_.find(lr); it != standbys_.end()) {
+      if (it->second->Alive()) continue;
+      // It died before it was needed (a failed import, an out-of-memory kill): restarts start fresh.
+      std::fprintf(stderr, "[flashrun] the warm standby of local rank %d exited (see %s); restarts of this rank "
+                           "start a fresh interpreter\n", lr, w.launch.standby_log.c_str());
+      standby_broken_[lr] = true;
+      standbys_.erase(it);
+      continue;
+    }
+    std::optional<StandbyPlan> plan = PlanStandby(w.launch.argv);
+    if (!plan) continue;
+    auto s = Standby::Spawn(*plan, standby_->imports, w.launch.env, w.launch.standby_log, w.launch.standby_key);
+    if (!s.ok()) {
+      std::fprintf(stderr, "[flashrun] cannot start a warm standby for local rank %d: %s\n", lr,
+                   std::string(s.status().message()).c_str());
+      standby_broken_[lr] = true;
+      continue;
+    }
+    standbys_[lr] = std::move(*s);
+  }
+}
+
 GroupState WorkerGroup::Check(std::chrono::duration<double> worker_timeout) {
   ReapDraining(/*block=*/false);
+  MaintainStandbys();
   bool all_succeeded = true;
   const double now_wall = WallSeconds(std::chrono::system_clock::now());
   for (Worker& w : workers_) {
@@ -492,6 +558,7 @@ void WorkerGroup::ReapDraining(bool block) {
 }
 
 void WorkerGroup::Stop(int first_signal, std::chrono::duration<double> grace) {
+  standbys_.clear();  // kills and reaps them: the group stops for good
   ReapDraining(/*block=*/true);
   if (workers_.empty()) {
     if (forwarder_) forwarder_->Finish(Clock::now());

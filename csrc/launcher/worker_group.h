@@ -9,14 +9,17 @@
 
 #include <atomic>
 #include <chrono>
+#include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "launcher/failure_report.h"
+#include "launcher/standby.h"
 
 namespace flashckpt::launcher {
 
@@ -35,6 +38,17 @@ struct WorkerLaunch {
   std::string console_prefix;  // "[default0]:"
   std::string error_file;
   std::string heartbeat_file;  // empty: no hang detection
+  // Warm standby (WorkerGroup::EnableStandby): what a standby must have been
+  // started with to take this worker's place (command and start-up
+  // environment), and where its output goes until then.
+  std::string standby_key;
+  std::string standby_log;
+};
+
+struct StandbyOptions {
+  std::string imports = "torch";  // modules a standby imports ahead
+  // Standbys are started this long after the workers (not to slow their start-up).
+  std::chrono::duration<double> delay = std::chrono::seconds(5);
 };
 
 // Makes orphaned descendants children of this process, so that it can reap them
@@ -53,6 +67,13 @@ class WorkerGroup {
   WorkerGroup& operator=(const WorkerGroup&) = delete;
 
   absl::Status Start(std::vector<WorkerLaunch> launches);
+
+  // Keeps one warm interpreter per local rank for the next Start (see standby.h).
+  void EnableStandby(StandbyOptions options) { standby_ = std::move(options); }
+  // How many workers of the last Start were standbys taking over.
+  int standbys_used() const { return standbys_used_; }
+  std::vector<pid_t> standby_pids() const;
+  int standbys_ready();  // standbys done importing, waiting for a hand-over
 
   // File descriptors that become readable when a worker exits (for poll).
   std::vector<int> ExitNotifiers() const;
@@ -87,6 +108,9 @@ class WorkerGroup {
   // Check() also reads /proc/<pid>/stat of running workers to notice a failing
   // worker while the kernel is still freeing its memory (see ExitStatusIfExiting).
   void set_exit_probe(bool enabled) { exit_probe_ = enabled; }
+  // Starts the standbys that are missing, once the workers have run for the
+  // delay (Check calls it).
+  void MaintainStandbys();
   bool empty() const { return workers_.empty(); }
 
  private:
@@ -109,6 +133,11 @@ class WorkerGroup {
   void SignalUntil(int first_signal, std::chrono::duration<double> grace, Predicate done);
 
   bool exit_probe_ = false;
+  std::optional<StandbyOptions> standby_;
+  std::map<int, std::unique_ptr<Standby>> standbys_;  // by local rank
+  std::map<int, bool> standby_broken_;                 // died while starting: not tried again
+  int standbys_used_ = 0;
+  std::chrono::steady_clock::time_point started_at_;
   std::vector<Worker> draining_;
   std::vector<std::unique_ptr<OutputForwarder>> draining_forwarders_;
 

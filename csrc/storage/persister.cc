@@ -38,6 +38,24 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   CrashPoint("persist: pinned");
   struct Unpin { SlotHeader* h; ~Unpin() { h->pin_pid.store(0); } } unpin{h};
 
+  // Committed already (the agent persisting again a snapshot whose COMMIT it did
+  // not wait for, when a restart cut the wait short): nothing to write, and that
+  // COMMIT must stay. The manifest (every tensor's crc32c) tells whether the
+  // committed files are this very snapshot.
+  if (auto committed = ReadCommit(root, job.step); committed.ok()) {
+    absl::StatusOr<std::string> manifest = seg->ManifestBytes(v);
+    for (const auto& f : committed->files()) {
+      if (manifest.ok() && f.name() == RankManifestName(opt.rank) && f.size() == manifest->size() &&
+          f.crc32c() == Crc32c(manifest->data(), manifest->size())) {
+        h->durable.store(1, std::memory_order_release);
+        FCK_LOG(kInfo, "step ", job.step, " of rank ", opt.rank, " is committed already in ", root);
+        PersistStats stats;
+        stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        return stats;
+      }
+    }
+  }
+
   const std::string dir = StepDir(root, job.step);
   std::error_code ec;
   fs::create_directories(dir, ec);

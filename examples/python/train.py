@@ -33,11 +33,16 @@ def log(msg):
     print(f"[train rank{rank} {time.time():.3f}] {msg}", flush=True)
 
 
-def build_model(width, depth):
+def build_model(width, depth, init=True):
+    """The MLP. Without init (when a checkpoint is about to overwrite every
+    parameter) its tensors are only allocated, not randomly initialized."""
+    def linear(i, o):
+        return torch.nn.Linear(i, o) if init else torch.nn.utils.skip_init(torch.nn.Linear, i, o)
+
     layers = []
     for _ in range(depth):
-        layers += [torch.nn.Linear(width, width), torch.nn.Tanh()]
-    layers.append(torch.nn.Linear(width, 1))
+        layers += [linear(width, width), torch.nn.Tanh()]
+    layers.append(linear(width, 1))
     return torch.nn.Sequential(*layers)
 
 
@@ -78,41 +83,47 @@ def main():
     if world > 1:
         dist.init_process_group("gloo", init_method="env://")
     t_pg = time.time()
-    model = build_model(args.width, args.depth)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
 
-    start = 0
-    t_load0 = time.time()
-    t_restore0 = t_load0
-    source = "none"
+    # Where the state comes from, before the model is built: a model about to be
+    # restored needs no random init.
+    ckpt, resume_from = None, None
     if args.ckpt == "flashckpt":
         import flashckpt
 
         ckpt = flashckpt.Checkpointer(args.dir, keep_last=2, persist_every=args.persist_every)
         if ckpt.latest_step() is not None or os.environ.get("FLASHCKPT_RESTORE_STEP"):
-            t_restore0 = time.time()
-            res = ckpt.load_into(model, opt)
-            start = res.step
-            source = ckpt.last_load.source
+            resume_from = "flashckpt"
     else:
-        ckpt = None
         path = os.path.join(args.dir, f"rank{rank}.pt")
         if os.path.exists(path):
-            t_restore0 = time.time()
-            state = torch.load(path)
-            model.load_state_dict(state["model"])
-            opt.load_state_dict(state["optim"])
-            start = state["step"]
-            source = "torch.load"
+            resume_from = path
+    t_ckpt = time.time()
+    model = build_model(args.width, args.depth, init=resume_from is None)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    t_model = time.time()
+
+    start = 0
+    source = "none"
+    if resume_from == "flashckpt":
+        res = ckpt.load_into(model, opt)
+        start = res.step
+        source = ckpt.last_load.source
+    elif resume_from:
+        state = torch.load(resume_from)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optim"])
+        start = state["step"]
+        source = "torch.load"
     t_load = time.time()
     if start:
-        log(f"resumed from step {start} ({source}) in {1000 * (t_load - t_load0):.1f} ms; "
+        log(f"resumed from step {start} ({source}) in {1000 * (t_load - t_model):.1f} ms; "
             f"attempt {attempt}; import+init {t_pg - t_start:.3f} s")
     # wall-clock marks of this process's start-up, for benchmarks/recovery
+    # (exec: the script's first line; under flashrun --standby, when the warm interpreter took over)
     log(f"phase_marks exec={_T_EXEC:.6f} imported={_T_IMPORTED:.6f} pg_start={t_start:.6f} "
-        f"pg_done={t_pg:.6f} load_start={t_load0:.6f} restore_start={t_restore0:.6f} load_done={t_load:.6f}")
+        f"pg_done={t_pg:.6f} ckpt_ready={t_ckpt:.6f} model_ready={t_model:.6f} load_done={t_load:.6f}")
     log(f"resume_point t={t_load:.6f} start={start} source={source} "
-        f"pg_init_s={t_pg - t_start:.4f} load_s={t_load - t_load0:.4f}")
+        f"pg_init_s={t_pg - t_start:.4f} load_s={t_load - t_model:.4f}")
 
     params = list(model.parameters())
     for step in range(start + 1, args.steps + 1):

@@ -1,6 +1,7 @@
 // Faults: a full disk, SIGKILL at every crash point of persist and commit,
 // and corrupted, truncated, missing or foreign files on load.
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -11,7 +12,11 @@
 
 #include "flashckpt/checkpointer.h"
 #include "gtest/gtest.h"
+#include "shm/segment.h"
+#include "storage/commit.h"
 #include "storage/layout.h"
+#include "storage/persister.h"
+#include "storage/uring_io.h"
 #include "test_util.h"
 
 namespace flashckpt {
@@ -135,6 +140,53 @@ TEST(Faults, SigkillAtEveryCrashPointLeavesACommittedStepLoadable) {
     ckpt.unlink_memory();
   }
   EXPECT_EQ(killed, points);
+}
+
+// flashrun's agent persisting again a snapshot whose step was committed while
+// a restart cut the rank's wait for COMMIT short: nothing is rewritten, the
+// COMMIT stays as it is (rank 0 will not write it again), and there is no wait.
+TEST(Faults, PersistingACommittedSnapshotAgainKeepsItsCommit) {
+  ScratchDirs dirs;
+  FakeState s0 = FakeState::ForStep(3), s1 = FakeState::ForStep(4);
+  Checkpointer r0(dirs.Options(0, 2)), r1(dirs.Options(1, 2));
+  auto h0 = r0.save(3, s0.Refs(), s0.Blobs());
+  auto h1 = r1.save(3, s1.Refs(), s1.Blobs());
+  h0.wait_durable();
+  h1.wait_durable();
+  const std::string commit = dirs.ckpt + "/step-3/COMMIT", data = dirs.ckpt + "/step-3/rank-1.data";
+  struct stat commit_before, data_before, commit_after, data_after;
+  ASSERT_EQ(::stat(commit.c_str(), &commit_before), 0);
+  ASSERT_EQ(::stat(data.c_str(), &data_before), 0);
+
+  auto seg = SharedSegment::Open(r1.memory_segment_path());
+  ASSERT_TRUE(seg.ok()) << seg.status();
+  SlotView v;
+  ASSERT_TRUE((*seg)->Newest(&v, 3));
+  (*seg)->slot(v.index)->durable.store(0);  // the fault: the rank never learned of the COMMIT
+  BulkIo io{IoOptions{}};
+  FileCommitBarrier barrier(dirs.ckpt);
+  PersistContext ctx;
+  ctx.root = dirs.ckpt;
+  ctx.rank = 1;
+  ctx.world_size = 2;
+  ctx.barrier = &barrier;
+  ctx.commit_timeout = std::chrono::seconds(60);
+  ctx.io = &io;
+  ctx.where = r1.memory_segment_path();
+  const auto t0 = std::chrono::steady_clock::now();
+  auto st = PersistSlot(**seg, v.index, 3, ctx);
+  ASSERT_TRUE(st.ok()) << st.status();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(10));
+  EXPECT_EQ((*seg)->slot(v.index)->durable.load(), 1u);
+  ASSERT_EQ(::stat(commit.c_str(), &commit_after), 0);
+  ASSERT_EQ(::stat(data.c_str(), &data_after), 0);
+  EXPECT_EQ(commit_after.st_ino, commit_before.st_ino);
+  EXPECT_EQ(data_after.st_ino, data_before.st_ino);
+  EXPECT_EQ(data_after.st_mtim.tv_nsec, data_before.st_mtim.tv_nsec);
+  LoadOptions lo;
+  lo.prefer_memory = false;
+  lo.verify = true;
+  EXPECT_EQ(s1.Diff(*r1.load(lo)), "");
 }
 
 TEST(Faults, RestartPersistsTheSnapshotACrashLeftInMemory) {

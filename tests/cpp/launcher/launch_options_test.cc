@@ -89,6 +89,21 @@ TEST(LaunchOptions, BadValuesAreArgparseErrors) {
   }
 }
 
+TEST(LaunchOptions, StandbyIsAFlashrunFlagForPythonWorkers) {
+  Parsed ok = Parse({"--standby", "--standby-import", "torch,numpy", "--no-python", "--help"});
+  EXPECT_NE(ok.out.find("--standby-import STANDBY_IMPORT"), std::string::npos) << ok.out;
+  Parsed p = Parse({"--standby", "--standby_import", "json", "-m", "pkg.train"});
+  ASSERT_TRUE(p.outcome.options) << p.err;
+  EXPECT_TRUE(p.outcome.options->standby);
+  EXPECT_EQ(p.outcome.options->standby_import, "json");
+  EXPECT_FALSE(Parse({"-m", "pkg.train"}).outcome.options->standby);
+  Parsed bad = Parse({"--standby", "--no-python", "trainer"});
+  EXPECT_FALSE(bad.outcome.options);
+  EXPECT_EQ(bad.outcome.exit_code, 2);
+  EXPECT_NE(bad.err.find("argument --standby: a standby is a Python interpreter; it does not go with --no-python"),
+            std::string::npos) << bad.err;
+}
+
 TEST(LaunchOptions, HelpExitsZero) {
   Parsed p = Parse({"--help"});
   EXPECT_FALSE(p.outcome.options);

@@ -107,6 +107,129 @@ TEST(WorkerGroup, TeeWritesFileAndPrefixedConsole) {
   std::filesystem::remove_all(dir);
 }
 
+// --- warm standbys (flashrun --standby) ------------------------------------------------------
+constexpr const char* kPython = "/usr/bin/python3";
+
+struct StandbyScratch {
+  std::filesystem::path dir = std::filesystem::temp_directory_path() /
+                              ("flashrun_standby_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+  StandbyScratch() { std::filesystem::create_directories(dir); }
+  ~StandbyScratch() { std::filesystem::remove_all(dir); }
+  static inline int counter = 0;
+  std::string Read(const std::string& name) const {
+    std::ifstream in(dir / name);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+};
+
+WorkerLaunch PythonWorker(const StandbyScratch& s, const std::string& attempt) {
+  {
+    std::ofstream py(s.dir / "work.py");
+    py << "import os, sys, time\n"
+          "time.sleep(float(os.environ.get('SLEEP', '0')))\n"
+          "print('attempt', os.environ.get('ATTEMPT'), 'pid', os.getpid(), 'argv', sys.argv, 'name', __name__,\n"
+          "      'path0', sys.path[0], 'json' in sys.modules, 'activated' if os.environ.get("
+          "'FLASHRUN_STANDBY_ACTIVATED_AT') else 'fresh')\n"
+          "print('to stderr', file=sys.stderr)\n"
+          "sys.exit(int(os.environ.get('EXIT', '0')))\n";
+  }
+  WorkerLaunch l;
+  l.argv = {kPython, "-u", (s.dir / "work.py").string(), "one", "two words"};
+  l.env = {"PATH=/usr/bin:/bin", "ATTEMPT=" + attempt, "EXIT=" + std::string(attempt == "1" ? "7" : "0"),
+           "SLEEP=" + std::string(attempt == "0" ? "1" : "0")};
+  l.stdout_log = (s.dir / ("out" + attempt)).string();
+  l.stderr_log = (s.dir / ("err" + attempt)).string();
+  l.redirect_streams = kStdout | kStderr;
+  l.standby_key = "same command, same start-up environment";
+  l.standby_log = (s.dir / "standby.log").string();
+  return l;
+}
+
+StandbyOptions StandbyAtOnce(const std::string& imports) {
+  StandbyOptions o;
+  o.imports = imports;
+  o.delay = std::chrono::seconds(0);
+  return o;
+}
+
+// Runs the group's checks until one standby is ready (it starts, imports, and waits).
+bool WaitForReadyStandby(WorkerGroup& group) {
+  const auto deadline = Clock::now() + std::chrono::seconds(60);
+  while (group.standbys_ready() < 1 && Clock::now() < deadline) {
+    group.Check(std::chrono::seconds(0));
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return group.standbys_ready() == 1;
+}
+
+TEST(Standby, PlanRunsScriptsAndModulesOnly) {
+  auto p = PlanStandby({"/usr/bin/python3", "-u", "train.py", "--lr", "1"});
+  ASSERT_TRUE(p.has_value());
+  EXPECT_FALSE(p->module);
+  EXPECT_EQ(p->target, "train.py");
+  EXPECT_EQ(p->args, (std::vector<std::string>{"--lr", "1"}));
+  auto m = PlanStandby({"/usr/bin/python3", "-u", "-m", "pkg.train", "x"});
+  ASSERT_TRUE(m.has_value());
+  EXPECT_TRUE(m->module);
+  EXPECT_EQ(m->target, "pkg.train");
+  EXPECT_FALSE(PlanStandby({"/usr/bin/python3", "-u", "-c", "print(1)", "x"}).has_value());  // --run-path
+  EXPECT_FALSE(PlanStandby({"/usr/local/bin/trainer", "--x"}).has_value());                  // --no-python
+}
+
+TEST(Standby, TakesOverTheRestartWithTheWorkersEnvironmentStreamsAndExitCode) {
+  if (::access(kPython, X_OK) != 0) GTEST_SKIP() << kPython << " is not installed";
+  StandbyScratch s;
+  WorkerGroup group;
+  group.EnableStandby(StandbyAtOnce("json"));
+  ASSERT_TRUE(group.Start({PythonWorker(s, "0")}).ok());
+  EXPECT_EQ(group.standbys_used(), 0);
+  ASSERT_TRUE(WaitForReadyStandby(group)) << s.Read("standby.log");
+  const pid_t standby = group.standby_pids().at(0);
+  EXPECT_EQ(WaitForState(group, std::chrono::seconds(30)), GroupState::kSucceeded);
+  EXPECT_NE(s.Read("out0").find("fresh"), std::string::npos) << s.Read("out0");
+
+  group.StopForRestart(SIGTERM, std::chrono::seconds(1));
+  ASSERT_TRUE(group.Start({PythonWorker(s, "1")}).ok());
+  EXPECT_EQ(group.standbys_used(), 1);
+  EXPECT_EQ(group.pids().at(0), standby);
+  EXPECT_EQ(WaitForState(group, std::chrono::seconds(30)), GroupState::kFailed);
+  ASSERT_EQ(group.failures().size(), 1u);
+  EXPECT_EQ(group.failures()[0].exitcode, 7);  // sys.exit(7) of the script is the worker's exit code
+  const std::string out = s.Read("out1");
+  EXPECT_NE(out.find("attempt 1 pid " + std::to_string(standby)), std::string::npos) << out;
+  EXPECT_NE(out.find("argv ['" + (s.dir / "work.py").string() + "', 'one', 'two words'] name __main__"),
+            std::string::npos) << out;
+  EXPECT_NE(out.find("path0 " + s.dir.string() + " True activated"), std::string::npos) << out;
+  EXPECT_EQ(s.Read("err1"), "to stderr\n");
+  group.Stop(SIGTERM, std::chrono::seconds(1));
+  EXPECT_NE(::kill(standby, 0), 0);
+}
+
+TEST(Standby, OneStartedForAnotherCommandIsNotUsedAndStopLeavesNoneBehind) {
+  if (::access(kPython, X_OK) != 0) GTEST_SKIP() << kPython << " is not installed";
+  StandbyScratch s;
+  WorkerGroup group;
+  group.EnableStandby(StandbyAtOnce(""));
+  WorkerLaunch first = PythonWorker(s, "0");
+  first.env.back() = "SLEEP=30";
+  ASSERT_TRUE(group.Start({first}).ok());
+  ASSERT_TRUE(WaitForReadyStandby(group)) << s.Read("standby.log");
+  const pid_t standby = group.standby_pids().at(0);
+  group.StopForRestart(SIGTERM, std::chrono::seconds(1));
+  WorkerLaunch other = PythonWorker(s, "2");
+  other.standby_key = "another command";
+  other.env.back() = "SLEEP=30";
+  ASSERT_TRUE(group.Start({other}).ok());
+  EXPECT_EQ(group.standbys_used(), 0);
+  EXPECT_NE(group.pids().at(0), standby);
+  EXPECT_NE(::kill(standby, 0), 0);  // the unusable standby was killed and reaped
+  ASSERT_TRUE(WaitForReadyStandby(group)) << s.Read("standby.log");  // one for the new command
+  const pid_t second = group.standby_pids().at(0);
+  group.Stop(SIGTERM, std::chrono::seconds(1));  // the job ends: the standby goes with the workers
+  EXPECT_NE(::kill(second, 0), 0);
+  EXPECT_TRUE(group.standby_pids().empty());
+}
+
 TEST(FailureReport, ReadsTracebackAndPutsRootCauseFirstObserved) {
   const std::string path = std::filesystem::temp_directory_path() / ("flashrun_err_" + std::to_string(::getpid()));
   std::ofstream(path) << R"({"message": {"message": "RuntimeError: boom", "extraInfo": {"py_callstack": "Traceback:\n  line 1\nRuntimeError: boom", "timestamp": "1700000000"}}})";
