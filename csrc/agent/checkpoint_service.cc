@@ -68,6 +68,11 @@ absl::StatusOr<std::unique_ptr<CheckpointService>> CheckpointService::Start(Chec
 
 CheckpointService::~CheckpointService() {
   stop_ = true;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_)
+      if (r->commits_in_flight) r->commits_in_flight->WakeAll();
+  }
   if (listen_fd_ >= 0) ::shutdown(listen_fd_, SHUT_RDWR);
   if (metrics_fd_ >= 0) ::shutdown(metrics_fd_, SHUT_RDWR);
   if (accept_thread_.joinable()) accept_thread_.join();
@@ -140,19 +145,35 @@ void CheckpointService::Enqueue(int rank, Job job) {
   std::vector<int64_t> dropped;
   std::string dir;
   int world_size = 1;
+  std::shared_ptr<CommitCoordinator> commits;
   {
     std::lock_guard<std::mutex> l(mu_);
     Rank& r = *ranks_[rank];
     dir = r.hello.directory();
     world_size = r.hello.world_size();
+    commits = commits_;
     for (auto& old : r.queue)
       if (old.step < job.step) dropped.push_back(old.step);
     EnqueueLocked(rank, r, job);
   }
   // The other ranks may have persisted a dropped step: tell them not to wait for its COMMIT.
-  if (world_size > 1)
+  if (world_size > 1 && !dropped.empty()) {
+    auto barrier = MakeBarrier(commits, dir, nullptr);
     for (int64_t step : dropped)
-      ReportPersistFailure(dir, step, rank, absl::StrCat("superseded by step ", job.step, " before it was persisted"));
+      barrier->report_failure(dir, step, rank, absl::StrCat("superseded by step ", job.step, " before it was persisted"));
+  }
+}
+
+std::unique_ptr<CommitBarrier> CheckpointService::MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
+                                                              const std::string& directory,
+                                                              std::function<bool()> cancelled) {
+  if (commits) return commits->Barrier(directory, std::move(cancelled));
+  return std::make_unique<FileCommitBarrier>(directory, std::move(cancelled));
+}
+
+void CheckpointService::UseCommits(std::shared_ptr<CommitCoordinator> commits) {
+  std::lock_guard<std::mutex> l(mu_);
+  commits_ = std::move(commits);
 }
 
 void CheckpointService::EnqueueLocked(int rank, Rank& r, const Job& job) {
@@ -209,6 +230,7 @@ void CheckpointService::RankLoop(int rank) {
       job = r->queue.front();
       r->queue.pop_front();
       r->busy = true;
+      r->commits_in_flight = commits_;
     }
     absl::Status st = OpenSegment(*r);
     absl::StatusOr<PersistStats> stats = absl::UnknownError("not persisted");
@@ -217,9 +239,9 @@ void CheckpointService::RankLoop(int rank) {
     } else {
       const uint64_t epoch = job.epoch;
       auto cancelled = [this, epoch] { return stop_.load() || epoch_.load() != epoch; };
-      FileCommitBarrier barrier(r->hello.directory(), cancelled);
+      std::unique_ptr<CommitBarrier> barrier = MakeBarrier(r->commits_in_flight, r->hello.directory(), cancelled);
       PersistContext ctx{r->hello.directory(), r->hello.rank(), r->hello.world_size(), r->hello.keep_last(),
-                         &barrier, std::chrono::milliseconds(r->hello.commit_timeout_ms()), r->io.get(),
+                         barrier.get(), std::chrono::milliseconds(r->hello.commit_timeout_ms()), r->io.get(),
                          r->hello.shm_path(), cancelled};
       r->io->RegisterRegion(r->seg->header(), r->seg->mapped_bytes());
       stats = PersistSlot(*r->seg, job.slot, job.step, ctx);
@@ -241,6 +263,7 @@ void CheckpointService::RankLoop(int rank) {
       if (stats.ok()) r->newest_durable = std::max(r->newest_durable, job.step);
       else last_error_ = std::string(stats.status().message());
       r->busy = false;
+      r->commits_in_flight.reset();
     }
     if (job.reply_fd >= 0) {
       pb::AgentReply rep;
@@ -271,6 +294,8 @@ void CheckpointService::Restart(int64_t restore_step) {
       r->queue.clear();
       local_ranks.push_back(rank);
       dir = r->hello.directory();
+      // A persist blocked on the store notices the new epoch now, not after its poll.
+      if (r->busy && r->commits_in_flight) r->commits_in_flight->WakeAll();
     }
     // In-flight persists notice the new epoch within one barrier poll; a data
     // write in progress finishes first (about a second per GiB).

@@ -12,6 +12,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -23,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "agent.pb.h"
+#include "flashckpt/checkpointer.h"
 #include "storage/uring_io.h"
 
 namespace flashckpt {
@@ -37,6 +39,20 @@ struct CheckpointServiceOptions {
   int metrics_port = -1;          // Prometheus text on 127.0.0.1:<port>; -1 none, 0 any free port
   IoOptions io;
   std::string node;               // host name shown in status and metrics
+};
+
+// How the service's persists agree with the other ranks on a COMMIT. Without
+// one (static rendezvous, tests), FileCommitBarrier: records in the step
+// directory. flashrun's c10d rendezvous plugs in its store (StoreCommits).
+class CommitCoordinator {
+ public:
+  virtual ~CommitCoordinator() = default;
+  // The barrier of one persist; `cancelled` as PersistContext::cancelled.
+  virtual std::unique_ptr<CommitBarrier> Barrier(const std::string& directory, std::function<bool()> cancelled) = 0;
+  // Wakes the waits of every barrier made so far and still alive, so that
+  // they look at their `cancelled` at once (a restart).
+  virtual void WakeAll() {}
+  virtual std::string Describe() const = 0;
 };
 
 struct RecoveryTiming {
@@ -66,6 +82,9 @@ class CheckpointService {
   // dead timeline with the new one), this node's files of uncommitted other
   // steps are removed, and `restore_step` is persisted if only memory holds it.
   void Restart(int64_t restore_step);
+  // From now on, persists commit through `commits` (nullptr: the file barrier).
+  // Persists already in flight keep theirs; Restart() wakes them.
+  void UseCommits(std::shared_ptr<CommitCoordinator> commits);
   // Waits until every queued persist finished.
   void Drain();
   // The steps each registered rank holds, whole, in shared memory.
@@ -98,6 +117,7 @@ class CheckpointService {
     std::thread thread;
     std::unique_ptr<BulkIo> io;
     int64_t newest_durable = -1;
+    std::shared_ptr<CommitCoordinator> commits_in_flight;  // of the persist in flight (null: files)
   };
 
   void AcceptLoop();
@@ -107,6 +127,8 @@ class CheckpointService {
   void Enqueue(int rank, Job job);
   void EnqueueLocked(int rank, Rank& r, const Job& job);
   void Unpin(Rank& r, int slot);
+  static std::unique_ptr<CommitBarrier> MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
+                                                    const std::string& directory, std::function<bool()> cancelled);
   void MetricsLoop();
 
   CheckpointServiceOptions options_;
@@ -122,6 +144,7 @@ class CheckpointService {
   std::mutex mu_;
   std::condition_variable cv_;
   std::map<int, std::unique_ptr<Rank>> ranks_;
+  std::shared_ptr<CommitCoordinator> commits_;
   std::mutex reply_mu_;
 
   // Counters for status and metrics.

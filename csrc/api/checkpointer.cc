@@ -34,6 +34,7 @@
 #include "shm/segment.h"
 #include "snapshot/snapshot.h"
 #include "storage/commit.h"
+#include "common/process_lock.h"
 #include "storage/layout.h"
 #include "storage/persister.h"
 #include "storage/uring_io.h"
@@ -256,15 +257,29 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   }
   std::string lock_path = absl::StrCat(root, "/.rank-", opt.rank, ".lock");
   dir_lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
-  if (dir_lock_fd_ < 0 || ::flock(dir_lock_fd_, LOCK_EX | LOCK_NB) != 0) {
-    int err = errno;
+  // The lock file names its holder, so that a predecessor still on its way out
+  // (a killed worker freeing its memory) is waited for, not taken for a rival.
+  pid_t holder = 0;
+  absl::Status locked = dir_lock_fd_ < 0 ? ErrnoStatus("open", lock_path, errno)
+                                         : LockOrWaitForExitingOwner(dir_lock_fd_, [this] {
+                                             char buf[32] = {};
+                                             ssize_t n = ::pread(dir_lock_fd_, buf, sizeof(buf) - 1, 0);
+                                             return n > 0 ? static_cast<pid_t>(std::atoi(buf)) : 0;
+                                           }, lock_path, kExitingOwnerGrace, &holder);
+  if (!locked.ok()) {
     { std::lock_guard<std::mutex> l(g_open_mu); g_open.erase(open_key_); }
     if (dir_lock_fd_ >= 0) ::close(dir_lock_fd_);
-    if (err == EWOULDBLOCK)
+    if (locked.code() == absl::StatusCode::kFailedPrecondition)
       throw Error(ErrorCode::kFailedPrecondition,
                   absl::StrCat("checkpoint directory ", root, " is in use by another process for rank ", opt.rank,
-                               " (lock ", lock_path, ")"));
-    ThrowStatus(ErrnoStatus("lock", lock_path, err));
+                               holder > 0 ? absl::StrCat(" (pid ", holder, ")") : std::string(), " (lock ", lock_path,
+                               ")"));
+    ThrowStatus(Annotate(locked, "lock"));
+  }
+  {
+    std::string me = absl::StrCat(::getpid(), "\n");
+    if (::ftruncate(dir_lock_fd_, 0) != 0 || ::pwrite(dir_lock_fd_, me.data(), me.size(), 0) < 0)
+      FCK_LOG(kDebug, "cannot record the holder in ", lock_path);
   }
   try {
     Init();
@@ -591,7 +606,7 @@ void Checkpointer::Impl::PersisterLoop() {
     }
     // Off the training thread: a small durable file per dropped step.
     for (auto [step, by] : superseded)
-      ReportPersistFailure(root, step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
+      barrier_->report_failure(root, step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
     {
       std::unique_lock<std::mutex> l(mu_);
       if (queue_.empty() && stop_ && superseded_.empty()) return;

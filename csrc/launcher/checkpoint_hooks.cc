@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "agent/store_commit_barrier.h"
 #include "storage/layout.h"
 
 namespace flashckpt::launcher {
@@ -108,10 +109,25 @@ absl::Status CheckpointHooks::BeforeWorkersStart(int restart_count, const RoundA
   } else if (restart_count > 0) {
     Say("no step is available on every node: workers start from what they find");
   }
-  // Persists of other steps belong to the dead timeline: abandon them (and
-  // their files), then make the restore step durable in the background (its
-  // slot stays pinned while the agent reads it).
-  if (service_ && restart_count > 0) service_->Restart(step.value_or(-1));
+  // The commit runs across nodes through the rendezvous store, under this
+  // round's keys (the round is the same on every node).
+  if (service_ && round.store) {
+    CommitStoreOptions so;
+    so.host = round.store->host;
+    so.port = round.store->port;
+    so.token = round.store->token;
+    so.run_id = round.store->run_id;
+    so.round = round.round;
+    auto commits = std::make_shared<StoreCommits>(so);
+    if (!announced_store_) Say(absl::StrCat("commit through ", commits->Describe()));
+    announced_store_ = true;
+    service_->UseCommits(std::move(commits));
+  }
+  // Persists of other steps belong to the dead timeline (every round after
+  // the first follows a stop of the workers): abandon them (and their files),
+  // then make the restore step durable in the background (its slot stays
+  // pinned while the agent reads it).
+  if (service_ && (rounds_++ > 0 || restart_count > 0)) service_->Restart(step.value_or(-1));
   return absl::OkStatus();
 }
 

@@ -43,6 +43,8 @@ class CheckpointHooks : public NodeHooks {
   using Clock = std::chrono::steady_clock;
   std::optional<Clock::time_point> noticed_, stopped_, round_;
   int restarts_ = 0;
+  int rounds_ = 0;
+  bool announced_store_ = false;
 };
 
 }  // namespace flashckpt::launcher

@@ -213,7 +213,9 @@ class DynamicRendezvous : public NodeRendezvous {
     last_round_ = view.round();
     group_world_size_ = view.participants_size();
     StartWatcher(view.round());
-    return AssignmentFromView(view);
+    RoundAssignment assignment = AssignmentFromView(view);
+    assignment.store = RendezvousStore{client_host_, options_.endpoint_port, options_.token, options_.run_id};
+    return assignment;
   }
 
   int RejoinNotifier() const override { return rejoin_fd_; }

@@ -24,6 +24,15 @@ struct NodeInRound {
   std::string payload;  // what NodeHooks::NodePayload gave on that node
 };
 
+// The agents' key-value store (c10d rendezvous only): the checkpoint service
+// runs the cross-node commit through it.
+struct RendezvousStore {
+  std::string host;
+  uint16_t port = 0;
+  std::string token;
+  std::string run_id;
+};
+
 struct RoundAssignment {
   uint64_t round = 0;
   int group_rank = 0;
@@ -34,6 +43,7 @@ struct RoundAssignment {
   int master_port = 0;
   int restart_count = 0;  // the highest of the nodes' restart counts
   std::vector<NodeInRound> nodes;  // in group-rank order
+  std::optional<RendezvousStore> store;  // none with the static rendezvous
 };
 
 class NodeRendezvous {

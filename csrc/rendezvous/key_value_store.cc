@@ -1,5 +1,7 @@
 #include "rendezvous/key_value_store.h"
 
+#include <iterator>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
@@ -12,6 +14,16 @@ int64_t KeyValueStore::Add(const std::string& key, int64_t delta) {
   current += delta;
   values_[key] = absl::StrCat(current);
   return current;
+}
+
+size_t KeyValueStore::Delete(const std::string& key, const std::string& range_end) {
+  if (range_end.empty()) return values_.erase(key);
+  if (range_end <= key) return 0;
+  auto first = values_.lower_bound(key);
+  auto last = values_.lower_bound(range_end);
+  const size_t n = static_cast<size_t>(std::distance(first, last));
+  values_.erase(first, last);
+  return n;
 }
 
 }  // namespace flashckpt::rendezvous

@@ -18,6 +18,8 @@ class KeyValueStore {
   }
   // Adds delta to the counter at key (missing or non-numeric counts as 0), returns the sum.
   int64_t Add(const std::string& key, int64_t delta);
+  // Erases key, or with a non-empty range_end every key in [key, range_end); returns how many.
+  size_t Delete(const std::string& key, const std::string& range_end);
   size_t size() const { return values_.size(); }
 
  private:

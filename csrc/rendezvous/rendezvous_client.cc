@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <algorithm>
 #include <cstring>
 #include <thread>
 
@@ -169,6 +170,18 @@ absl::Status RendezvousClient::ReceiveAll(char* data, size_t size, Deadline dead
 }
 
 absl::StatusOr<Response> RendezvousClient::Call(Request request, Deadline deadline) {
+  absl::StatusOr<Response> response = Exchange(std::move(request), deadline);
+  if (!response.ok()) return response.status();
+  if (absl::Status status = ResponseStatus(*response, endpoint()); !status.ok()) {
+    if (status.code() != absl::StatusCode::kNotFound && status.code() != absl::StatusCode::kDeadlineExceeded) {
+      Disconnect();  // the server closes after refusing a request
+    }
+    return status;
+  }
+  return response;
+}
+
+absl::StatusOr<Response> RendezvousClient::Exchange(Request request, Deadline deadline) {
   request.set_token(token_);
   request.set_run_id(run_id_);
   const std::string frame = EncodeFrame(request);
@@ -202,12 +215,6 @@ absl::StatusOr<Response> RendezvousClient::Call(Request request, Deadline deadli
         if (!response.ParseFromString(body)) {
           Disconnect();
           return absl::DataLossError(absl::StrFormat("rendezvous server %s sent a malformed response", endpoint()));
-        }
-        if (absl::Status status = ResponseStatus(response, endpoint()); !status.ok()) {
-          if (status.code() != absl::StatusCode::kNotFound && status.code() != absl::StatusCode::kDeadlineExceeded) {
-            Disconnect();  // the server closes after refusing a request
-          }
-          return status;
         }
         return response;
       }
@@ -265,9 +272,37 @@ absl::StatusOr<int64_t> RendezvousClient::StoreAdd(const std::string& key, int64
   Request request;
   request.mutable_store_add()->set_key(key);
   request.mutable_store_add()->set_delta(delta);
+  return CallForCounter(std::move(request), deadline);
+}
+
+absl::StatusOr<int64_t> RendezvousClient::CallForCounter(Request request, Deadline deadline) {
   absl::StatusOr<Response> response = Call(std::move(request), deadline);
   if (!response.ok()) return response.status();
   return response->counter();
+}
+
+absl::StatusOr<std::optional<std::string>> RendezvousClient::StoreWait(const std::string& key,
+                                                                       std::chrono::milliseconds wait,
+                                                                       Deadline deadline) {
+  Request request;
+  request.mutable_store_get()->set_key(key);
+  request.mutable_store_get()->set_wait_ms(static_cast<uint32_t>(std::clamp<int64_t>(wait.count(), 0, 1 << 30)));
+  absl::StatusOr<Response> response = Exchange(std::move(request), deadline);
+  if (!response.ok()) return response.status();
+  if (response->code() == Response::NOT_FOUND || response->code() == Response::TIMEOUT) return std::nullopt;
+  if (absl::Status status = ResponseStatus(*response, endpoint()); !status.ok()) {
+    Disconnect();
+    return status;
+  }
+  return std::optional<std::string>(response->value());
+}
+
+absl::StatusOr<int64_t> RendezvousClient::StoreDelete(const std::string& key, const std::string& range_end,
+                                                      Deadline deadline) {
+  Request request;
+  request.mutable_store_delete()->set_key(key);
+  request.mutable_store_delete()->set_range_end(range_end);
+  return CallForCounter(std::move(request), deadline);
 }
 
 }  // namespace flashckpt::rendezvous

@@ -32,10 +32,20 @@ class RendezvousClient {
   // Waits until the key is set or the deadline passes.
   absl::StatusOr<std::string> StoreGet(const std::string& key, Deadline deadline);
   absl::StatusOr<int64_t> StoreAdd(const std::string& key, int64_t delta, Deadline deadline);
+  // Waits up to `wait` (0: not at all) for the key: its value, or nullopt when
+  // it was not set in that time. An error only when the server did not answer
+  // (by the deadline) or refused the request.
+  absl::StatusOr<std::optional<std::string>> StoreWait(const std::string& key, std::chrono::milliseconds wait,
+                                                       Deadline deadline);
+  // Deletes key, or with range_end every key in [key, range_end); returns how many.
+  absl::StatusOr<int64_t> StoreDelete(const std::string& key, const std::string& range_end, Deadline deadline);
 
   // Sends one request and reads its response; reconnects (until the deadline)
   // when the server is not up yet or the connection dropped.
   absl::StatusOr<Response> Call(Request request, Deadline deadline);
+  // As Call, but a response the server sent with an error code is returned as
+  // it is; the status says only whether an answer came.
+  absl::StatusOr<Response> Exchange(Request request, Deadline deadline);
 
   std::string endpoint() const;
 
@@ -45,6 +55,7 @@ class RendezvousClient {
 
  private:
   absl::Status Connect(Deadline deadline);
+  absl::StatusOr<int64_t> CallForCounter(Request request, Deadline deadline);
   absl::Status SendAll(const std::string& bytes, Deadline deadline);
   absl::Status ReceiveAll(char* data, size_t size, Deadline deadline);
   void Disconnect();

@@ -245,9 +245,15 @@ class RendezvousServer::Impl {
         response.set_counter(store_.Add(request->store_add().key(), request->store_add().delta()));
         ++store_version_;
         break;
+      case Request::kStoreDelete:
+        response.set_counter(static_cast<int64_t>(
+            store_.Delete(request->store_delete().key(), request->store_delete().range_end())));
+        ++store_version_;
+        break;
       default:
         break;
     }
+    counters_.store_keys = store_.size();
     if (park) {
       session->parked = true;
       session->parked_request = std::move(*request);

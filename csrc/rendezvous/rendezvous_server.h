@@ -28,6 +28,7 @@ struct RendezvousServerCounters {
   std::atomic<uint64_t> requests_served{0};
   std::atomic<uint64_t> frames_rejected{0};  // malformed, oversized, wrong token or run
   std::atomic<uint64_t> connections_accepted{0};
+  std::atomic<uint64_t> store_keys{0};  // keys in the key-value store now
 };
 
 class RendezvousServer {

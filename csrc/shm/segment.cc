@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/crc32c.h"
+#include "common/process_lock.h"
 #include "common/status.h"
 
 namespace flashckpt {
@@ -151,13 +152,14 @@ SharedSegment::~SharedSegment() {
 }
 
 absl::Status SharedSegment::LockForWriting() {
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK)
-      return absl::FailedPreconditionError(absl::StrCat(
-          "shared-memory segment ", path_, " is in use by another live process (pid ",
-          header()->owner_pid, "): one Checkpointer per rank and directory"));
-    return ErrnoStatus("flock", path_, errno);
-  }
+  pid_t holder = 0;
+  absl::Status s = LockOrWaitForExitingOwner(fd_, [this] { return static_cast<pid_t>(header()->owner_pid); }, path_,
+                                             kExitingOwnerGrace, &holder);
+  if (s.code() == absl::StatusCode::kFailedPrecondition)
+    return absl::FailedPreconditionError(absl::StrCat("shared-memory segment ", path_,
+                                                      " is in use by another live process (pid ", holder,
+                                                      "): one Checkpointer per rank and directory"));
+  if (!s.ok()) return s;
   header()->owner_pid = getpid();
   return absl::OkStatus();
 }

@@ -49,9 +49,30 @@ void ForgetUncommittedRecords(const std::string& root, int rank) {
   }
 }
 
-void FileCommitBarrier::rank_durable(int64_t step, int rank, const std::string& record) {
-  std::string path = absl::StrCat(StepDir(root_, step), "/", RankDurableName(rank));
+void CommitBarrier::report_failure(const std::string& directory, int64_t step, int rank, const std::string& why) {
+  ReportPersistFailure(directory, step, rank, why);
+}
+
+void CommitBarrier::committed(const std::string&, int64_t) {}
+
+bool CommitBarrier::wait_committed(const std::string& directory, int64_t step, std::chrono::milliseconds timeout,
+                                   const std::function<bool()>& cancelled, std::string* why) {
+  absl::Status s = WaitForCommit(directory, step, timeout, cancelled);
+  if (s.code() == absl::StatusCode::kAborted || s.code() == absl::StatusCode::kCancelled) {
+    if (why) *why = std::string(s.message());
+    return false;
+  }
+  ThrowIfError(s);
+  return true;
+}
+
+void WriteRankRecordFile(const std::string& root, int64_t step, int rank, const std::string& record) {
+  std::string path = absl::StrCat(StepDir(root, step), "/", RankDurableName(rank));
   ThrowIfError(WriteFileAtomic(path, record));
+}
+
+void FileCommitBarrier::rank_durable(int64_t step, int rank, const std::string& record) {
+  WriteRankRecordFile(root_, step, rank, record);
 }
 
 std::vector<std::string> FileCommitBarrier::wait_all(int64_t step, int world_size,

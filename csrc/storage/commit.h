@@ -30,6 +30,10 @@ class FileCommitBarrier : public CommitBarrier {
   std::function<bool()> cancelled_;
 };
 
+// rank-<r>.durable (temp file, fsync, rename): the rank's record, for the
+// file barrier and for `flashckpt ls`. Throws on failure.
+void WriteRankRecordFile(const std::string& root, int64_t step, int rank, const std::string& record);
+
 // Writes COMMIT for `step` from the ranks' records (checked for step, world
 // size and duplicates), then `latest`. Both durable before returning.
 absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,

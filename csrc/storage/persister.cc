@@ -30,7 +30,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   if (!seg->ReadSlot(job.slot, &v) || v.step != job.step) {
     absl::Status s = absl::InternalError(absl::StrCat("slot ", job.slot, " of ", shm_path, " no longer holds step ",
                                                       job.step, " (overwritten by a newer snapshot before it was persisted)"));
-    ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
+    barrier_->report_failure(root, job.step, opt.rank, std::string(s.message()));
     return s;
   }
   SlotHeader* h = seg->slot(job.slot);
@@ -72,7 +72,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
     // A persist abandoned because a restart made the step obsolete is not a
     // failure the other ranks must hear of: after the restart they persist
     // (again) only the agreed step, and a marker would fail its commit.
-    if (!(ctx.cancelled && ctx.cancelled())) ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
+    if (!(ctx.cancelled && ctx.cancelled())) barrier_->report_failure(root, job.step, opt.rank, std::string(s.message()));
     if (!ReadCommit(root, job.step).ok()) {
       ::unlink(durable_path.c_str());  // first: rank 0 must never take the record without the files
       ::unlink(data_path.c_str());
@@ -116,15 +116,23 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
       auto records = barrier_->wait_all(job.step, opt.world_size, opt.commit_timeout);
       s = WriteCommit(root, job.step, opt.world_size, records);
       if (!s.ok()) return cleanup(s);
+      barrier_->committed(root, job.step);
       CrashPoint("commit: before retention");
       // Retention (deleting older steps) is left to the caller, after it has
       // reported this step durable: it is housekeeping, not durability.
     } else {
-      s = WaitForCommit(root, job.step, opt.commit_timeout, ctx.cancelled);
-      // Rank 0 gave the step up, or a restart did: no COMMIT will come. After a
-      // timeout rank 0 may still commit, so the files stay.
-      if (s.code() == absl::StatusCode::kAborted || s.code() == absl::StatusCode::kCancelled) return cleanup(s);
-      if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));
+      std::string why;
+      bool committed;
+      try {
+        committed = barrier_->wait_committed(root, job.step, opt.commit_timeout, ctx.cancelled, &why);
+      } catch (const Error& e) {
+        // After a timeout, or with the barrier unreachable, rank 0 may still
+        // commit: the files stay.
+        return Annotate(StatusFromError(e), absl::StrCat("persist step ", job.step));
+      }
+      // Rank 0 gave the step up, or a restart did: no COMMIT will come.
+      if (!committed)
+        return cleanup(ctx.cancelled && ctx.cancelled() ? absl::CancelledError(why) : absl::AbortedError(why));
     }
   } catch (const Error& e) {
     return cleanup(StatusFromError(e));

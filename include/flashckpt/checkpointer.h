@@ -125,7 +125,9 @@ class SaveHandle {
 
 // How ranks agree a step is complete. The default writes a rank-<r>.durable
 // record per rank into the step directory and rank 0 waits for all of them
-// (works on any shared file system); flashrun plugs in its agent store.
+// (works on any shared file system); flashrun's agents with the c10d
+// rendezvous use their key-value store instead. COMMIT itself is always a
+// file, written by rank 0: the barrier only coordinates.
 class CommitBarrier {
  public:
   virtual ~CommitBarrier() = default;
@@ -133,9 +135,30 @@ class CommitBarrier {
   // the serialized RankRecord (file names, sizes, crc32c).
   virtual void rank_durable(int64_t step, int rank, const std::string& record) = 0;
   // The committing rank (0) calls this: returns the records of all
-  // `world_size` ranks, or throws Error(kDeadlineExceeded) naming the missing ranks.
+  // `world_size` ranks, or throws Error(kDeadlineExceeded) naming the missing
+  // ranks, or Error(kUnavailable) when a rank reported that it will not
+  // persist the step (report_failure).
   virtual std::vector<std::string> wait_all(int64_t step, int world_size,
                                             std::chrono::milliseconds timeout) = 0;
+
+  // The defaults of the three below are the file protocol in the step
+  // directory under `directory` (the checkpoint root being written).
+
+  // Best effort, never throws: `rank` will not persist `step` (it failed, or
+  // a newer step superseded it in its queue), so that the others stop
+  // waiting for it; from rank 0 it also says that no COMMIT will come.
+  // Default: a rank-<r>.failed marker.
+  virtual void report_failure(const std::string& directory, int64_t step, int rank, const std::string& why);
+  // Rank 0, once COMMIT of `step` is durable. Default: nothing (the others read COMMIT).
+  virtual void committed(const std::string& directory, int64_t step);
+  // Every other rank, after rank_durable: true once `step` is committed;
+  // false (with the reason in *why) when it was given up (rank 0 reported a
+  // failure, or `cancelled` says so); throws Error(kDeadlineExceeded) after
+  // `timeout`, and other errors when the barrier cannot tell (rank 0 may
+  // still commit: the rank's files must stay). Default: polls COMMIT and
+  // rank 0's failure marker.
+  virtual bool wait_committed(const std::string& directory, int64_t step, std::chrono::milliseconds timeout,
+                              const std::function<bool()>& cancelled, std::string* why);
 };
 
 struct CheckpointerOptions {

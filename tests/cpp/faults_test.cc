@@ -12,6 +12,7 @@
 
 #include "flashckpt/checkpointer.h"
 #include "gtest/gtest.h"
+#include "common/process_lock.h"
 #include "shm/segment.h"
 #include "storage/commit.h"
 #include "storage/layout.h"
@@ -140,6 +141,58 @@ TEST(Faults, SigkillAtEveryCrashPointLeavesACommittedStepLoadable) {
     ckpt.unlink_memory();
   }
   EXPECT_EQ(killed, points);
+}
+
+TEST(ProcessLock, TellsALiveProcessFromOneThatIsGone) {
+  pid_t live = ::fork();
+  if (live == 0) {
+    ::pause();
+    ::_exit(0);
+  }
+  pid_t zombie = ::fork();
+  if (zombie == 0) ::_exit(0);
+  siginfo_t info{};
+  ASSERT_EQ(::waitid(P_PID, zombie, &info, WEXITED | WNOWAIT), 0);  // exited, not reaped
+  EXPECT_FALSE(ProcessGoneOrExiting(live));
+  EXPECT_FALSE(ProcessGoneOrExiting(::getpid()));
+  EXPECT_TRUE(ProcessGoneOrExiting(zombie));
+  ::waitpid(zombie, nullptr, 0);
+  EXPECT_TRUE(ProcessGoneOrExiting(zombie));  // reaped: gone
+  ::kill(live, SIGKILL);
+  ::waitpid(live, nullptr, 0);
+}
+
+// Another live process holds the rank: refused at once, naming it (a dying
+// predecessor, by contrast, is waited for: see tests/e2e/test_standby.py).
+TEST(ProcessLock, ALiveHolderOfTheRankIsRefusedAtOnceByPid) {
+  ScratchDirs dirs;
+  int ready[2];
+  ASSERT_EQ(::pipe(ready), 0);
+  pid_t child = ::fork();
+  if (child == 0) {
+    ::close(ready[0]);
+    Checkpointer c(dirs.Options());
+    (void)!::write(ready[1], "x", 1);
+    ::pause();
+    ::_exit(0);
+  }
+  ::close(ready[1]);
+  char x;
+  ASSERT_EQ(::read(ready[0], &x, 1), 1);
+  const auto t0 = std::chrono::steady_clock::now();
+  try {
+    Checkpointer c(dirs.Options());
+    ADD_FAILURE() << "two live processes opened rank 0";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), ErrorCode::kFailedPrecondition);
+    EXPECT_NE(std::string(e.what()).find("in use by another process for rank 0 (pid " + std::to_string(child) + ")"),
+              std::string::npos) << e.what();
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  ::close(ready[0]);
+  Checkpointer again(dirs.Options());  // its holder is gone: the rank opens
 }
 
 // flashrun's agent persisting again a snapshot whose step was committed while

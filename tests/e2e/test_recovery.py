@@ -215,15 +215,17 @@ def test_worker_sigkill_resumes_from_memory_bit_exact(flashrun, nodes, tmp_path,
     ck = make_ckpt_dir(tmp_path / "ckpt")
     # rank 3 (node b, local rank 1) SIGKILLs itself right after saving step k, in attempt 0
     crash = ["--crash-at-step", k, "--crash-rank", 3]
-    _, _, a, b = two_nodes(nodes, flashrun, "kill-worker",
-                           train_args(ck, "--digest-out", tmp_path / "digest", *crash), train_args(ck, *crash),
-                           tmp_path)
+    port, _, a, b = two_nodes(nodes, flashrun, "kill-worker",
+                              train_args(ck, "--digest-out", tmp_path / "digest", *crash), train_args(ck, *crash),
+                              tmp_path)
     # about 15 s; a hang here is the "all 2 slots busy" bug described in the report
     out_a, err_a = nodes.communicate(a, 60)
     out_b, err_b = nodes.communicate(b, 60)
     assert a.returncode == 0 and b.returncode == 0, err_a[-4000:] + err_b[-4000:]
     for err in (err_a, err_b):
         assert "restore step %d: in memory on 2/2 nodes" % k in err, err[-4000:]
+        # The cross-node commit ran through the rendezvous store, not by polling files.
+        assert err.count("commit through the rendezvous store at 127.0.0.1:%d" % port) == 1, err[-4000:]
     for node in ("a", "b"):
         out = worker_logs(tmp_path / ("logs-" + node), 1)
         err = worker_logs(tmp_path / ("logs-" + node), 1, "stderr")

@@ -1,0 +1,123 @@
+// The cross-node commit through the rendezvous store (flashrun with the c10d
+// rendezvous): ranks report their records there instead of polling small
+// files on a shared file system. COMMIT stays a file, written by rank 0 once
+// every rank is durable; the store only coordinates.
+//
+// Keys, all under "<run_id>/commit/r<round>/s<step>" (numbers zero-padded to
+// 20 digits, so that a range delete can drop older steps and rounds):
+//   /rank/<r>  rank r's framed RankRecord
+//   /count     how many ranks reported (a counter)
+//   /wake      set when the count reaches the world size, or by a failure:
+//              the one key rank 0 blocks on
+//   /failed    "rank <r> did not persist it: <why>"
+//   /commit    rank 0's decision: "committed" or "abandoned: <why>"; what the
+//              other ranks block on
+// The round (the rendezvous round, the same on every node) keeps a dead
+// timeline's keys from being taken for a new one's.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "agent/checkpoint_service.h"
+#include "flashckpt/checkpointer.h"
+#include "rendezvous/rendezvous_client.h"
+
+namespace flashckpt {
+
+struct CommitStoreOptions {
+  std::string host;
+  uint16_t port = 0;
+  std::string token;
+  std::string run_id;
+  uint64_t round = 0;
+  // A store that does not answer for this long fails the persist, naming
+  // host:port (the agent hosting the rendezvous is gone).
+  std::chrono::milliseconds unreachable_timeout{10000};
+  // One blocking wait on the store lasts at most this long before
+  // `cancelled` is looked at again (Wake() ends it at once).
+  std::chrono::milliseconds poll{500};
+
+  std::string endpoint() const;
+  // "<run_id>/commit/r<round>"
+  std::string round_prefix() const;
+  // round_prefix() + "/s<step>"
+  std::string step_prefix(int64_t step) const;
+};
+
+class StoreCommitBarrier : public CommitBarrier {
+ public:
+  // `directory` is the checkpoint root (for the rank-<r>.durable file that
+  // `flashckpt ls` shows, and the COMMIT file a rank reads when the store
+  // went away after rank 0 committed).
+  StoreCommitBarrier(CommitStoreOptions options, std::string directory, std::function<bool()> cancelled);
+  ~StoreCommitBarrier() override;
+
+  void rank_durable(int64_t step, int rank, const std::string& record) override;
+  std::vector<std::string> wait_all(int64_t step, int world_size, std::chrono::milliseconds timeout) override;
+  void report_failure(const std::string& directory, int64_t step, int rank, const std::string& why) override;
+  // Also removes the step's other keys, older steps' and older rounds' keys.
+  void committed(const std::string& directory, int64_t step) override;
+  bool wait_committed(const std::string& directory, int64_t step, std::chrono::milliseconds timeout,
+                      const std::function<bool()>& cancelled, std::string* why) override;
+
+  // Any thread: a blocked store call returns at once, and the wait looks at
+  // `cancelled` (a restart made the step obsolete).
+  void Wake();
+
+ private:
+  // The connection; after a Wake() every call on it fails at once (kCancelled)
+  // until Rearm() drops it.
+  rendezvous::RendezvousClient& Client();
+  void Rearm();
+  // Runs a store call until it is answered; nullopt when Wake() interrupted
+  // it and `cancelled` says so. No answer throws (ThrowUnreachable).
+  template <typename T, typename F>
+  std::optional<T> Run(int64_t step, const char* doing, F&& call, const std::function<bool()>& cancelled);
+  // The error for a call that got no answer.
+  [[noreturn]] void ThrowUnreachable(int64_t step, const char* doing, const absl::Status& s);
+  // Blocks up to poll (or until `until`) on key. nullopt: not set yet, or
+  // woken (then cancelled() is looked at by the caller).
+  std::optional<std::string> WaitKey(int64_t step, const std::string& key,
+                                     std::chrono::steady_clock::time_point until);
+  std::optional<std::string> GetNow(int64_t step, const std::string& key);
+  void Set(int64_t step, const std::string& key, const std::string& value);
+  // Deletes the step's keys other than /commit (best effort).
+  void DropStepKeys(int64_t step);
+
+  CommitStoreOptions options_;
+  std::string directory_;
+  std::function<bool()> cancelled_;
+  std::mutex mu_;  // client_ against Wake()
+  std::unique_ptr<rendezvous::RendezvousClient> client_;
+  bool woken_ = false;
+};
+
+// The checkpoint service's commits through one store and round: makes a
+// StoreCommitBarrier per persist and wakes the ones in flight on a restart.
+class StoreCommits : public CommitCoordinator {
+ public:
+  explicit StoreCommits(CommitStoreOptions options) : options_(std::move(options)) {}
+  std::unique_ptr<CommitBarrier> Barrier(const std::string& directory, std::function<bool()> cancelled) override;
+  void WakeAll() override;
+  std::string Describe() const override;
+
+ private:
+  struct Live {
+    std::mutex mu;
+    std::set<StoreCommitBarrier*> barriers;
+  };
+  class Tracked;
+  CommitStoreOptions options_;
+  std::shared_ptr<Live> live_ = std::make_shared<Live>();
+};
+
+}  // namespace flashckpt

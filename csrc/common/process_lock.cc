@@ -1,0 +1,50 @@
+#include "common/process_lock.h"
+
+#include <sys/file.h>
+
+#include <cerrno>
+#include <fstream>
+#include <iterator>
+#include <sstream>
+#include <thread>
+#include <vector>
+
+#include "common/log.h"
+#include "common/status.h"
+
+namespace flashckpt {
+
+bool ProcessGoneOrExiting(pid_t pid) {
+  if (pid <= 0) return false;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  const size_t paren = stat.rfind(')');
+  if (paren == std::string::npos) return true;  // no such process
+  std::istringstream fields(stat.substr(paren + 1));
+  std::vector<std::string> f;
+  for (std::string field; f.size() < 7 && fields >> field;) f.push_back(field);
+  if (f.size() < 7) return true;
+  constexpr unsigned long kPfExiting = 0x4;  // field 9, flags
+  return f[0] == "Z" || f[0] == "X" || (std::stoul(f[6]) & kPfExiting) != 0;
+}
+
+absl::Status LockOrWaitForExitingOwner(int fd, const std::function<pid_t()>& owner, const std::string& what,
+                                       std::chrono::milliseconds grace, pid_t* owner_pid) {
+  const auto deadline = std::chrono::steady_clock::now() + grace;
+  bool said = false;
+  for (;;) {
+    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return absl::OkStatus();
+    if (errno != EWOULDBLOCK) return ErrnoStatus("flock", what, errno);
+    const pid_t pid = owner ? owner() : 0;
+    *owner_pid = pid;
+    if (pid == 0 || !ProcessGoneOrExiting(pid) || std::chrono::steady_clock::now() >= deadline)
+      return absl::FailedPreconditionError(what);
+    if (!said) {
+      FCK_LOG(kInfo, "waiting for process ", pid, ", on its way out, to release ", what);
+      said = true;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+}  // namespace flashckpt
