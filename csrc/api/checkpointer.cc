@@ -197,6 +197,7 @@ class Checkpointer::Impl {
   std::shared_ptr<CommitBarrier> barrier_;
   std::unique_ptr<BulkIo> persist_io_;
   int dir_lock_fd_ = -1;
+  std::thread dir_lock_taker_;  // takes the lock from a predecessor on its way out
   int agent_fd_ = -1;        // connection to flashrun's checkpoint service, or -1
   bool agent_mode_ = false;  // the agent persists (even while reconnecting)
   std::string open_key_;
@@ -260,22 +261,24 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   // The lock file names its holder, so that a predecessor still on its way out
   // (a killed worker freeing its memory) is waited for, not taken for a rival.
   pid_t holder = 0;
-  absl::Status locked = dir_lock_fd_ < 0 ? ErrnoStatus("open", lock_path, errno)
-                                         : LockOrWaitForExitingOwner(dir_lock_fd_, [this] {
-                                             char buf[32] = {};
-                                             ssize_t n = ::pread(dir_lock_fd_, buf, sizeof(buf) - 1, 0);
-                                             return n > 0 ? static_cast<pid_t>(std::atoi(buf)) : 0;
-                                           }, lock_path, kExitingOwnerGrace, &holder);
+  absl::StatusOr<std::thread> locked =
+      dir_lock_fd_ < 0 ? absl::StatusOr<std::thread>(ErrnoStatus("open", lock_path, errno))
+                       : LockOrTakeOverFromExitingOwner(dir_lock_fd_, [this] {
+                           char buf[32] = {};
+                           ssize_t n = ::pread(dir_lock_fd_, buf, sizeof(buf) - 1, 0);
+                           return n > 0 ? static_cast<pid_t>(std::atoi(buf)) : 0;
+                         }, lock_path, &holder);
   if (!locked.ok()) {
     { std::lock_guard<std::mutex> l(g_open_mu); g_open.erase(open_key_); }
     if (dir_lock_fd_ >= 0) ::close(dir_lock_fd_);
-    if (locked.code() == absl::StatusCode::kFailedPrecondition)
+    if (locked.status().code() == absl::StatusCode::kFailedPrecondition)
       throw Error(ErrorCode::kFailedPrecondition,
                   absl::StrCat("checkpoint directory ", root, " is in use by another process for rank ", opt.rank,
                                holder > 0 ? absl::StrCat(" (pid ", holder, ")") : std::string(), " (lock ", lock_path,
                                ")"));
-    ThrowStatus(Annotate(locked, "lock"));
+    ThrowStatus(Annotate(locked.status(), "lock"));
   }
+  dir_lock_taker_ = std::move(*locked);
   {
     std::string me = absl::StrCat(::getpid(), "\n");
     if (::ftruncate(dir_lock_fd_, 0) != 0 || ::pwrite(dir_lock_fd_, me.data(), me.size(), 0) < 0)
@@ -872,6 +875,7 @@ void Checkpointer::Impl::Close() {
     }
     seg.reset();
   }
+  if (dir_lock_taker_.joinable()) dir_lock_taker_.join();
   if (dir_lock_fd_ >= 0) { ::close(dir_lock_fd_); dir_lock_fd_ = -1; }
   if (agent_fd_ >= 0) { ::close(agent_fd_); agent_fd_ = -1; }
   std::lock_guard<std::mutex> l(g_open_mu);

@@ -6,7 +6,6 @@
 #include <fstream>
 #include <iterator>
 #include <sstream>
-#include <thread>
 #include <vector>
 
 #include "common/log.h"
@@ -28,23 +27,18 @@ bool ProcessGoneOrExiting(pid_t pid) {
   return f[0] == "Z" || f[0] == "X" || (std::stoul(f[6]) & kPfExiting) != 0;
 }
 
-absl::Status LockOrWaitForExitingOwner(int fd, const std::function<pid_t()>& owner, const std::string& what,
-                                       std::chrono::milliseconds grace, pid_t* owner_pid) {
-  const auto deadline = std::chrono::steady_clock::now() + grace;
-  bool said = false;
-  for (;;) {
-    if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return absl::OkStatus();
-    if (errno != EWOULDBLOCK) return ErrnoStatus("flock", what, errno);
-    const pid_t pid = owner ? owner() : 0;
-    *owner_pid = pid;
-    if (pid == 0 || !ProcessGoneOrExiting(pid) || std::chrono::steady_clock::now() >= deadline)
-      return absl::FailedPreconditionError(what);
-    if (!said) {
-      FCK_LOG(kInfo, "waiting for process ", pid, ", on its way out, to release ", what);
-      said = true;
+absl::StatusOr<std::thread> LockOrTakeOverFromExitingOwner(int fd, const std::function<pid_t()>& owner,
+                                                          const std::string& what, pid_t* owner_pid) {
+  if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return std::thread();
+  if (errno != EWOULDBLOCK) return ErrnoStatus("flock", what, errno);
+  const pid_t pid = owner ? owner() : 0;
+  *owner_pid = pid;
+  if (pid == 0 || !ProcessGoneOrExiting(pid)) return absl::FailedPreconditionError(what);
+  FCK_LOG(kDebug, "process ", pid, " holding ", what, " is on its way out: taking over");
+  return std::thread([fd] {
+    while (::flock(fd, LOCK_EX) != 0 && errno == EINTR) {
     }
-    std::this_thread::sleep_for(std::chrono::milliseconds(2));
-  }
+  });
 }
 
 }  // namespace flashckpt

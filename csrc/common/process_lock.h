@@ -4,8 +4,8 @@
 // kernel has torn its memory down (do_exit frees the memory before the file
 // table), a second or more for many GiB. A worker restarted into a warm
 // interpreter (flashrun --standby) gets to its Checkpointer within
-// milliseconds: it must wait for such a dying predecessor, and still refuse at
-// once a second live process for the same rank.
+// milliseconds: it must not wait for such a dying predecessor, and still
+// refuse at once a second live process for the same rank.
 #pragma once
 
 #include <sys/types.h>
@@ -13,22 +13,22 @@
 #include <chrono>
 #include <functional>
 #include <string>
+#include <thread>
 
-#include "absl/status/status.h"
+#include "absl/status/statusor.h"
 
 namespace flashckpt {
-
-// How long a Checkpointer waits for a predecessor that is exiting.
-inline constexpr std::chrono::milliseconds kExitingOwnerGrace{30000};
 
 // True when pid is gone, a zombie, or in the kernel's exit path (PF_EXITING).
 bool ProcessGoneOrExiting(pid_t pid);
 
-// flock(fd, LOCK_EX) without blocking on a live owner: when the lock is held,
-// `owner()` names the holder (0: unknown); a holder that is exiting is waited
-// for, up to `grace`. Otherwise kFailedPrecondition (the caller words the
-// message; `*owner_pid` says who holds it) or the errno of flock.
-absl::Status LockOrWaitForExitingOwner(int fd, const std::function<pid_t()>& owner, const std::string& what,
-                                       std::chrono::milliseconds grace, pid_t* owner_pid);
+// flock(fd, LOCK_EX) that tells a rival from a predecessor on its way out.
+// When the lock is held, `owner()` names the holder (0: unknown). A holder
+// that is exiting can run no code any more: the caller takes over at once and
+// the returned thread takes the lock as soon as the kernel releases it (join
+// it before closing fd). A live holder gives kFailedPrecondition (the caller
+// words the message; `*owner_pid` says who holds it); other errors: flock's.
+absl::StatusOr<std::thread> LockOrTakeOverFromExitingOwner(int fd, const std::function<pid_t()>& owner,
+                                                          const std::string& what, pid_t* owner_pid);
 
 }  // namespace flashckpt

@@ -147,19 +147,21 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Open(const std::st
 }
 
 SharedSegment::~SharedSegment() {
+  if (lock_taker_.joinable()) lock_taker_.join();
   if (base_ != nullptr) ::munmap(base_, size_);
   if (fd_ >= 0) ::close(fd_);
 }
 
 absl::Status SharedSegment::LockForWriting() {
   pid_t holder = 0;
-  absl::Status s = LockOrWaitForExitingOwner(fd_, [this] { return static_cast<pid_t>(header()->owner_pid); }, path_,
-                                             kExitingOwnerGrace, &holder);
-  if (s.code() == absl::StatusCode::kFailedPrecondition)
+  auto taker = LockOrTakeOverFromExitingOwner(
+      fd_, [this] { return static_cast<pid_t>(header()->owner_pid); }, path_, &holder);
+  if (taker.status().code() == absl::StatusCode::kFailedPrecondition)
     return absl::FailedPreconditionError(absl::StrCat("shared-memory segment ", path_,
                                                       " is in use by another live process (pid ", holder,
                                                       "): one Checkpointer per rank and directory"));
-  if (!s.ok()) return s;
+  if (!taker.ok()) return taker.status();
+  lock_taker_ = std::move(*taker);
   header()->owner_pid = getpid();
   return absl::OkStatus();
 }

@@ -133,6 +133,7 @@ class SharedSegment {
   int fd_ = -1;
   uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
+  std::thread lock_taker_;  // takes the write lock from a predecessor on its way out (LockForWriting)
 };
 
 uint64_t SegmentBytes(int num_slots, uint64_t slot_capacity);

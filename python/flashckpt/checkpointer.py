@@ -408,7 +408,9 @@ class Checkpointer:
                 lines.append("  (strict=False loads the matching keys)")
                 raise StateDictMismatchError("\n".join(lines), missing, unexpected, mismatched)
             bad = {m.split(":")[0] for m in mismatched}
-            model.load_state_dict({k: v for k, v in saved.items() if k not in bad}, strict=False)
+            saved_ok = {k: v for k, v in saved.items() if k not in bad}
+            if not _adopt_model_state(model, saved_ok):
+                model.load_state_dict(saved_ok, strict=False)
         if optimizer is not None:
             if optimizer_key not in state:
                 if strict:
@@ -434,6 +436,43 @@ class Checkpointer:
     def __repr__(self):
         return (f"<flashckpt.Checkpointer {self.directory!r} rank={self.rank}/"
                 f"{self.world_size}{' closed' if self._closed else ''}>")
+
+
+def _adopt_model_state(model: torch.nn.Module, saved) -> bool:
+    """Makes the model's parameters and buffers use the loaded tensors' memory
+    instead of copying into their own (``load_state_dict`` would copy).
+
+    The tensors ``load()`` returns are private to that call, so handing them
+    over is safe, and it saves a copy of the model's size into the model's
+    memory (page faults included, for a model built with ``skip_init`` or on
+    the meta-free path). The Parameter objects stay the same (optimizers keep
+    referring to them). Only for plain modules: any module with its own
+    ``_load_from_state_dict`` or load hooks, a tensor of another dtype,
+    device or shape, or a non-contiguous one makes this return False, and
+    ``load_state_dict`` is used as usual.
+    """
+    base = torch.nn.Module._load_from_state_dict
+    targets = {}
+    for prefix, m in model.named_modules():
+        if type(m)._load_from_state_dict is not base or getattr(m, "_load_state_dict_pre_hooks", None) \
+                or getattr(m, "_load_state_dict_post_hooks", None):
+            return False
+        pre = prefix + "." if prefix else ""
+        for name, t in list(m._parameters.items()) + list(m._buffers.items()):
+            if t is not None and (name not in getattr(m, "_non_persistent_buffers_set", ())):
+                targets[pre + name] = t
+    for k, t in targets.items():
+        v = saved.get(k)
+        if v is None:
+            continue
+        if (not isinstance(v, torch.Tensor) or v.dtype != t.dtype or v.device != t.device
+                or tuple(v.shape) != tuple(t.shape) or not v.is_contiguous()):
+            return False
+    with torch.no_grad():
+        for k, t in targets.items():
+            if k in saved:
+                t.data = saved[k]
+    return True
 
 
 def _load_optimizer_state(optimizer, optim_state) -> None:

@@ -105,6 +105,9 @@ class Net(torch.nn.Module):
         if extra:
             self.fc3 = torch.nn.Linear(2, 2)
 
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
 
 def test_load_into_strict_lists_every_difference(tmp_path):
     with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
@@ -123,6 +126,51 @@ def test_load_into_strict_lists_every_difference(tmp_path):
         # Nothing changed.
         for k, v in target.state_dict().items():
             assert torch.equal(v, before[k])
+
+
+def test_load_into_hands_the_loaded_memory_to_the_model_and_training_goes_on(tmp_path):
+    torch.manual_seed(0)
+    src = Net()
+    opt = torch.optim.Adam(src.parameters(), lr=0.1)
+    x = torch.randn(16, 4)
+    for _ in range(3):
+        opt.zero_grad()
+        src(x).pow(2).mean().backward()
+        opt.step()
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(3, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
+        target = Net()  # its parameters get the loaded memory, nothing is copied into theirs
+        params = list(target.parameters())
+        ptrs = [p.data_ptr() for p in params]
+        opt2 = torch.optim.Adam(target.parameters(), lr=0.1)
+        ckpt.load_into(target, opt2)
+    assert [p is q for p, q in zip(params, target.parameters())] == [True] * len(params)  # same Parameter objects
+    assert all(p.data_ptr() != q for p, q in zip(params, ptrs))  # the loaded tensors' memory
+    for p, q in zip(src.parameters(), target.parameters()):
+        assert torch.equal(p, q) and q.requires_grad
+    for o, m in ((opt, src), (opt2, target)):  # two more steps: the same parameters, bit for bit
+        for _ in range(2):
+            o.zero_grad()
+            m(x).pow(2).mean().backward()
+            o.step()
+    for p, q in zip(src.parameters(), target.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_load_into_copies_into_a_module_with_its_own_loading(tmp_path):
+    class Custom(Net):
+        def _load_from_state_dict(self, *args, **kwargs):
+            self.loaded_by_hook = True
+            return super()._load_from_state_dict(*args, **kwargs)
+
+    src = Net()
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(1, {"model": src.state_dict()})
+        target = Custom()
+        ptr = target.fc1.weight.data_ptr()
+        ckpt.load_into(target)
+    assert target.loaded_by_hook and target.fc1.weight.data_ptr() == ptr
+    assert torch.equal(target.fc1.weight, src.fc1.weight)
 
 
 def test_load_into_non_strict_loads_what_matches(tmp_path):
