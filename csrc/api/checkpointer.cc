@@ -259,7 +259,7 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   std::string lock_path = absl::StrCat(root, "/.rank-", opt.rank, ".lock");
   dir_lock_fd_ = ::open(lock_path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   // The lock file names its holder, so that a predecessor still on its way out
-  // (a killed worker freeing its memory) is waited for, not taken for a rival.
+  // (a killed worker freeing its memory) is taken over, not refused as a rival.
   pid_t holder = 0;
   absl::StatusOr<std::thread> locked =
       dir_lock_fd_ < 0 ? absl::StatusOr<std::thread>(ErrnoStatus("open", lock_path, errno))

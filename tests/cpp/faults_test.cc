@@ -163,7 +163,7 @@ TEST(ProcessLock, TellsALiveProcessFromOneThatIsGone) {
 }
 
 // Another live process holds the rank: refused at once, naming it (a dying
-// predecessor, by contrast, is waited for: see tests/e2e/test_standby.py).
+// predecessor, by contrast, is taken over at once: see tests/e2e/test_standby.py).
 TEST(ProcessLock, ALiveHolderOfTheRankIsRefusedAtOnceByPid) {
   ScratchDirs dirs;
   int ready[2];
