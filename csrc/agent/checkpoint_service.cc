@@ -368,6 +368,16 @@ void CheckpointService::Drain() {
   });
 }
 
+std::map<int, uint64_t> CheckpointService::NewestSnapshotBytes() {
+  std::map<int, uint64_t> out;
+  std::lock_guard<std::mutex> l(mu_);
+  for (auto& [rank, r] : ranks_) {
+    SlotView v;
+    if (OpenSegment(*r).ok() && r->seg->Newest(&v)) out[rank] = v.data_bytes;
+  }
+  return out;
+}
+
 std::map<int, std::vector<int64_t>> CheckpointService::MemorySteps() {
   std::map<int, std::vector<int64_t>> out;
   std::lock_guard<std::mutex> l(mu_);

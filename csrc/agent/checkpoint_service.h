@@ -89,6 +89,8 @@ class CheckpointService {
   void Drain();
   // The steps each registered rank holds, whole, in shared memory.
   std::map<int, std::vector<int64_t>> MemorySteps();
+  // By rank: the data size of its newest complete snapshot in memory.
+  std::map<int, uint64_t> NewestSnapshotBytes();
   // The steps every registered rank holds in memory.
   std::set<int64_t> CommonMemorySteps();
   // The checkpoint directory the workers use ("" before any registered).

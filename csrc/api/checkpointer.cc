@@ -726,7 +726,8 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemo
   FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
-  auto buffer = AllocateAligned(v.data_bytes);
+  bool prepared = false;
+  auto buffer = AllocateAligned(v.data_bytes, &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
   std::vector<CopyTask> tasks;
   auto* dst = static_cast<uint8_t*>(buffer.get());
@@ -739,6 +740,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemo
   if (!seg->StillValid(v))
     return absl::UnavailableError(absl::StrCat("slot of step ", step, " was overwritten while reading"));
   if (!verify) crcs.clear();
+  if (prepared) FCK_LOG(kInfo, "step ", step, " copied into the load buffer prepared ahead");
   return MakeLoadedSnapshot(m, std::move(buffer), v.data_bytes, Source::kMemory, verify, std::move(crcs), &pool_,
                             absl::StrCat("shared-memory snapshot ", shm_path, " step ", step));
 }
@@ -781,7 +783,8 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStor
   if (on_disk != data_rec->size())
     return absl::DataLossError(absl::StrCat(data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
                                             data_rec->size(), ": the file is truncated or replaced"));
-  auto buffer = AllocateAligned(m.data_bytes());
+  bool prepared = false;
+  auto buffer = AllocateAligned(m.data_bytes(), &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
   IoOptions io;
   io.use_io_uring = opt.use_io_uring;
@@ -790,6 +793,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStor
   io.queue_depth = opt.io_queue_depth;
   BulkIo reader(io);
   FCK_RETURN_IF_ERROR(reader.ReadFile(data_path, buffer.get(), m.data_bytes()).status());
+  if (prepared) FCK_LOG(kInfo, "step ", step, " read into the load buffer prepared ahead");
   return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, &pool_, data_path);
 }
 

@@ -160,4 +160,9 @@ void CheckpointHooks::BeforeExit() {
   service_->WriteStatus();
 }
 
+std::map<int, uint64_t> CheckpointHooks::SnapshotBytes() {
+  if (!service_) return {};
+  return service_->NewestSnapshotBytes();
+}
+
 }  // namespace flashckpt::launcher

@@ -36,6 +36,7 @@ class CheckpointHooks : public NodeHooks {
                           const std::string& node_name) override;
   void OnEvent(const char* what) override;
   void BeforeExit() override;
+  std::map<int, uint64_t> SnapshotBytes() override;
 
  private:
   std::unique_ptr<CheckpointService> service_;

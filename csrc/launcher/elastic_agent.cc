@@ -333,8 +333,12 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       double d;
       if (absl::SimpleAtod(it->second, &d) && d >= 0) so.delay = std::chrono::duration<double>(d);
     }
+    // FLASHRUN_STANDBY_PREPARE_LOAD=0: standbys do not hold a load buffer ahead.
+    if (auto it = job.agent_env.find("FLASHRUN_STANDBY_PREPARE_LOAD"); it != job.agent_env.end())
+      so.prepare_load_buffers = it->second != "0";
     group.EnableStandby(so);
   }
+  Clock::time_point standby_sizes_at{};
   int poll_ms = static_cast<int>(o.monitor_interval_s * 1000);
   if (exit_probe_ms > 0) poll_ms = std::min(poll_ms, exit_probe_ms);
 
@@ -413,6 +417,10 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       }
       state = group.Check(worker_timeout);
       group.ReapOrphans();
+      if (o.standby && Clock::now() - standby_sizes_at > std::chrono::seconds(1)) {
+        standby_sizes_at = Clock::now();
+        group.PrepareStandbys(hooks.SnapshotBytes());
+      }
       if (state != GroupState::kRunning) break;
       if (fds.size() > 1 && fds[1].fd == rendezvous->RejoinNotifier() && (fds[1].revents & POLLIN)) {
         membership_changed = true;

@@ -3,6 +3,8 @@
 // the restarts run out (then torchrun's failure summary and a non-zero exit).
 #pragma once
 
+#include <cstdint>
+#include <map>
 #include <string>
 
 #include "absl/status/status.h"
@@ -38,6 +40,9 @@ class NodeHooks {
   virtual void OnEvent(const char* what) { (void)what; }
   // Before flashrun exits (success, failure or a signal), after the workers stopped.
   virtual void BeforeExit() {}
+  // The size of each local worker's newest snapshot, by global rank (warm
+  // standbys make a load buffer of that size ready).
+  virtual std::map<int, uint64_t> SnapshotBytes() { return {}; }
 };
 
 // Runs the job; returns the process exit code. The handled signals must already

@@ -36,9 +36,10 @@ std::optional<StandbyPlan> PlanStandby(const std::vector<std::string>& command) 
 }
 
 // Runs with `python -u -c <this> <imports>`; fd 3 is the agent's socket.
-// It imports, says "R", and blocks until the agent sends the worker's launch:
-// u32 length (little endian), then NUL-separated fields, with the worker's
-// stdout and stderr as SCM_RIGHTS.
+// It imports, says "R", and then reads frames (u32 length, little endian, then
+// NUL-separated fields): "flashrun-prepare-1", bytes (make a load buffer
+// ready), any number of times; then "flashrun-standby-1" with the worker's
+// launch, its stdout and stderr as SCM_RIGHTS.
 const char* StandbyBootstrap() {
   return R"PY(import os, socket, struct, sys, time
 def _flashrun_standby():
@@ -52,22 +53,37 @@ def _flashrun_standby():
     print("flashrun standby pid %d: ready (imported %s in %.2f s)" % (os.getpid(), sys.argv[1] or "nothing",
                                                                       time.time() - t0), file=sys.stderr, flush=True)
     ctl.sendall(b"R")
-    head, fds = b"", []
-    while len(head) < 4:
-        data, got, _, _ = socket.recv_fds(ctl, 4 - len(head), 2)
-        if not data:
-            os._exit(0)  # the agent is done with this standby
-        head += data
-        fds += got
-    size = struct.unpack("<I", head)[0]
-    body = b""
-    while len(body) < size:
-        chunk = ctl.recv(size - len(body))
-        if not chunk:
-            os._exit(0)
-        body += chunk
+    prepared = 0
+    while True:  # frames: u32 length, then NUL-separated fields
+        head, fds = b"", []
+        while len(head) < 4:
+            data, got, _, _ = socket.recv_fds(ctl, 4 - len(head), 2)
+            if not data:
+                os._exit(0)  # the agent is done with this standby
+            head += data
+            fds += got
+        size = struct.unpack("<I", head)[0]
+        body = b""
+        while len(body) < size:
+            chunk = ctl.recv(size - len(body))
+            if not chunk:
+                os._exit(0)
+            body += chunk
+        fields = body.decode("utf-8", "surrogateescape").split("\0")
+        if fields[0] != "flashrun-prepare-1":
+            break
+        # The rank's snapshot size: map and touch a load buffer now, so the
+        # load after a hand-over takes no page faults.
+        try:
+            from flashckpt import _native
+            _native.load().prepare_load_buffer(int(fields[1]))
+            prepared = int(fields[1])
+            print("flashrun standby pid %d: load buffer of %.2f GiB prepared" % (os.getpid(), prepared / 2**30),
+                  file=sys.stderr, flush=True)
+        except Exception as e:
+            print("flashrun standby: cannot prepare a load buffer: %r" % (e,), file=sys.stderr, flush=True)
     ctl.close()
-    it = iter(body.decode("utf-8", "surrogateescape").split("\0"))
+    it = iter(fields)
     if next(it) != "flashrun-standby-1":
         os._exit(70)
     kind, target = next(it), next(it)
@@ -86,6 +102,14 @@ def _flashrun_standby():
         os.environ[key] = value
     os.environ["FLASHRUN_STANDBY_ACTIVATED_AT"] = "%.6f" % time.time()
     os.chdir(cwd)
+    if prepared and not os.environ.get("FLASHCKPT_RESTORE_STEP"):
+        from flashckpt import _native
+        _native.load().prepare_load_buffer(0)  # nothing to load: give the memory back
+    try:  # the other ranks wait for rank 0's store to listen (no 1 s retry)
+        from flashckpt import _worker_rdzv
+        _worker_rdzv.install()
+    except Exception:
+        pass
     import runpy
     sys.argv = [target] + args
     if kind == "module":
@@ -193,6 +217,37 @@ bool Standby::Ready() {
   return ready_;
 }
 
+namespace {
+// u32 length (little endian), then the body.
+std::string Frame(const std::string& body) {
+  std::string message(4, '\0');
+  const uint32_t size = static_cast<uint32_t>(body.size());
+  for (int i = 0; i < 4; ++i) message[i] = static_cast<char>((size >> (8 * i)) & 0xff);
+  return message + body;
+}
+}  // namespace
+
+bool Standby::Prepare(uint64_t bytes) {
+  if (prepared_bytes_ == bytes) return true;
+  if (!Ready() || !Alive()) return false;
+  std::string body = "flashrun-prepare-1";
+  body.push_back('\0');
+  body += std::to_string(bytes);
+  const std::string message = Frame(body);
+  size_t sent = 0;
+  while (sent < message.size()) {
+    // Non-blocking while nothing went out (a full socket: try again later);
+    // a frame once started is finished.
+    ssize_t n = ::send(control_fd_, message.data() + sent, message.size() - sent,
+                       MSG_NOSIGNAL | (sent == 0 ? MSG_DONTWAIT : 0));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;
+    sent += static_cast<size_t>(n);
+  }
+  prepared_bytes_ = bytes;
+  return true;
+}
+
 absl::Status Standby::Activate(const std::vector<std::string>& env, int stdout_fd, int stderr_fd) {
   if (!Ready() || !Alive()) return absl::FailedPreconditionError("the standby is not ready");
   std::string body = "flashrun-standby-1";
@@ -208,10 +263,7 @@ absl::Status Standby::Activate(const std::vector<std::string>& env, int stdout_f
   for (const auto& e : env) add(e);
   char cwd[4096];
   add(::getcwd(cwd, sizeof(cwd)) ? cwd : ".");
-  std::string message(4, '\0');
-  const uint32_t size = static_cast<uint32_t>(body.size());
-  for (int i = 0; i < 4; ++i) message[i] = static_cast<char>((size >> (8 * i)) & 0xff);
-  message += body;
+  std::string message = Frame(body);
 
   int fds[2] = {stdout_fd, stderr_fd};
   char control[CMSG_SPACE(sizeof(fds))] = {};

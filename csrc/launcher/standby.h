@@ -57,6 +57,13 @@ class Standby {
   // replace a worker with the same key.
   const std::string& key() const { return key_; }
 
+  // Asks it to map and touch a load buffer of `bytes` (the rank's snapshot
+  // size) while it waits, so the load after a hand-over takes no page faults;
+  // 0 releases it. Sent once per size; false when not sent (not ready, or the
+  // socket is full: call again).
+  bool Prepare(uint64_t bytes);
+  uint64_t prepared_bytes() const { return prepared_bytes_; }
+
   // Hands over one worker: the environment replaces the standby's, stdout and
   // stderr become `stdout_fd`/`stderr_fd` (the caller keeps its copies), and
   // FLASHRUN_STANDBY_ACTIVATED_AT is set to the wall-clock time of the hand-over.
@@ -71,6 +78,7 @@ class Standby {
   int control_fd_ = -1;
   bool ready_ = false;
   bool activated_ = false;
+  uint64_t prepared_bytes_ = 0;
   StandbyPlan plan_;
   std::string key_;
 };

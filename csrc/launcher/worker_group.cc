@@ -348,6 +348,16 @@ int WorkerGroup::standbys_ready() {
   return n;
 }
 
+void WorkerGroup::PrepareStandbys(const std::map<int, uint64_t>& snapshot_bytes_by_rank) {
+  if (!standby_ || !standby_->prepare_load_buffers) return;
+  for (const Worker& w : workers_) {
+    auto bytes = snapshot_bytes_by_rank.find(w.launch.global_rank);
+    auto s = standbys_.find(w.launch.local_rank);
+    if (bytes == snapshot_bytes_by_rank.end() || s == standbys_.end()) continue;
+    s->second->Prepare(bytes->second);
+  }
+}
+
 void WorkerGroup::MaintainStandbys() {
   if (!standby_ || workers_.empty() || Clock::now() - started_at_ < standby_->delay) return;
   for (const Worker& w : workers_)

@@ -49,6 +49,9 @@ struct StandbyOptions {
   std::string imports = "torch";  // modules a standby imports ahead
   // Standbys are started this long after the workers (not to slow their start-up).
   std::chrono::duration<double> delay = std::chrono::seconds(5);
+  // Standbys hold a touched load buffer of their rank's snapshot size
+  // (PrepareStandbys); FLASHRUN_STANDBY_PREPARE_LOAD=0 turns it off.
+  bool prepare_load_buffers = true;
 };
 
 // Makes orphaned descendants children of this process, so that it can reap them
@@ -74,6 +77,10 @@ class WorkerGroup {
   int standbys_used() const { return standbys_used_; }
   std::vector<pid_t> standby_pids() const;
   int standbys_ready();  // standbys done importing, waiting for a hand-over
+  // Each worker's snapshot size, by global rank (from the node's checkpoint
+  // service): the waiting standby of that rank makes a load buffer of that
+  // size ready (Standby::Prepare). Sizes not given are left as they are.
+  void PrepareStandbys(const std::map<int, uint64_t>& snapshot_bytes_by_rank);
 
   // File descriptors that become readable when a worker exits (for poll).
   std::vector<int> ExitNotifiers() const;

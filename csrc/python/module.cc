@@ -117,6 +117,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("__version__") = FLASHCKPT_VERSION;
   m.attr("have_cuda") = static_cast<bool>(FLASHCKPT_HAVE_CUDA);
   m.attr("format_version") = kFormatVersion;
+  m.def("prepare_load_buffer", &PrepareLoadBuffer, py::arg("nbytes"), py::call_guard<py::gil_scoped_release>(),
+        "Maps and touches (in the background) a buffer for the next load of at most nbytes; 0 releases it.");
+  m.def("prepared_load_buffer_bytes", &PreparedLoadBufferBytes);
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

@@ -11,10 +11,14 @@
 #include <chrono>
 #include <cstdlib>
 #include <functional>
+#include <mutex>
+#include <thread>
+#include <utility>
 #include <cstring>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "flashckpt/checkpointer.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
 #include "common/log.h"
@@ -388,9 +392,97 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_
   return out;
 }
 
-std::shared_ptr<void> AllocateAligned(uint64_t bytes) {
+namespace {
+constexpr uint64_t kHugeAlign = 2u << 20;
+
+// Fresh anonymous memory, 2 MiB aligned, len a multiple of 2 MiB.
+void* MapAligned(uint64_t len) {
+  void* raw = ::mmap(nullptr, len + kHugeAlign, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  const uintptr_t start = AlignUp(reinterpret_cast<uintptr_t>(raw), kHugeAlign);
+  const uint64_t head = start - reinterpret_cast<uintptr_t>(raw);
+  if (head) ::munmap(raw, head);
+  if (kHugeAlign - head) ::munmap(reinterpret_cast<void*>(start + len), kHugeAlign - head);
+  return reinterpret_cast<void*>(start);
+}
+
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+// The buffer PrepareLoadBuffer made: touched by `toucher`, taken by the next
+// large AllocateAligned.
+struct PreparedBuffer {
+  std::mutex mu;
+  void* base = nullptr;
+  uint64_t len = 0;
+  std::thread toucher;
+
+  // Under mu. Waits for the touching thread; the buffer stays.
+  void JoinLocked() {
+    if (toucher.joinable()) toucher.join();
+  }
+  void ReleaseLocked() {
+    JoinLocked();
+    if (base) ::munmap(base, len);
+    base = nullptr;
+    len = 0;
+  }
+};
+
+PreparedBuffer& Prepared() {
+  static PreparedBuffer* p = new PreparedBuffer();  // never destroyed: used until exit
+  return *p;
+}
+}  // namespace
+
+void PrepareLoadBuffer(uint64_t bytes) {
+  PreparedBuffer& p = Prepared();
+  std::lock_guard<std::mutex> l(p.mu);
+  p.ReleaseLocked();
+  if (bytes == 0) return;
+  const uint64_t len = AlignUp(bytes, kHugeAlign);
+  void* base = MapAligned(len);
+  if (base == nullptr) {
+    FCK_LOG(kWarn, "cannot map a load buffer of ", len, " bytes ahead: loads allocate as usual");
+    return;
+  }
+  p.base = base;
+  p.len = len;
+  p.toucher = std::thread([base, len] {
+    // One call faults every page in (Linux 5.14+); else a write per page.
+    if (::madvise(base, len, MADV_POPULATE_WRITE) == 0) return;
+    const long page = ::sysconf(_SC_PAGESIZE);
+    for (uint64_t off = 0; off < len; off += static_cast<uint64_t>(page))
+      static_cast<volatile uint8_t*>(base)[off] = 0;
+  });
+}
+
+uint64_t PreparedLoadBufferBytes() {
+  PreparedBuffer& p = Prepared();
+  std::lock_guard<std::mutex> l(p.mu);
+  return p.len;
+}
+
+std::shared_ptr<void> AllocateAligned(uint64_t bytes, bool* prepared) {
+  if (prepared) *prepared = false;
   bytes = std::max<uint64_t>(AlignUp(bytes, kDirectAlign), kDirectAlign);
-  constexpr uint64_t kHuge = 2u << 20;
+  const uint64_t len = AlignUp(bytes, kHugeAlign);
+  {
+    // A buffer made ready ahead (PrepareLoadBuffer) for a load of about this
+    // size is taken once: no page faults left on the load's path. One too
+    // small is given back; a much larger one is kept for the load it is for.
+    PreparedBuffer& p = Prepared();
+    std::lock_guard<std::mutex> l(p.mu);
+    if (p.base != nullptr && p.len >= len && p.len / 2 <= len) {
+      p.JoinLocked();
+      void* base = std::exchange(p.base, nullptr);
+      const uint64_t have = std::exchange(p.len, 0);
+      if (prepared) *prepared = true;
+      return std::shared_ptr<void>(base, [have](void* q) { ::munmap(q, have); });
+    }
+    if (p.len < len) p.ReleaseLocked();
+  }
   if (bytes < (64u << 20)) {
     void* p = std::aligned_alloc(kDirectAlign, bytes);
     if (p == nullptr) return nullptr;
@@ -398,13 +490,12 @@ std::shared_ptr<void> AllocateAligned(uint64_t bytes) {
   }
   // Large load buffers: anonymous memory, first touched by the parallel copy
   // (so page faults are taken on every core). Transparent huge pages were
-  // tried and measured slower here: with fragmented memory the kernel stalls
-  // in direct compaction.
-  const uint64_t len = AlignUp(bytes, kHuge);
-  void* raw = ::mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  auto start = reinterpret_cast<uintptr_t>(raw);
-  return std::shared_ptr<void>(reinterpret_cast<void*>(start), [len](void* q) { ::munmap(q, len); });
+  // tried and measured no faster here (a VM: fresh 2 MiB pages are often not
+  // backed by the host yet), and with fragmented memory the kernel stalls in
+  // direct compaction.
+  void* base = MapAligned(len);
+  if (base == nullptr) return nullptr;
+  return std::shared_ptr<void>(base, [len](void* q) { ::munmap(q, len); });
 }
 
 }  // namespace flashckpt

@@ -64,6 +64,7 @@ absl::StatusOr<std::string> ReadSmallFile(const std::string& path, uint64_t max_
 absl::Status FsyncDirectory(const std::string& dir);
 
 // 4096-aligned heap buffer.
-std::shared_ptr<void> AllocateAligned(uint64_t bytes);
+// `prepared` (optional) says whether it is the buffer PrepareLoadBuffer made.
+std::shared_ptr<void> AllocateAligned(uint64_t bytes, bool* prepared = nullptr);
 
 }  // namespace flashckpt

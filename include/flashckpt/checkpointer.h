@@ -239,4 +239,16 @@ class Checkpointer {
   std::unique_ptr<Impl> impl_;
 };
 
+// A load buffer made ready ahead of a load: `bytes` of memory allocated and
+// touched now (on a background thread), so that the next load of at most that
+// size in this process copies into it instead of taking a page fault for every
+// 4 KiB of a fresh buffer (most of a load's time). For a process that waits
+// to take over a rank, like flashrun's warm standbys, once the rank's snapshot
+// size is known. Calling it again replaces the buffer; 0 releases it. The
+// next load of half to all of that size takes the buffer (once); a larger
+// load releases it and allocates as usual; a much smaller one leaves it.
+void PrepareLoadBuffer(uint64_t bytes);
+// Bytes held by the prepared buffer (0: none).
+uint64_t PreparedLoadBufferBytes();
+
 }  // namespace flashckpt

@@ -21,6 +21,13 @@ from .errors import (CorruptionError, DeadlineExceededError, FailedPreconditionE
 
 __version__ = "0.1.0"
 
+if __import__("os").environ.get("FLASHCKPT_AGENT_SOCKET"):
+    # A worker of flashrun: ranks other than 0 wait for rank 0's store instead
+    # of losing torch's fixed one-second connect retry (see _worker_rdzv).
+    from . import _worker_rdzv
+
+    _worker_rdzv.install()
+
 _LAZY = {
     "Checkpointer": ("checkpointer", "Checkpointer"),
     "SaveHandle": ("checkpointer", "SaveHandle"),

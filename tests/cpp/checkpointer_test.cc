@@ -309,3 +309,44 @@ TEST(Checkpointer, GrowingStateReplacesTheSlots) {
 
 }  // namespace
 }  // namespace flashckpt
+
+namespace flashckpt {
+namespace {
+
+// A load buffer prepared ahead (what a flashrun standby does) is taken by the
+// next load of about its size, once; the loaded bytes are the saved ones.
+TEST(PreparedLoadBuffer, TakenOnceByALoadOfItsSize) {
+  ScratchDirs dirs;
+  FakeState s = FakeState::ForStep(3, 64);  // ~64 MB
+  Checkpointer ckpt(dirs.Options());
+  ckpt.save(3, s.Refs(), s.Blobs()).wait_durable();
+  auto first = ckpt.load();
+  const uint64_t bytes = first->data_bytes();
+  first.reset();
+
+  PrepareLoadBuffer(bytes);
+  EXPECT_GE(PreparedLoadBufferBytes(), bytes);
+  auto mem = ckpt.load();
+  EXPECT_EQ(PreparedLoadBufferBytes(), 0u);  // taken
+  EXPECT_EQ(s.Diff(*mem), "");
+  LoadOptions disk;
+  disk.prefer_memory = false;
+  PrepareLoadBuffer(bytes);
+  auto stored = ckpt.load(disk);  // the storage path takes it too
+  EXPECT_EQ(PreparedLoadBufferBytes(), 0u);
+  EXPECT_EQ(s.Diff(*stored), "");
+
+  // Much larger than the load: left for the load it was made for. Smaller: given back.
+  PrepareLoadBuffer(8 * bytes);
+  EXPECT_EQ(s.Diff(*ckpt.load()), "");
+  EXPECT_GE(PreparedLoadBufferBytes(), 8 * bytes);
+  PrepareLoadBuffer(bytes / 4);
+  EXPECT_EQ(s.Diff(*ckpt.load()), "");
+  EXPECT_EQ(PreparedLoadBufferBytes(), 0u);
+  PrepareLoadBuffer(bytes);
+  PrepareLoadBuffer(0);  // released
+  EXPECT_EQ(PreparedLoadBufferBytes(), 0u);
+}
+
+}  // namespace
+}  // namespace flashckpt

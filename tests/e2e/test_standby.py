@@ -141,6 +141,9 @@ def test_restart_runs_in_the_warm_standbys_and_resumes_bit_exact(flashrun, jobs)
     assert len(standbys) == 2 and all(pid_alive(p) for p in standbys), standbys
     wait_for(lambda: min(max(_snapshots(job.worker_log(0, lr)), default=0) for lr in (0, 1)) >= 10, 90,
              "both workers to snapshot step 10")
+    # The agent told each standby its rank's snapshot size: both hold a touched load buffer.
+    wait_for(lambda: sum("load buffer of" in t and "prepared" in t for t in job.standby_logs()) == 2, 30,
+             "the 2 standbys to prepare their load buffers")
     victims = [p for p in _processes_with(job.shm)
                if "RANK=1\0" in open("/proc/%d/environ" % p, "rb").read().decode(errors="replace")
                and TRAIN in _cmdline(p) and p not in standbys]
@@ -156,6 +159,9 @@ def test_restart_runs_in_the_warm_standbys_and_resumes_bit_exact(flashrun, jobs)
         m = re.search(r"resumed from step (\d+) \(memory\)", out)
         assert m, out[-2000:]
         resumed.add(int(m.group(1)))
+        # the load copied into the buffer the standby had made ready (no page faults)
+        assert "copied into the load buffer prepared ahead" in job.worker_log(1, lr, "stderr"), \
+            job.worker_log(1, lr, "stderr")[-2000:]
         marks = dict(kv.split("=") for kv in re.search(r"phase_marks (.*)", out).group(1).split())
         # torch was imported before the failure: the script's `import torch` costs nothing now
         assert float(marks["imported"]) - float(marks["exec"]) < 0.25, marks

@@ -185,6 +185,12 @@ TEST(Standby, TakesOverTheRestartWithTheWorkersEnvironmentStreamsAndExitCode) {
   EXPECT_EQ(group.standbys_used(), 0);
   ASSERT_TRUE(WaitForReadyStandby(group)) << s.Read("standby.log");
   const pid_t standby = group.standby_pids().at(0);
+  // A prepare frame (the rank's snapshot size) goes first; the launch after it still lands.
+  group.PrepareStandbys({{0, 3u << 20}});
+  const auto seen = Clock::now() + std::chrono::seconds(30);
+  while (s.Read("standby.log").find("load buffer") == std::string::npos && Clock::now() < seen)
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_NE(s.Read("standby.log").find("load buffer"), std::string::npos) << s.Read("standby.log");
   EXPECT_EQ(WaitForState(group, std::chrono::seconds(30)), GroupState::kSucceeded);
   EXPECT_NE(s.Read("out0").find("fresh"), std::string::npos) << s.Read("out0");
 
