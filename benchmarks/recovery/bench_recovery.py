@@ -25,7 +25,7 @@ phases add up to the resume point:
   (torchrun has no such marks: its detect+stop+rendezvous+spawn is one phase, kill -> first line)
   import      -> `import torch` etc. done
   pg_init     -> dist.init_process_group done (gloo; includes waiting for the other rank)
-  ckpt_setup  -> knows what to load (flashckpt: import + Checkpointer(); torch: a path check)
+  ckpt_setup  -> knows what to load (flashckpt: Checkpointer() + latest_step(); torch: a path check)
   model       -> model and optimizer built (without random init: the load overwrites it; same in all)
   load        -> state restored into model and optimizer (resume point)
   first_step  -> the next training step completed on every rank

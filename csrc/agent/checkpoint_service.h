@@ -91,6 +91,8 @@ class CheckpointService {
   std::map<int, std::vector<int64_t>> MemorySteps();
   // By rank: the data size of its newest complete snapshot in memory.
   std::map<int, uint64_t> NewestSnapshotBytes();
+  // Snapshots the workers published since the service started.
+  uint64_t SnapshotsTaken() const { return snapshots_.load(); }
   // The steps every registered rank holds in memory.
   std::set<int64_t> CommonMemorySteps();
   // The checkpoint directory the workers use ("" before any registered).

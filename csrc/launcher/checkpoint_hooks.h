@@ -37,6 +37,7 @@ class CheckpointHooks : public NodeHooks {
   void OnEvent(const char* what) override;
   void BeforeExit() override;
   std::map<int, uint64_t> SnapshotBytes() override;
+  uint64_t SnapshotsTaken() override { return service_ ? service_->SnapshotsTaken() : 0; }
 
  private:
   std::unique_ptr<CheckpointService> service_;

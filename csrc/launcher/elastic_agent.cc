@@ -339,6 +339,12 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     group.EnableStandby(so);
   }
   Clock::time_point standby_sizes_at{};
+  // After a restart the replacement standbys wait until every local worker has
+  // snapshotted once more (at most 60 s): their start (import torch, touch a
+  // load buffer) would otherwise take the CPU from the recovery's first steps.
+  bool standbys_held = false;
+  uint64_t held_at_snapshots = 0;
+  Clock::time_point hold_deadline{};
   int poll_ms = static_cast<int>(o.monitor_interval_s * 1000);
   if (exit_probe_ms > 0) poll_ms = std::min(poll_ms, exit_probe_ms);
 
@@ -393,6 +399,12 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       return 1;
     }
     mark("workers started");
+    if (o.standby && restart_count > 0 && !hooks.SnapshotBytes().empty()) {
+      standbys_held = true;
+      held_at_snapshots = hooks.SnapshotsTaken();
+      hold_deadline = Clock::now() + std::chrono::seconds(60);
+      group.HoldStandbys(true);
+    }
     Say(absl::StrFormat("round %d: node %d/%d, ranks %d-%d of %d, MASTER_ADDR=%s MASTER_PORT=%d, attempt %d%s",
                         round->round, round->group_rank, round->group_world_size, round->rank_offset,
                         round->rank_offset + o.nproc_per_node - 1, round->world_size, round->master_addr,
@@ -419,6 +431,14 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       group.ReapOrphans();
       if (o.standby && Clock::now() - standby_sizes_at > std::chrono::seconds(1)) {
         standby_sizes_at = Clock::now();
+        if (standbys_held && (hooks.SnapshotsTaken() >= held_at_snapshots + static_cast<uint64_t>(o.nproc_per_node) ||
+                              Clock::now() > hold_deadline)) {
+          standbys_held = false;
+          group.HoldStandbys(false);
+          Say(hooks.SnapshotsTaken() >= held_at_snapshots + static_cast<uint64_t>(o.nproc_per_node)
+                  ? "the restarted workers have snapshotted: warm standbys start again"
+                  : "no snapshot from the restarted workers in 60 s: warm standbys start again");
+        }
         group.PrepareStandbys(hooks.SnapshotBytes());
       }
       if (state != GroupState::kRunning) break;

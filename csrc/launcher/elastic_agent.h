@@ -43,6 +43,8 @@ class NodeHooks {
   // The size of each local worker's newest snapshot, by global rank (warm
   // standbys make a load buffer of that size ready).
   virtual std::map<int, uint64_t> SnapshotBytes() { return {}; }
+  // Snapshots the local workers published so far (all attempts).
+  virtual uint64_t SnapshotsTaken() { return 0; }
 };
 
 // Runs the job; returns the process exit code. The handled signals must already

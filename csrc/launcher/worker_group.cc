@@ -359,7 +359,7 @@ void WorkerGroup::PrepareStandbys(const std::map<int, uint64_t>& snapshot_bytes_
 }
 
 void WorkerGroup::MaintainStandbys() {
-  if (!standby_ || workers_.empty() || Clock::now() - started_at_ < standby_->delay) return;
+  if (!standby_ || standbys_held_ || workers_.empty() || Clock::now() - started_at_ < standby_->delay) return;
   for (const Worker& w : workers_)
     if (w.exited) return;  // the group is ending or failing: a standby now would be killed right away
   for (const Worker& w : workers_) {

@@ -81,6 +81,8 @@ class WorkerGroup {
   // service): the waiting standby of that rank makes a load buffer of that
   // size ready (Standby::Prepare). Sizes not given are left as they are.
   void PrepareStandbys(const std::map<int, uint64_t>& snapshot_bytes_by_rank);
+  // While held, no standby is started (one already started stays).
+  void HoldStandbys(bool hold) { standbys_held_ = hold; }
 
   // File descriptors that become readable when a worker exits (for poll).
   std::vector<int> ExitNotifiers() const;
@@ -141,6 +143,7 @@ class WorkerGroup {
 
   bool exit_probe_ = false;
   std::optional<StandbyOptions> standby_;
+  bool standbys_held_ = false;
   std::map<int, std::unique_ptr<Standby>> standbys_;  // by local rank
   std::map<int, bool> standby_broken_;                 // died while starting: not tried again
   int standbys_used_ = 0;

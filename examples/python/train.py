@@ -25,6 +25,8 @@ import time
 import torch
 import torch.distributed as dist
 
+import flashckpt  # cheap (the extension loads on first use); under flashrun, before init_process_group
+
 _T_IMPORTED = time.time()
 
 
@@ -88,8 +90,6 @@ def main():
     # restored needs no random init.
     ckpt, resume_from = None, None
     if args.ckpt == "flashckpt":
-        import flashckpt
-
         ckpt = flashckpt.Checkpointer(args.dir, keep_last=2, persist_every=args.persist_every)
         if ckpt.latest_step() is not None or os.environ.get("FLASHCKPT_RESTORE_STEP"):
             resume_from = "flashckpt"

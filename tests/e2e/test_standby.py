@@ -152,6 +152,8 @@ def test_restart_runs_in_the_warm_standbys_and_resumes_bit_exact(flashrun, jobs)
     _, err = job.finish(120)
     assert job.p.returncode == 0, err[-4000:]
     assert "attempt 1, 2/2 workers from warm standbys" in err, err[-4000:]
+    # the replacements waited for the restarted workers' first snapshots (not to slow the recovery)
+    assert "the restarted workers have snapshotted: warm standbys start again" in err, err[-4000:]
 
     resumed = set()
     for lr in (0, 1):
