@@ -431,13 +431,13 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       group.ReapOrphans();
       if (o.standby && Clock::now() - standby_sizes_at > std::chrono::seconds(1)) {
         standby_sizes_at = Clock::now();
-        if (standbys_held && (hooks.SnapshotsTaken() >= held_at_snapshots + static_cast<uint64_t>(o.nproc_per_node) ||
-                              Clock::now() > hold_deadline)) {
+        const bool snapshotted =
+            standbys_held && hooks.SnapshotsTaken() >= held_at_snapshots + static_cast<uint64_t>(o.nproc_per_node);
+        if (standbys_held && (snapshotted || Clock::now() > hold_deadline)) {
           standbys_held = false;
           group.HoldStandbys(false);
-          Say(hooks.SnapshotsTaken() >= held_at_snapshots + static_cast<uint64_t>(o.nproc_per_node)
-                  ? "the restarted workers have snapshotted: warm standbys start again"
-                  : "no snapshot from the restarted workers in 60 s: warm standbys start again");
+          Say(snapshotted ? "the restarted workers have snapshotted: warm standbys start again"
+                          : "no snapshot from the restarted workers in 60 s: warm standbys start again");
         }
         group.PrepareStandbys(hooks.SnapshotBytes());
       }

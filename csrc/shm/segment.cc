@@ -166,11 +166,17 @@ absl::Status SharedSegment::LockForWriting() {
   return absl::OkStatus();
 }
 
-absl::Status SharedSegment::AllocateSlot(int i, int threads) {
-  if (slot_allocated(i)) return absl::OkStatus();
+void PopulateWrite(uint8_t* base, uint64_t len) {
 #ifndef MADV_POPULATE_WRITE
 #define MADV_POPULATE_WRITE 23
 #endif
+  if (::madvise(base, len, MADV_POPULATE_WRITE) == 0) return;
+  volatile uint8_t* q = base;  // kernels before 5.14: touch each page
+  for (uint64_t k = 0; k < len; k += 4096) q[k] = q[k];
+}
+
+absl::Status SharedSegment::AllocateSlot(int i, int threads) {
+  if (slot_allocated(i)) return absl::OkStatus();
   const uint64_t begin = kSlotAlignment + i * header()->slot_stride + kSlotAlignment;
   const uint64_t len = header()->slot_capacity;
   constexpr uint64_t kPiece = 64u << 20;
@@ -184,10 +190,7 @@ absl::Status SharedSegment::AllocateSlot(int i, int threads) {
         failed_errno = errno;
         return;
       }
-      if (::madvise(base_ + off, n, MADV_POPULATE_WRITE) != 0) {
-        volatile uint8_t* q = base_ + off;  // kernels before 5.14: touch each page
-        for (uint64_t k = 0; k < n; k += 4096) q[k] = q[k];
-      }
+      PopulateWrite(base_ + off, n);
     }
   };
   std::vector<std::thread> helpers;

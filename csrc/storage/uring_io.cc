@@ -23,6 +23,7 @@
 #include "common/crc32c.h"
 #include "common/log.h"
 #include "common/status.h"
+#include "shm/segment.h"
 
 namespace flashckpt {
 namespace {
@@ -35,8 +36,6 @@ void WarnOnce(std::atomic<bool>& flag, const std::string& msg) {
   if (!flag.exchange(true)) FCK_LOG(kWarn, msg);
 }
 std::atomic<bool> g_warned_uring{false}, g_warned_direct{false}, g_warned_register{false};
-
-uint64_t AlignUp(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
 
 double Since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -406,10 +405,6 @@ void* MapAligned(uint64_t len) {
   return reinterpret_cast<void*>(start);
 }
 
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
 // The buffer PrepareLoadBuffer made: touched by `toucher`, taken by the next
 // large AllocateAligned.
 struct PreparedBuffer {
@@ -449,13 +444,7 @@ void PrepareLoadBuffer(uint64_t bytes) {
   }
   p.base = base;
   p.len = len;
-  p.toucher = std::thread([base, len] {
-    // One call faults every page in (Linux 5.14+); else a write per page.
-    if (::madvise(base, len, MADV_POPULATE_WRITE) == 0) return;
-    const long page = ::sysconf(_SC_PAGESIZE);
-    for (uint64_t off = 0; off < len; off += static_cast<uint64_t>(page))
-      static_cast<volatile uint8_t*>(base)[off] = 0;
-  });
+  p.toucher = std::thread([base, len] { PopulateWrite(static_cast<uint8_t*>(base), len); });
 }
 
 uint64_t PreparedLoadBufferBytes() {
