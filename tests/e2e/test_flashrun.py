@@ -2,6 +2,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -170,7 +171,11 @@ def test_worker_failing_at_every_start_gives_summary(flashrun, launchers, tmp_pa
     run_dir = glob.glob(str(tmp_path / "*"))[0]
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("attempt_")) == ["attempt_0", "attempt_1", "attempt_2"]
     assert os.path.exists(os.path.join(run_dir, "status.json"))  # the checkpoint service's status
-    assert os.path.getsize(os.path.join(run_dir, "attempt_2", "0", "stderr.log")) > 0
+    # The rank named as the root cause wrote its traceback; the other one may have been stopped
+    # before it got that far (both fail at once, the first exit stops the group).
+    root_rank = re.search(r"rank      : (\d+) \(local_rank: (\d+)\)", err).group(2)
+    with open(os.path.join(run_dir, "attempt_2", root_rank, "stderr.log")) as f:
+        assert "RuntimeError: flashrun test failure on rank" in f.read()
 
 
 def test_logs_redirects_and_tee_prefix(flashrun, launchers, tmp_path):
