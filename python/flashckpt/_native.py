@@ -3,7 +3,8 @@
 Looked up, in order: the package itself (``pip install .`` / ``pip install -e .``
 put it there), then ``$FLASHCKPT_BUILD_DIR/python/flashckpt``, then the
 ``build-py`` and ``build`` folders of the source tree this file sits in (a plain
-CMake build, used with ``PYTHONPATH=python``).
+CMake build, used with ``PYTHONPATH=python``), the most recently built first, so a
+stale build in one folder never shadows a fresh one in the other.
 """
 
 from __future__ import annotations
@@ -17,13 +18,29 @@ import sys
 _ext = None
 
 
-def _candidates():
+def _built_files(build_dir):
+    found = []
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        found += glob.glob(os.path.join(build_dir, "python", "flashckpt", "_C" + suffix))
+    return found
+
+
+def _mtime(path):
+    try:
+        return os.stat(path).st_mtime
+    except OSError:
+        return 0.0
+
+
+def _candidates(root=None):
+    """Extension files to try, in order; root: the source tree (the one this file sits in)."""
     env = os.environ.get("FLASHCKPT_BUILD_DIR")
     if env:
-        yield env
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    for name in ("build-py", "build"):
-        yield os.path.join(root, name)
+        yield from _built_files(env)
+    if root is None:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    in_tree = _built_files(os.path.join(root, "build-py")) + _built_files(os.path.join(root, "build"))
+    yield from sorted(in_tree, key=_mtime, reverse=True)
 
 
 def load():
@@ -38,20 +55,17 @@ def load():
         return _ext
     except ImportError as e:
         first = e
-    suffixes = importlib.machinery.EXTENSION_SUFFIXES
-    for d in _candidates():
-        for suffix in suffixes:
-            for path in glob.glob(os.path.join(d, "python", "flashckpt", "_C" + suffix)):
-                spec = importlib.util.spec_from_file_location("flashckpt._C", path)
-                mod = importlib.util.module_from_spec(spec)
-                sys.modules["flashckpt._C"] = mod
-                try:
-                    spec.loader.exec_module(mod)
-                except ImportError:
-                    del sys.modules["flashckpt._C"]
-                    continue
-                _ext = mod
-                return _ext
+    for path in _candidates():
+        spec = importlib.util.spec_from_file_location("flashckpt._C", path)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["flashckpt._C"] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except ImportError:
+            del sys.modules["flashckpt._C"]
+            continue
+        _ext = mod
+        return _ext
     raise ImportError(
         "flashckpt's compiled extension (flashckpt._C) is not built or not importable "
         f"({first}). Install with `pip install --no-build-isolation -e .` in a venv made by "
