@@ -19,7 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "agent/agent_protocol.h"
+#include "ipc/agent_protocol.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "shm/segment.h"
@@ -160,11 +160,11 @@ void CheckpointService::Enqueue(int rank, Job job) {
   if (world_size > 1 && !dropped.empty()) {
     auto barrier = MakeBarrier(commits, dir, nullptr);
     for (int64_t step : dropped)
-      barrier->report_failure(dir, step, rank, absl::StrCat("superseded by step ", job.step, " before it was persisted"));
+      barrier->ReportFailure(step, rank, absl::StrCat("superseded by step ", job.step, " before it was persisted"));
   }
 }
 
-std::unique_ptr<CommitBarrier> CheckpointService::MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
+std::unique_ptr<core::CommitBarrier> CheckpointService::MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
                                                               const std::string& directory,
                                                               std::function<bool()> cancelled) {
   if (commits) return commits->Barrier(directory, std::move(cancelled));
@@ -239,7 +239,7 @@ void CheckpointService::RankLoop(int rank) {
     } else {
       const uint64_t epoch = job.epoch;
       auto cancelled = [this, epoch] { return stop_.load() || epoch_.load() != epoch; };
-      std::unique_ptr<CommitBarrier> barrier = MakeBarrier(r->commits_in_flight, r->hello.directory(), cancelled);
+      std::unique_ptr<core::CommitBarrier> barrier = MakeBarrier(r->commits_in_flight, r->hello.directory(), cancelled);
       PersistContext ctx{r->hello.directory(), r->hello.rank(), r->hello.world_size(), r->hello.keep_last(),
                          barrier.get(), std::chrono::milliseconds(r->hello.commit_timeout_ms()), r->io.get(),
                          r->hello.shm_path(), cancelled};

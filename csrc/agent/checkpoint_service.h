@@ -24,13 +24,10 @@
 
 #include "absl/status/statusor.h"
 #include "agent.pb.h"
-#include "flashckpt/checkpointer.h"
+#include "shm/segment.h"
+#include "storage/commit_barrier.h"
 #include "storage/uring_io.h"
 
-namespace flashckpt {
-
-}  // namespace flashckpt
-#include "shm/segment.h"
 namespace flashckpt {
 
 struct CheckpointServiceOptions {
@@ -48,7 +45,7 @@ class CommitCoordinator {
  public:
   virtual ~CommitCoordinator() = default;
   // The barrier of one persist; `cancelled` as PersistContext::cancelled.
-  virtual std::unique_ptr<CommitBarrier> Barrier(const std::string& directory, std::function<bool()> cancelled) = 0;
+  virtual std::unique_ptr<core::CommitBarrier> Barrier(const std::string& directory, std::function<bool()> cancelled) = 0;
   // Wakes the waits of every barrier made so far and still alive, so that
   // they look at their `cancelled` at once (a restart).
   virtual void WakeAll() {}
@@ -131,7 +128,7 @@ class CheckpointService {
   void Enqueue(int rank, Job job);
   void EnqueueLocked(int rank, Rank& r, const Job& job);
   void Unpin(Rank& r, int slot);
-  static std::unique_ptr<CommitBarrier> MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
+  static std::unique_ptr<core::CommitBarrier> MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
                                                     const std::string& directory, std::function<bool()> cancelled);
   void MetricsLoop();
 

@@ -28,7 +28,7 @@
 
 #include "absl/status/statusor.h"
 #include "agent/checkpoint_service.h"
-#include "flashckpt/checkpointer.h"
+#include "storage/commit_barrier.h"
 #include "rendezvous/rendezvous_client.h"
 
 namespace flashckpt {
@@ -53,7 +53,7 @@ struct CommitStoreOptions {
   std::string step_prefix(int64_t step) const;
 };
 
-class StoreCommitBarrier : public CommitBarrier {
+class StoreCommitBarrier : public core::CommitBarrier {
  public:
   // `directory` is the checkpoint root (for the rank-<r>.durable file that
   // `flashckpt ls` shows, and the COMMIT file a rank reads when the store
@@ -61,13 +61,15 @@ class StoreCommitBarrier : public CommitBarrier {
   StoreCommitBarrier(CommitStoreOptions options, std::string directory, std::function<bool()> cancelled);
   ~StoreCommitBarrier() override;
 
-  void rank_durable(int64_t step, int rank, const std::string& record) override;
-  std::vector<std::string> wait_all(int64_t step, int world_size, std::chrono::milliseconds timeout) override;
-  void report_failure(const std::string& directory, int64_t step, int rank, const std::string& why) override;
+  absl::Status RankDurable(int64_t step, int rank, const std::string& record) override;
+  absl::StatusOr<std::vector<std::string>> WaitAll(int64_t step, int world_size,
+                                                   std::chrono::milliseconds timeout) override;
+  void ReportFailure(int64_t step, int rank, const std::string& why) override;
   // Also removes the step's other keys, older steps' and older rounds' keys.
-  void committed(const std::string& directory, int64_t step) override;
-  bool wait_committed(const std::string& directory, int64_t step, std::chrono::milliseconds timeout,
-                      const std::function<bool()>& cancelled, std::string* why) override;
+  void Committed(int64_t step) override;
+  absl::Status WaitCommitted(int64_t step, std::chrono::milliseconds timeout,
+                             const std::function<bool()>& cancelled) override;
+  std::string Describe() const override;
 
   // Any thread: a blocked store call returns at once, and the wait looks at
   // `cancelled` (a restart made the step obsolete).
@@ -78,18 +80,19 @@ class StoreCommitBarrier : public CommitBarrier {
   // until Rearm() drops it.
   rendezvous::RendezvousClient& Client();
   void Rearm();
-  // Runs a store call until it is answered; nullopt when Wake() interrupted
-  // it and `cancelled` says so. No answer throws (ThrowUnreachable).
+  // Runs a store call until it is answered; kCancelled when Wake()
+  // interrupted it and `cancelled` says so; kUnavailable (Unreachable) when
+  // the store does not answer.
   template <typename T, typename F>
-  std::optional<T> Run(int64_t step, const char* doing, F&& call, const std::function<bool()>& cancelled);
-  // The error for a call that got no answer.
-  [[noreturn]] void ThrowUnreachable(int64_t step, const char* doing, const absl::Status& s);
+  absl::StatusOr<T> Run(int64_t step, const char* doing, F&& call, const std::function<bool()>& cancelled);
+  // The error for a call that got no answer: names the store's host:port.
+  absl::Status Unreachable(int64_t step, const char* doing, const absl::Status& s) const;
   // Blocks up to poll (or until `until`) on key. nullopt: not set yet, or
   // woken (then cancelled() is looked at by the caller).
-  std::optional<std::string> WaitKey(int64_t step, const std::string& key,
-                                     std::chrono::steady_clock::time_point until);
-  std::optional<std::string> GetNow(int64_t step, const std::string& key);
-  void Set(int64_t step, const std::string& key, const std::string& value);
+  absl::StatusOr<std::optional<std::string>> WaitKey(int64_t step, const std::string& key,
+                                                     std::chrono::steady_clock::time_point until);
+  absl::StatusOr<std::optional<std::string>> GetNow(int64_t step, const std::string& key);
+  absl::Status Set(int64_t step, const std::string& key, const std::string& value);
   // Deletes the step's keys other than /commit (best effort).
   void DropStepKeys(int64_t step);
 
@@ -106,7 +109,7 @@ class StoreCommitBarrier : public CommitBarrier {
 class StoreCommits : public CommitCoordinator {
  public:
   explicit StoreCommits(CommitStoreOptions options) : options_(std::move(options)) {}
-  std::unique_ptr<CommitBarrier> Barrier(const std::string& directory, std::function<bool()> cancelled) override;
+  std::unique_ptr<core::CommitBarrier> Barrier(const std::string& directory, std::function<bool()> cancelled) override;
   void WakeAll() override;
   std::string Describe() const override;
 

@@ -24,8 +24,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "agent.pb.h"
-#include "agent/agent_protocol.h"
+#include "ipc/agent_protocol.h"
 #include "api/device_copy.h"
+#include "api/public_commit_barrier.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
 #include "common/log.h"
@@ -194,7 +195,7 @@ class Checkpointer::Impl {
   void Init();  // the part of construction that may throw after the locks are taken
 
   CopyPool pool_;
-  std::shared_ptr<CommitBarrier> barrier_;
+  std::shared_ptr<core::CommitBarrier> barrier_;
   std::unique_ptr<BulkIo> persist_io_;
   int dir_lock_fd_ = -1;
   std::thread dir_lock_taker_;  // takes the lock from a predecessor on its way out
@@ -295,7 +296,8 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
 void Checkpointer::Impl::Init() {
   if (opt.rank == 0) CleanLeftovers(root);
 
-  barrier_ = opt.commit_barrier ? opt.commit_barrier : std::make_shared<FileCommitBarrier>(root);
+  barrier_ = opt.commit_barrier ? std::shared_ptr<core::CommitBarrier>(std::make_shared<PublicCommitBarrier>(opt.commit_barrier, root))
+                               : std::make_shared<FileCommitBarrier>(root);
   shm_path = absl::StrCat(opt.shm_dir, "/", SegmentName(root, opt.run_id, opt.rank));
 
   if (opt.reuse_memory && ::access(shm_path.c_str(), F_OK) == 0) {
@@ -609,7 +611,7 @@ void Checkpointer::Impl::PersisterLoop() {
     }
     // Off the training thread: a small durable file per dropped step.
     for (auto [step, by] : superseded)
-      barrier_->report_failure(root, step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
+      barrier_->ReportFailure(step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
     {
       std::unique_lock<std::mutex> l(mu_);
       if (queue_.empty() && stop_ && superseded_.empty()) return;

@@ -13,7 +13,7 @@
 #include "absl/status/statusor.h"
 #include "common/parallel_copy.h"
 #include "flashckpt.pb.h"
-#include "flashckpt/checkpointer.h"
+#include "flashckpt/types.h"
 
 namespace flashckpt {
 

@@ -49,34 +49,27 @@ void ForgetUncommittedRecords(const std::string& root, int rank) {
   }
 }
 
-void CommitBarrier::report_failure(const std::string& directory, int64_t step, int rank, const std::string& why) {
-  ReportPersistFailure(directory, step, rank, why);
+absl::Status WriteRankRecordFile(const std::string& root, int64_t step, int rank, const std::string& record) {
+  return WriteFileAtomic(absl::StrCat(StepDir(root, step), "/", RankDurableName(rank)), record);
 }
 
-void CommitBarrier::committed(const std::string&, int64_t) {}
-
-bool CommitBarrier::wait_committed(const std::string& directory, int64_t step, std::chrono::milliseconds timeout,
-                                   const std::function<bool()>& cancelled, std::string* why) {
-  absl::Status s = WaitForCommit(directory, step, timeout, cancelled);
-  if (s.code() == absl::StatusCode::kAborted || s.code() == absl::StatusCode::kCancelled) {
-    if (why) *why = std::string(s.message());
-    return false;
-  }
-  ThrowIfError(s);
-  return true;
+absl::Status FileCommitBarrier::RankDurable(int64_t step, int rank, const std::string& record) {
+  return WriteRankRecordFile(root_, step, rank, record);
 }
 
-void WriteRankRecordFile(const std::string& root, int64_t step, int rank, const std::string& record) {
-  std::string path = absl::StrCat(StepDir(root, step), "/", RankDurableName(rank));
-  ThrowIfError(WriteFileAtomic(path, record));
+void FileCommitBarrier::ReportFailure(int64_t step, int rank, const std::string& why) {
+  ReportPersistFailure(root_, step, rank, why);
 }
 
-void FileCommitBarrier::rank_durable(int64_t step, int rank, const std::string& record) {
-  WriteRankRecordFile(root_, step, rank, record);
+absl::Status FileCommitBarrier::WaitCommitted(int64_t step, std::chrono::milliseconds timeout,
+                                              const std::function<bool()>& cancelled) {
+  return WaitForCommit(root_, step, timeout, [&] { return (cancelled && cancelled()) || (cancelled_ && cancelled_()); });
 }
 
-std::vector<std::string> FileCommitBarrier::wait_all(int64_t step, int world_size,
-                                                     std::chrono::milliseconds timeout) {
+std::string FileCommitBarrier::Describe() const { return absl::StrCat("rank records in ", root_); }
+
+absl::StatusOr<std::vector<std::string>> FileCommitBarrier::WaitAll(int64_t step, int world_size,
+                                                                    std::chrono::milliseconds timeout) {
   auto t0 = std::chrono::steady_clock::now();
   auto deadline = t0 + timeout;
   std::string dir = StepDir(root_, step);
@@ -96,22 +89,21 @@ std::vector<std::string> FileCommitBarrier::wait_all(int64_t step, int world_siz
     }
     if (count == world_size) return records;
     if (cancelled_ && cancelled_())
-      throw Error(ErrorCode::kUnavailable, absl::StrCat("commit of step ", step, " in ", root_,
-                                                        " abandoned: a restart made it obsolete"));
+      return absl::CancelledError(absl::StrCat("commit of step ", step, " in ", root_,
+                                               " abandoned: a restart made it obsolete"));
     for (int r = 0; r < world_size; ++r) {
       if (have[r]) continue;
       if (auto why = PersistFailure(root_, step, r))
-        throw Error(ErrorCode::kUnavailable, absl::StrCat("commit of step ", step, " in ", root_, " abandoned: rank ", r,
-                                                          " did not persist it: ", *why));
+        return absl::AbortedError(absl::StrCat("commit of step ", step, " in ", root_, " abandoned: rank ", r,
+                                               " did not persist it: ", *why));
     }
     if (std::chrono::steady_clock::now() >= deadline) {
       std::vector<int> missing;
       for (int r = 0; r < world_size; ++r) if (!have[r]) missing.push_back(r);
-      throw Error(ErrorCode::kDeadlineExceeded,
-                  absl::StrCat("commit of step ", step, " in ", root_, ": ", count, "/", world_size,
-                               " ranks durable after ",
-                               std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
-                               " s; missing ranks ", absl::StrJoin(missing, ",")));
+      return absl::DeadlineExceededError(
+          absl::StrCat("commit of step ", step, " in ", root_, ": ", count, "/", world_size, " ranks durable after ",
+                       std::chrono::duration_cast<std::chrono::seconds>(timeout).count(), " s; missing ranks ",
+                       absl::StrJoin(missing, ",")));
     }
     std::this_thread::sleep_for(sleep);
     sleep = std::min(sleep * 2, std::chrono::microseconds(20000));

@@ -11,19 +11,26 @@
 
 #include "absl/status/statusor.h"
 #include "flashckpt.pb.h"
-#include "flashckpt/checkpointer.h"
+#include "flashckpt/types.h"
+#include "storage/commit_barrier.h"
 
 namespace flashckpt {
 
-// Default barrier: rank-<r>.durable files in the step directory; works on a
-// shared file system across nodes with no network of our own.
-class FileCommitBarrier : public CommitBarrier {
+// The file protocol: rank-<r>.durable records and rank-<r>.failed markers
+// in the step directory, polled with backoff. Works on a shared file system
+// across nodes with no network of our own; the default of a Checkpointer.
+class FileCommitBarrier : public core::CommitBarrier {
  public:
   explicit FileCommitBarrier(std::string root, std::function<bool()> cancelled = nullptr)
       : root_(std::move(root)), cancelled_(std::move(cancelled)) {}
-  void rank_durable(int64_t step, int rank, const std::string& record) override;
-  std::vector<std::string> wait_all(int64_t step, int world_size,
-                                    std::chrono::milliseconds timeout) override;
+  absl::Status RankDurable(int64_t step, int rank, const std::string& record) override;
+  absl::StatusOr<std::vector<std::string>> WaitAll(int64_t step, int world_size,
+                                                   std::chrono::milliseconds timeout) override;
+  void ReportFailure(int64_t step, int rank, const std::string& why) override;
+  void Committed(int64_t) override {}
+  absl::Status WaitCommitted(int64_t step, std::chrono::milliseconds timeout,
+                             const std::function<bool()>& cancelled) override;
+  std::string Describe() const override;
 
  private:
   std::string root_;
@@ -31,8 +38,8 @@ class FileCommitBarrier : public CommitBarrier {
 };
 
 // rank-<r>.durable (temp file, fsync, rename): the rank's record, for the
-// file barrier and for `flashckpt ls`. Throws on failure.
-void WriteRankRecordFile(const std::string& root, int64_t step, int rank, const std::string& record);
+// file barrier and for `flashckpt ls`.
+absl::Status WriteRankRecordFile(const std::string& root, int64_t step, int rank, const std::string& record);
 
 // Writes COMMIT for `step` from the ranks' records (checked for step, world
 // size and duplicates), then `latest`. Both durable before returning.

@@ -18,7 +18,7 @@
 #include "common/crc32c.h"
 #include "common/log.h"
 #include "common/status.h"
-#include "flashckpt/checkpointer.h"
+#include "flashckpt/types.h"
 #include "storage/uring_io.h"
 
 namespace flashckpt {

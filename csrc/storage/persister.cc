@@ -24,13 +24,13 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   const std::string& root = ctx.root;
   const std::string& shm_path = ctx.where;
   BulkIo* persist_io_ = ctx.io;
-  CommitBarrier* barrier_ = ctx.barrier;
+  core::CommitBarrier* barrier_ = ctx.barrier;
   auto t0 = std::chrono::steady_clock::now();
   SlotView v;
   if (!seg->ReadSlot(job.slot, &v) || v.step != job.step) {
     absl::Status s = absl::InternalError(absl::StrCat("slot ", job.slot, " of ", shm_path, " no longer holds step ",
                                                       job.step, " (overwritten by a newer snapshot before it was persisted)"));
-    barrier_->report_failure(root, job.step, opt.rank, std::string(s.message()));
+    barrier_->ReportFailure(job.step, opt.rank, std::string(s.message()));
     return s;
   }
   SlotHeader* h = seg->slot(job.slot);
@@ -72,7 +72,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
     // A persist abandoned because a restart made the step obsolete is not a
     // failure the other ranks must hear of: after the restart they persist
     // (again) only the agreed step, and a marker would fail its commit.
-    if (!(ctx.cancelled && ctx.cancelled())) barrier_->report_failure(root, job.step, opt.rank, std::string(s.message()));
+    if (!(ctx.cancelled && ctx.cancelled())) barrier_->ReportFailure(job.step, opt.rank, std::string(s.message()));
     if (!ReadCommit(root, job.step).ok()) {
       ::unlink(durable_path.c_str());  // first: rank 0 must never take the record without the files
       ::unlink(data_path.c_str());
@@ -107,35 +107,27 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   f2->set_name(RankManifestName(opt.rank));
   f2->set_size(manifest.size());
   f2->set_crc32c(Crc32c(manifest.data(), manifest.size()));
-  try {
-    if (ctx.cancelled && ctx.cancelled())
-      return cleanup(absl::CancelledError(absl::StrCat("step ", job.step, " abandoned: a restart made it obsolete")));
-    barrier_->rank_durable(job.step, opt.rank, FrameRecord(RecordKind::kRankRecord, rec));
-    CrashPoint("persist: rank durable");
-    if (opt.rank == 0) {
-      auto records = barrier_->wait_all(job.step, opt.world_size, opt.commit_timeout);
-      s = WriteCommit(root, job.step, opt.world_size, records);
-      if (!s.ok()) return cleanup(s);
-      barrier_->committed(root, job.step);
-      CrashPoint("commit: before retention");
-      // Retention (deleting older steps) is left to the caller, after it has
-      // reported this step durable: it is housekeeping, not durability.
-    } else {
-      std::string why;
-      bool committed;
-      try {
-        committed = barrier_->wait_committed(root, job.step, opt.commit_timeout, ctx.cancelled, &why);
-      } catch (const Error& e) {
-        // After a timeout, or with the barrier unreachable, rank 0 may still
-        // commit: the files stay.
-        return Annotate(StatusFromError(e), absl::StrCat("persist step ", job.step));
-      }
-      // Rank 0 gave the step up, or a restart did: no COMMIT will come.
-      if (!committed)
-        return cleanup(ctx.cancelled && ctx.cancelled() ? absl::CancelledError(why) : absl::AbortedError(why));
-    }
-  } catch (const Error& e) {
-    return cleanup(StatusFromError(e));
+  if (ctx.cancelled && ctx.cancelled())
+    return cleanup(absl::CancelledError(absl::StrCat("step ", job.step, " abandoned: a restart made it obsolete")));
+  s = barrier_->RankDurable(job.step, opt.rank, FrameRecord(RecordKind::kRankRecord, rec));
+  if (!s.ok()) return cleanup(s);
+  CrashPoint("persist: rank durable");
+  if (opt.rank == 0) {
+    absl::StatusOr<std::vector<std::string>> records = barrier_->WaitAll(job.step, opt.world_size, opt.commit_timeout);
+    if (!records.ok()) return cleanup(records.status());
+    s = WriteCommit(root, job.step, opt.world_size, *records);
+    if (!s.ok()) return cleanup(s);
+    barrier_->Committed(job.step);
+    CrashPoint("commit: before retention");
+    // Retention (deleting older steps) is left to the caller, after it has
+    // reported this step durable: it is housekeeping, not durability.
+  } else {
+    s = barrier_->WaitCommitted(job.step, opt.commit_timeout, ctx.cancelled);
+    // Rank 0 gave the step up, or a restart did: no COMMIT will come.
+    if (core::GivenUp(s)) return cleanup(s);
+    // After a timeout, or with the barrier unreachable, rank 0 may still
+    // commit: the files stay.
+    if (!s.ok()) return Annotate(s, absl::StrCat("persist step ", job.step));
   }
   h->durable.store(1, std::memory_order_release);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();

@@ -10,8 +10,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "flashckpt/checkpointer.h"
+#include "flashckpt/types.h"
 #include "shm/segment.h"
+#include "storage/commit_barrier.h"
 #include "storage/uring_io.h"
 
 namespace flashckpt {
@@ -21,13 +22,13 @@ struct PersistContext {
   int rank = 0;
   int world_size = 1;
   int keep_last = 3;
-  CommitBarrier* barrier = nullptr;
+  core::CommitBarrier* barrier = nullptr;
   std::chrono::milliseconds commit_timeout{600000};
   BulkIo* io = nullptr;
   std::string where;                   // the segment's path, for messages
   // Polled before the rank record is written and while waiting for the other
   // ranks: true abandons this persist (flashrun, after a restart made the
-  // step obsolete). The barrier must poll it too (see FileCommitBarrier).
+  // step obsolete). The barrier's WaitAll must look at it too (see FileCommitBarrier).
   std::function<bool()> cancelled;
 };
 

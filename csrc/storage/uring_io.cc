@@ -18,7 +18,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "flashckpt/checkpointer.h"
+#include "flashckpt/types.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
 #include "common/log.h"

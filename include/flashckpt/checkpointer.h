@@ -23,84 +23,9 @@
 #include <vector>
 
 #include "flashckpt/errors.h"
+#include "flashckpt/types.h"
 
 namespace flashckpt {
-
-inline constexpr uint32_t kFormatVersion = 1;
-
-// A tensor to save: the core only sees bytes, a dtype name and a shape.
-struct TensorRef {
-  std::string key;
-  const void* data = nullptr;
-  uint64_t nbytes = 0;
-  std::string dtype;               // e.g. "torch.float32"; stored, not interpreted
-  std::vector<int64_t> shape;
-  uint32_t element_size = 1;
-  int device = -1;                 // -1: host memory; >= 0: CUDA device ordinal
-  void* cuda_stream = nullptr;     // caller's stream (cudaStream_t); copy is ordered after it
-  std::vector<int64_t> strides;    // recorded only (empty: contiguous)
-  int64_t storage_offset = 0;      // recorded only
-  std::string storage_key;         // non-empty: no bytes saved, a view of that key's bytes
-};
-
-// Opaque non-tensor state.
-struct BlobRef {
-  std::string key;
-  std::string data;
-};
-
-// A destination for load_into(): a caller-owned host buffer.
-struct MutableTensorRef {
-  void* data = nullptr;
-  uint64_t nbytes = 0;
-  std::string dtype;
-  std::vector<int64_t> shape;
-};
-
-enum class Source { kMemory, kStorage };
-
-struct TensorInfo {
-  std::string key;
-  std::string dtype;
-  std::vector<int64_t> shape;
-  std::vector<int64_t> strides;
-  int64_t storage_offset = 0;
-  std::string storage_key;
-  uint32_t element_size = 1;
-  uint64_t nbytes = 0;
-  uint32_t crc32c = 0;
-  const void* data = nullptr;      // points into LoadedSnapshot's buffer
-};
-
-// A loaded step. Tensor data lives in one aligned buffer owned by this object
-// (keep it alive while the data is used; Python wraps it without a copy).
-class LoadedSnapshot {
- public:
-  int64_t step() const { return step_; }
-  int rank() const { return rank_; }
-  int world_size() const { return world_size_; }
-  Source source() const { return source_; }
-  const std::vector<TensorInfo>& tensors() const { return tensors_; }
-  const std::map<std::string, std::string>& blobs() const { return blobs_; }
-  const TensorInfo* find(const std::string& key) const;
-  uint64_t data_bytes() const { return data_bytes_; }
-  const void* buffer() const { return buffer_.get(); }
-
-  // Internal: filled by the loader.
-  struct Init;
-  explicit LoadedSnapshot(Init&& init);
-  LoadedSnapshot(const LoadedSnapshot&) = delete;
-  LoadedSnapshot& operator=(const LoadedSnapshot&) = delete;
-
- private:
-  int64_t step_ = -1;
-  int rank_ = 0, world_size_ = 1;
-  Source source_ = Source::kStorage;
-  std::vector<TensorInfo> tensors_;
-  std::map<std::string, std::string> blobs_;
-  uint64_t data_bytes_ = 0;
-  std::shared_ptr<void> buffer_;
-};
 
 class SaveState;  // shared between a handle and the background persister
 
@@ -191,21 +116,6 @@ struct CheckpointerOptions {
   bool use_agent = true;                 // false: persist in-process even under flashrun
 };
 
-struct StepInfo {
-  int64_t step = -1;
-  bool committed = false;
-  bool in_memory = false;
-  uint64_t bytes = 0;
-  int world_size = 0;
-};
-
-struct LoadOptions {
-  std::optional<int64_t> step;           // default: newest step available
-  bool prefer_memory = true;
-  bool allow_fallback = false;           // on corruption, try older committed steps
-  bool verify = true;                    // check crc32c of every tensor
-};
-
 class Checkpointer {
  public:
   explicit Checkpointer(CheckpointerOptions options);
@@ -239,16 +149,5 @@ class Checkpointer {
   std::unique_ptr<Impl> impl_;
 };
 
-// A load buffer made ready ahead of a load: `bytes` of memory allocated and
-// touched now (on a background thread), so that the next load of at most that
-// size in this process copies into it instead of taking a page fault for every
-// 4 KiB of a fresh buffer (most of a load's time). For a process that waits
-// to take over a rank, like flashrun's warm standbys, once the rank's snapshot
-// size is known. Calling it again replaces the buffer; 0 releases it. The
-// next load of half to all of that size takes the buffer (once); a larger
-// load releases it and allocates as usual; a much smaller one leaves it.
-void PrepareLoadBuffer(uint64_t bytes);
-// Bytes held by the prepared buffer (0: none).
-uint64_t PreparedLoadBufferBytes();
 
 }  // namespace flashckpt

@@ -126,6 +126,12 @@ TEST(Checkpointer, StepSupersededOnRankZeroEndsTheWaitOfTheOthers) {
   std::vector<FakeState> s;
   for (int step = 0; step <= 2; ++step) s.push_back(FakeState::ForStep(step));
   auto a0 = r0.save(0, s[0].Refs(), s[0].Blobs());  // persister waits for rank 1's record of step 0
+  // Step 0 must be in flight (not queued, where step 1 would supersede it):
+  // its rank record is written just before rank 0 starts waiting.
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!fs::exists(dirs.ckpt + "/step-0/rank-0.durable") && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  ASSERT_TRUE(fs::exists(dirs.ckpt + "/step-0/rank-0.durable")) << "rank 0 never started persisting step 0";
   auto a1 = r0.save(1, s[1].Refs(), s[1].Blobs());
   auto a2 = r0.save(2, s[2].Refs(), s[2].Blobs());  // supersedes step 1 in rank 0's queue
   EXPECT_TRUE(a1.wait_durable_for(std::chrono::seconds(5)));

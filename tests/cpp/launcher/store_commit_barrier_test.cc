@@ -80,28 +80,22 @@ class StoreCommit : public ::testing::Test {
 
   // What PersistSlot does with the barrier, without the data files.
   // Returns "" when committed, else the error or the reason it was given up.
-  std::string Persist(CommitBarrier& b, int64_t step, int rank, int world, milliseconds timeout) {
-    try {
-      b.rank_durable(step, rank, Record(step, rank, world));
-      if (rank == 0) {
-        std::vector<std::string> records;
-        try {
-          records = b.wait_all(step, world, timeout);
-        } catch (const Error& e) {
-          b.report_failure(dir_, step, 0, e.what());
-          return e.what();
-        }
-        absl::Status s = WriteCommit(dir_, step, world, records);
-        if (!s.ok()) return std::string(s.message());
-        b.committed(dir_, step);
-        return "";
+  std::string Persist(core::CommitBarrier& b, int64_t step, int rank, int world, milliseconds timeout) {
+    absl::Status s = b.RankDurable(step, rank, Record(step, rank, world));
+    if (!s.ok()) return std::string(s.message());
+    if (rank == 0) {
+      absl::StatusOr<std::vector<std::string>> records = b.WaitAll(step, world, timeout);
+      if (!records.ok()) {
+        b.ReportFailure(step, 0, std::string(records.status().message()));
+        return std::string(records.status().message());
       }
-      std::string why;
-      if (!b.wait_committed(dir_, step, timeout, nullptr, &why)) return why;
+      s = WriteCommit(dir_, step, world, *records);
+      if (!s.ok()) return std::string(s.message());
+      b.Committed(step);
       return "";
-    } catch (const Error& e) {
-      return e.what();
     }
+    s = b.WaitCommitted(step, timeout, nullptr);
+    return s.ok() ? "" : std::string(s.message());
   }
 
   std::string dir_;
@@ -147,7 +141,7 @@ TEST_F(StoreCommit, AFailedRankEndsEveryWaitAtOnceAndNothingIsCommitted) {
     return Persist(*b, 7, 0, kWorld, milliseconds(30000));
   });
   std::this_thread::sleep_for(milliseconds(100));
-  commits.Barrier(dir_, nullptr)->report_failure(dir_, 7, 2, "disk full");
+  commits.Barrier(dir_, nullptr)->ReportFailure(7, 2, "disk full");
   const std::string why0 = rank0.get();
   const std::string why1 = waiter.get();
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(3));  // not the 30 s timeout
@@ -176,7 +170,7 @@ TEST_F(StoreCommit, RankZeroGivingUpEndsTheOthersWait) {
   std::this_thread::sleep_for(milliseconds(100));
   const auto t0 = Clock::now();
   // Rank 0 dropped the step from its queue (a newer one superseded it).
-  commits.Barrier(dir_, nullptr)->report_failure(dir_, 3, 0, "superseded by step 4 before it was persisted");
+  commits.Barrier(dir_, nullptr)->ReportFailure(3, 0, "superseded by step 4 before it was persisted");
   const std::string why = waiter.get();
   EXPECT_LT(Clock::now() - t0, std::chrono::seconds(2));
   EXPECT_NE(why.find("superseded by step 4"), std::string::npos) << why;
@@ -185,28 +179,27 @@ TEST_F(StoreCommit, RankZeroGivingUpEndsTheOthersWait) {
 TEST_F(StoreCommit, ARoundsKeysDoNotSatisfyTheNextRound) {
   {
     StoreCommits round1(Store(1));
-    for (int r = 0; r < 2; ++r) round1.Barrier(dir_, nullptr)->rank_durable(5, r, Record(5, r, 2));
+    for (int r = 0; r < 2; ++r) ASSERT_TRUE(round1.Barrier(dir_, nullptr)->RankDurable(5, r, Record(5, r, 2)).ok());
     // Even a decision of round 1.
     rendezvous::RendezvousClient c("127.0.0.1", server_->port(), "secret", "job");
     ASSERT_TRUE(c.StoreSet(Store(1).step_prefix(5) + "/commit", "committed", Clock::now() + std::chrono::seconds(5)).ok());
   }
   StoreCommits round2(Store(2));
   auto b0 = round2.Barrier(dir_, nullptr);
-  b0->rank_durable(5, 0, Record(5, 0, 2));
-  try {
-    b0->wait_all(5, 2, milliseconds(300));
-    FAIL() << "round 1's record of rank 1 was taken for round 2's";
-  } catch (const Error& e) {
-    EXPECT_EQ(e.code(), ErrorCode::kDeadlineExceeded);
-    EXPECT_NE(std::string(e.what()).find("1/2 ranks durable"), std::string::npos) << e.what();
-    EXPECT_NE(std::string(e.what()).find("missing ranks 1"), std::string::npos) << e.what();
-  }
-  std::string why;
-  EXPECT_THROW(round2.Barrier(dir_, nullptr)->wait_committed(dir_, 5, milliseconds(300), nullptr, &why), Error);
+  ASSERT_TRUE(b0->RankDurable(5, 0, Record(5, 0, 2)).ok());
+  absl::StatusOr<std::vector<std::string>> early = b0->WaitAll(5, 2, milliseconds(300));
+  ASSERT_FALSE(early.ok()) << "round 1's record of rank 1 was taken for round 2's";
+  EXPECT_EQ(early.status().code(), absl::StatusCode::kDeadlineExceeded);
+  EXPECT_NE(early.status().message().find("1/2 ranks durable"), std::string::npos) << early.status();
+  EXPECT_NE(early.status().message().find("missing ranks 1"), std::string::npos) << early.status();
+  EXPECT_EQ(round2.Barrier(dir_, nullptr)->WaitCommitted(5, milliseconds(300), nullptr).code(),
+            absl::StatusCode::kDeadlineExceeded);
   // Round 2's first commit drops every key of round 1.
-  round2.Barrier(dir_, nullptr)->rank_durable(5, 1, Record(5, 1, 2));
-  EXPECT_EQ(b0->wait_all(5, 2, milliseconds(5000)).size(), 2u);
-  b0->committed(dir_, 5);
+  ASSERT_TRUE(round2.Barrier(dir_, nullptr)->RankDurable(5, 1, Record(5, 1, 2)).ok());
+  absl::StatusOr<std::vector<std::string>> all = b0->WaitAll(5, 2, milliseconds(5000));
+  ASSERT_TRUE(all.ok()) << all.status();
+  EXPECT_EQ(all->size(), 2u);
+  b0->Committed(5);
   EXPECT_FALSE(Key(Store(1).step_prefix(5) + "/commit"));
   EXPECT_EQ(server_->counters().store_keys.load(), 1u);
 }
@@ -218,19 +211,16 @@ TEST_F(StoreCommit, ARestartWakesABlockedWaitAtOnce) {
   std::atomic<bool> restarted{false};
   auto rank0 = std::async(std::launch::async, [&] {
     auto b = commits.Barrier(dir_, [&] { return restarted.load(); });
-    b->rank_durable(9, 0, Record(9, 0, 2));
-    try {
-      b->wait_all(9, 2, milliseconds(30000));
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("committed");
+    EXPECT_TRUE(b->RankDurable(9, 0, Record(9, 0, 2)).ok());
+    absl::StatusOr<std::vector<std::string>> r = b->WaitAll(9, 2, milliseconds(30000));
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kCancelled);
+    return r.ok() ? std::string("committed") : std::string(r.status().message());
   });
   auto rank1 = std::async(std::launch::async, [&] {
     auto b = commits.Barrier(dir_, [&] { return restarted.load(); });
-    std::string why;
-    b->wait_committed(dir_, 9, milliseconds(30000), [&] { return restarted.load(); }, &why);
-    return why;
+    absl::Status s = b->WaitCommitted(9, milliseconds(30000), [&] { return restarted.load(); });
+    EXPECT_EQ(s.code(), absl::StatusCode::kCancelled);
+    return std::string(s.message());
   });
   std::this_thread::sleep_for(milliseconds(300));
   const auto t0 = Clock::now();
@@ -246,15 +236,12 @@ TEST_F(StoreCommit, AStoreThatWentAwayFailsThePersistNamingHostPort) {
   const std::string endpoint = "127.0.0.1:" + std::to_string(port_);
   StoreCommits commits(Store());
   auto b1 = commits.Barrier(dir_, nullptr);
-  b1->rank_durable(4, 1, Record(4, 1, 2));
+  ASSERT_TRUE(b1->RankDurable(4, 1, Record(4, 1, 2)).ok());
   auto waiter = std::async(std::launch::async, [&] {
-    std::string why;
-    try {
-      b1->wait_committed(dir_, 4, milliseconds(30000), nullptr, &why);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return "returned: " + why;
+    absl::Status s = b1->WaitCommitted(4, milliseconds(30000), nullptr);
+    // The store is gone: rank 0 may still commit, so this is not "given up".
+    EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable);
+    return std::string(s.message());
   });
   std::this_thread::sleep_for(milliseconds(100));
   server_.reset();  // the agent hosting the rendezvous died
@@ -273,12 +260,14 @@ TEST_F(StoreCommit, ARankThatLostTheStoreAfterTheCommitReadsCOMMIT) {
   StoreCommits commits(Store());
   auto b0 = commits.Barrier(dir_, nullptr);
   auto b1 = commits.Barrier(dir_, nullptr);
-  b1->rank_durable(6, 1, Record(6, 1, 2));
-  b0->rank_durable(6, 0, Record(6, 0, 2));
-  ASSERT_TRUE(WriteCommit(dir_, 6, 2, b0->wait_all(6, 2, milliseconds(5000))).ok());
+  ASSERT_TRUE(b1->RankDurable(6, 1, Record(6, 1, 2)).ok());
+  ASSERT_TRUE(b0->RankDurable(6, 0, Record(6, 0, 2)).ok());
+  absl::StatusOr<std::vector<std::string>> all = b0->WaitAll(6, 2, milliseconds(5000));
+  ASSERT_TRUE(all.ok()) << all.status();
+  ASSERT_TRUE(WriteCommit(dir_, 6, 2, *all).ok());
   server_.reset();  // gone before rank 0 could say so
-  std::string why;
-  EXPECT_TRUE(b1->wait_committed(dir_, 6, milliseconds(30000), nullptr, &why));
+  absl::Status s = b1->WaitCommitted(6, milliseconds(30000), nullptr);
+  EXPECT_TRUE(s.ok()) << s;
 }
 
 TEST(RendezvousStoreDelete, DeletesAKeyOrARange) {

@@ -1,4 +1,4 @@
-#include "agent/agent_protocol.h"
+#include "ipc/agent_protocol.h"
 
 #include <poll.h>
 #include <sys/socket.h>
