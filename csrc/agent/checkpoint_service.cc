@@ -82,9 +82,7 @@ CheckpointService::~CheckpointService() {
     for (int fd : conn_fds_) ::shutdown(fd, SHUT_RDWR);
   }
   for (auto& t : conn_threads_) t.join();
-  cv_.notify_all();
-  for (auto& [rank, r] : ranks_)
-    if (r->thread.joinable()) r->thread.join();
+  for (auto& [rank, r] : ranks_) r->persister->Stop(/*abandon=*/true);
   if (listen_fd_ >= 0) ::close(listen_fd_);
   if (metrics_fd_ >= 0) ::close(metrics_fd_);
   ::unlink(options_.socket_path.c_str());
@@ -105,6 +103,8 @@ void CheckpointService::AcceptLoop() {
 
 void CheckpointService::ServeConnection(int fd) {
   int rank = -1;
+  auto conn = std::make_shared<Connection>();
+  conn->fd = fd;
   while (!stop_) {
     pb::AgentRequest req;
     absl::Status s = ReadFrame(fd, &req, std::chrono::milliseconds(500));
@@ -118,7 +118,37 @@ void CheckpointService::ServeConnection(int fd) {
         r = std::make_unique<Rank>();
         r->io = std::make_unique<BulkIo>(options_.io);
         r->hello = req.hello();
-        r->thread = std::thread([this, rank] { RankLoop(rank); });
+        Persister::Options po;
+        po.name = absl::StrCat("agent: rank ", rank);
+        po.persist = [this, rank](int64_t step, int slot, const std::function<bool()>& cancelled) {
+          return PersistRank(rank, step, slot, cancelled);
+        };
+        po.report_superseded = [this, rank](int64_t step, int64_t by) {
+          std::string dir;
+          int world_size;
+          std::shared_ptr<CommitCoordinator> commits;
+          {
+            std::lock_guard<std::mutex> l2(mu_);
+            dir = ranks_[rank]->hello.directory();
+            world_size = ranks_[rank]->hello.world_size();
+            commits = commits_;
+          }
+          // The other ranks may have persisted it: tell them not to wait for its COMMIT.
+          if (world_size > 1)
+            MakeBarrier(commits, dir, nullptr)
+                ->ReportFailure(step, rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
+        };
+        po.after_durable = [this, rank](int64_t) {
+          std::string dir;
+          int keep_last;
+          {
+            std::lock_guard<std::mutex> l2(mu_);
+            dir = ranks_[rank]->hello.directory();
+            keep_last = ranks_[rank]->hello.keep_last();
+          }
+          if (rank == 0) ApplyRetention(dir, keep_last);
+        };
+        r->persister = std::make_unique<Persister>(std::move(po));
       }
       if (r->hello.shm_path() != req.hello().shm_path()) r->seg.reset();
       r->hello = req.hello();
@@ -126,42 +156,29 @@ void CheckpointService::ServeConnection(int fd) {
               req.hello().shm_path());
     } else if (req.has_published() && rank >= 0) {
       snapshots_++;
-      Enqueue(rank, Job{req.published().step(), req.published().slot(), fd, epoch_.load()});
+      Enqueue(rank, req.published().step(), req.published().slot(), conn);
     }
   }
   // Replies for this connection can no longer be delivered.
-  std::lock_guard<std::mutex> l(mu_);
-  for (auto& [k, r] : ranks_)
-    for (auto& j : r->queue)
-      if (j.reply_fd == fd) j.reply_fd = -1;
   std::lock_guard<std::mutex> l2(reply_mu_);
+  conn->open = false;
   std::lock_guard<std::mutex> l3(conn_mu_);
   for (auto& c : conn_fds_)
     if (c == fd) c = -1;
   ::close(fd);
 }
 
-void CheckpointService::Enqueue(int rank, Job job) {
-  std::vector<int64_t> dropped;
-  std::string dir;
-  int world_size = 1;
-  std::shared_ptr<CommitCoordinator> commits;
+void CheckpointService::Enqueue(int rank, int64_t step, int slot, std::shared_ptr<Connection> reply_to) {
+  Persister* persister;
   {
     std::lock_guard<std::mutex> l(mu_);
     Rank& r = *ranks_[rank];
-    dir = r.hello.directory();
-    world_size = r.hello.world_size();
-    commits = commits_;
-    for (auto& old : r.queue)
-      if (old.step < job.step) dropped.push_back(old.step);
-    EnqueueLocked(rank, r, job);
+    // Pinned from now on, so that no worker (a restarted one knows nothing of
+    // this queue) overwrites the slot before it is persisted.
+    if (OpenSegment(r).ok()) r.seg->slot(slot)->pin_pid.store(static_cast<uint32_t>(::getpid()));
+    persister = r.persister.get();
   }
-  // The other ranks may have persisted a dropped step: tell them not to wait for its COMMIT.
-  if (world_size > 1 && !dropped.empty()) {
-    auto barrier = MakeBarrier(commits, dir, nullptr);
-    for (int64_t step : dropped)
-      barrier->ReportFailure(step, rank, absl::StrCat("superseded by step ", job.step, " before it was persisted"));
-  }
+  persister->Enqueue(step, slot, [this, rank, reply_to](const PersistOutcome& o) { PersistDone(rank, o, reply_to); });
 }
 
 std::unique_ptr<core::CommitBarrier> CheckpointService::MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
@@ -174,32 +191,6 @@ std::unique_ptr<core::CommitBarrier> CheckpointService::MakeBarrier(const std::s
 void CheckpointService::UseCommits(std::shared_ptr<CommitCoordinator> commits) {
   std::lock_guard<std::mutex> l(mu_);
   commits_ = std::move(commits);
-}
-
-void CheckpointService::EnqueueLocked(int rank, Rank& r, const Job& job) {
-  // Persisting is slower than snapshotting: the older queued one is dropped.
-  for (auto& old : r.queue) {
-    if (old.step < job.step) {
-      dropped_++;
-      FCK_LOG(kInfo, "agent: rank ", rank, " step ", old.step, " superseded by step ", job.step, " before persisting");
-      if (old.reply_fd >= 0) {
-        pb::AgentReply rep;
-        rep.set_step(old.step);
-        rep.set_ok(true);
-        rep.set_persisted(false);
-        std::lock_guard<std::mutex> lr(reply_mu_);
-        WriteFrame(old.reply_fd, rep).IgnoreError();
-      }
-    }
-  }
-  for (auto& old : r.queue)
-    if (old.step < job.step) Unpin(r, old.slot);
-  std::erase_if(r.queue, [&](const Job& j) { return j.step < job.step; });
-  // Pinned from now on, so that no worker (a restarted one knows nothing of
-  // this queue) overwrites the slot before it is persisted.
-  if (OpenSegment(r).ok()) r.seg->slot(job.slot)->pin_pid.store(static_cast<uint32_t>(::getpid()));
-  r.queue.push_back(job);
-  cv_.notify_all();
 }
 
 void CheckpointService::Unpin(Rank& r, int slot) {
@@ -218,92 +209,90 @@ absl::Status CheckpointService::OpenSegment(Rank& r) {
   return absl::OkStatus();
 }
 
-void CheckpointService::RankLoop(int rank) {
-  for (;;) {
-    Job job;
-    Rank* r;
-    {
-      std::unique_lock<std::mutex> l(mu_);
-      r = ranks_[rank].get();
-      cv_.wait(l, [&] { return stop_ || !r->queue.empty(); });
-      if (r->queue.empty()) return;
-      job = r->queue.front();
-      r->queue.pop_front();
-      r->busy = true;
-      r->commits_in_flight = commits_;
-    }
-    absl::Status st = OpenSegment(*r);
-    absl::StatusOr<PersistStats> stats = absl::UnknownError("not persisted");
-    if (!st.ok()) {
-      stats = st;
-    } else {
-      const uint64_t epoch = job.epoch;
-      auto cancelled = [this, epoch] { return stop_.load() || epoch_.load() != epoch; };
-      std::unique_ptr<core::CommitBarrier> barrier = MakeBarrier(r->commits_in_flight, r->hello.directory(), cancelled);
-      PersistContext ctx{r->hello.directory(), r->hello.rank(), r->hello.world_size(), r->hello.keep_last(),
-                         barrier.get(), std::chrono::milliseconds(r->hello.commit_timeout_ms()), r->io.get(),
-                         r->hello.shm_path(), cancelled};
-      r->io->RegisterRegion(r->seg->header(), r->seg->mapped_bytes());
-      stats = PersistSlot(*r->seg, job.slot, job.step, ctx);
-    }
-    if (stats.ok()) {
-      persisted_++;
-      persisted_bytes_ += stats->bytes;
-      persist_seconds_ = persist_seconds_ + stats->seconds;
-    } else {
-      persist_failures_++;
-      if (job.epoch != epoch_.load())  // a restart made it obsolete: expected, not an error
-        FCK_LOG(kInfo, "agent: rank ", rank, " step ", job.step, ": ", stats.status().message());
-      else
-        FCK_LOG(kError, "agent: rank ", rank, " step ", job.step, ": ", stats.status().message());
-    }
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      Unpin(*r, job.slot);
-      if (stats.ok()) r->newest_durable = std::max(r->newest_durable, job.step);
-      else last_error_ = std::string(stats.status().message());
-      r->busy = false;
-      r->commits_in_flight.reset();
-    }
-    if (job.reply_fd >= 0) {
-      pb::AgentReply rep;
-      rep.set_step(job.step);
-      rep.set_ok(stats.ok());
-      rep.set_persisted(stats.ok());
-      if (!stats.ok()) rep.set_error(std::string(stats.status().message()));
-      std::lock_guard<std::mutex> lr(reply_mu_);
-      WriteFrame(job.reply_fd, rep).IgnoreError();
-    }
-    if (stats.ok() && r->hello.rank() == 0) ApplyRetention(r->hello.directory(), r->hello.keep_last());
-    cv_.notify_all();
-    WriteStatus();
+absl::StatusOr<PersistStats> CheckpointService::PersistRank(int rank, int64_t step, int slot,
+                                                            const std::function<bool()>& cancelled) {
+  Rank* r;
+  pb::WorkerHello hello;
+  std::shared_ptr<CommitCoordinator> commits;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    r = ranks_[rank].get();
+    FCK_RETURN_IF_ERROR(OpenSegment(*r));
+    hello = r->hello;
+    commits = r->commits_in_flight = commits_;
   }
+  // The service stopping abandons it too (its destructor wakes the store waits).
+  auto abandoned = [this, &cancelled] { return stop_.load() || cancelled(); };
+  std::unique_ptr<core::CommitBarrier> barrier = MakeBarrier(commits, hello.directory(), abandoned);
+  PersistContext ctx{hello.directory(), hello.rank(), hello.world_size(), hello.keep_last(), barrier.get(),
+                     std::chrono::milliseconds(hello.commit_timeout_ms()), r->io.get(), hello.shm_path(), abandoned};
+  r->io->RegisterRegion(r->seg->header(), r->seg->mapped_bytes());
+  absl::StatusOr<PersistStats> stats = PersistSlot(*r->seg, slot, step, ctx);
+  std::lock_guard<std::mutex> l(mu_);
+  r->commits_in_flight.reset();
+  return stats;
+}
+
+void CheckpointService::PersistDone(int rank, const PersistOutcome& o, const std::shared_ptr<Connection>& reply_to) {
+  const bool dropped = o.status.code() == absl::StatusCode::kCancelled;
+  if (o.durable()) {
+    persisted_++;
+    persisted_bytes_ += o.stats.bytes;
+    persist_seconds_ = persist_seconds_ + o.stats.seconds;
+  } else if (dropped) {
+    dropped_++;  // superseded, or a restart made it obsolete: expected, not an error
+    if (!o.superseded) FCK_LOG(kInfo, "agent: rank ", rank, " step ", o.step, ": ", o.status.message());
+  } else {
+    persist_failures_++;
+    FCK_LOG(kError, "agent: rank ", rank, " step ", o.step, ": ", o.status.message());
+  }
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    Rank& r = *ranks_[rank];
+    Unpin(r, o.slot);
+    if (o.durable()) r.newest_durable = std::max(r.newest_durable, o.step);
+    if (!o.durable() && !dropped) last_error_ = std::string(o.status.message());
+  }
+  if (reply_to) {
+    pb::AgentReply rep;
+    rep.set_step(o.step);
+    rep.set_ok(o.durable() || dropped);
+    rep.set_persisted(o.durable());
+    if (!o.durable() && !dropped) rep.set_error(std::string(o.status.message()));
+    std::lock_guard<std::mutex> lr(reply_mu_);
+    if (reply_to->open) WriteFrame(reply_to->fd, rep).IgnoreError();
+  }
+  if (!o.superseded) WriteStatus();
 }
 
 void CheckpointService::Restart(int64_t restore_step) {
-  epoch_++;
   std::vector<int> local_ranks;
+  std::vector<Persister*> persisters;
   std::string dir;
   {
-    std::unique_lock<std::mutex> l(mu_);
+    std::lock_guard<std::mutex> l(mu_);
     for (auto& [rank, r] : ranks_) {
-      for (auto& j : r->queue) {
-        dropped_++;
-        Unpin(*r, j.slot);
-      }
-      r->queue.clear();
       local_ranks.push_back(rank);
+      persisters.push_back(r->persister.get());
       dir = r->hello.directory();
-      // A persist blocked on the store notices the new epoch now, not after its poll.
-      if (r->busy && r->commits_in_flight) r->commits_in_flight->WakeAll();
     }
-    // In-flight persists notice the new epoch within one barrier poll; a data
-    // write in progress finishes first (about a second per GiB).
-    cv_.wait_for(l, std::chrono::seconds(60), [&] {
-      for (auto& [k, r] : ranks_)
-        if (r->busy) return false;
-      return true;
-    });
+  }
+  for (Persister* p : persisters) p->Abandon("abandoned: a restart made it obsolete");
+  {
+    // A persist blocked on the store notices the abandon now, not after its poll.
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_)
+      if (r->commits_in_flight) r->commits_in_flight->WakeAll();
+  }
+  // In-flight persists notice within one barrier poll; a data write in
+  // progress finishes first (about a second per GiB).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (Persister* p : persisters) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    absl::Status s = p->Drain(std::max(left, std::chrono::milliseconds(0)));
+    if (!s.ok())
+      FCK_LOG(kError, "agent: restart goes on while an abandoned persist still runs (", s.message(),
+              "); its files of the dead timeline may be left for the next restart or retention");
   }
   if (!dir.empty()) {
     for (const auto& st : ListSteps(dir)) {
@@ -325,47 +314,46 @@ void CheckpointService::Restart(int64_t restore_step) {
 }
 
 void CheckpointService::PersistStepAsync(int64_t step) {
-  std::lock_guard<std::mutex> l(mu_);
-  for (auto& [rank, r] : ranks_) {
-    if (!OpenSegment(*r).ok()) continue;
-    SlotView v;
-    if (!r->seg->Newest(&v, step) || v.durable || step <= r->newest_durable) continue;
-    bool queued = false;
-    for (auto& j : r->queue) queued |= j.step >= step;
-    if (queued) continue;
-    FCK_LOG(kInfo, "agent: persisting rank ", rank, " step ", step, " (in memory only)");
-    r->seg->slot(v.index)->pin_pid.store(static_cast<uint32_t>(::getpid()));
-    r->queue.push_back(Job{step, v.index, -1, epoch_.load()});
+  std::vector<std::pair<int, int>> todo;  // (rank, slot)
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_) {
+      if (!OpenSegment(*r).ok()) continue;
+      SlotView v;
+      if (!r->seg->Newest(&v, step) || v.durable || step <= r->newest_durable) continue;
+      std::vector<int64_t> pending = r->persister->Pending();
+      if (std::any_of(pending.begin(), pending.end(), [&](int64_t p) { return p >= step; })) continue;
+      FCK_LOG(kInfo, "agent: persisting rank ", rank, " step ", step, " (in memory only)");
+      todo.emplace_back(rank, v.index);
+    }
   }
-  cv_.notify_all();
+  for (auto [rank, slot] : todo) Enqueue(rank, step, slot, nullptr);
 }
 
 absl::Status CheckpointService::PersistNewest(std::chrono::milliseconds timeout) {
   auto t0 = std::chrono::steady_clock::now();
   // The newest step every local rank holds: one COMMIT needs every rank's files.
   std::set<int64_t> both = CommonMemorySteps();
-  std::optional<int64_t> common;
-  if (!both.empty()) common = *both.rbegin();
-  if (common) PersistStepAsync(*common);
-  std::unique_lock<std::mutex> l(mu_);
-  bool done = cv_.wait_until(l, t0 + timeout, [&] {
-    for (auto& [k, r] : ranks_)
-      if (!r->queue.empty() || r->busy) return false;
-    return true;
-  });
-  if (!done)
-    return absl::DeadlineExceededError(absl::StrCat("agent: persisting the newest snapshots took over ",
-                                                    timeout.count(), " ms"));
-  return absl::OkStatus();
+  if (!both.empty()) PersistStepAsync(*both.rbegin());
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(t0 + timeout - std::chrono::steady_clock::now());
+  return Annotate(Drain(std::max(left, std::chrono::milliseconds(0))), "agent: persisting the newest snapshots");
 }
 
-void CheckpointService::Drain() {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait(l, [&] {
-    for (auto& [k, r] : ranks_)
-      if (!r->queue.empty() || r->busy) return false;
-    return true;
-  });
+absl::Status CheckpointService::Drain(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::vector<Persister*> persisters;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_) persisters.push_back(r->persister.get());
+  }
+  std::vector<std::string> late;
+  for (Persister* p : persisters) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    absl::Status s = p->Drain(std::max(left, std::chrono::milliseconds(0)));
+    if (!s.ok()) late.emplace_back(s.message());
+  }
+  if (late.empty()) return absl::OkStatus();
+  return absl::DeadlineExceededError(absl::StrJoin(late, "; "));
 }
 
 std::map<int, uint64_t> CheckpointService::NewestSnapshotBytes() {
@@ -479,7 +467,7 @@ void CheckpointService::WriteStatus() {
     bool first = true;
     for (auto& [k, r] : ranks_) {
       absl::StrAppend(&j, first ? "" : ",", "\"", k, "\": {\"newest_durable_step\": ", r->newest_durable,
-                      ", \"queued\": ", r->queue.size(), "}");
+                      ", \"queued\": ", r->persister->Queued(), "}");
       first = false;
     }
     absl::StrAppend(&j, "},\n  \"restarts\": ", recoveries_.size(), ",\n  \"recoveries\": [");

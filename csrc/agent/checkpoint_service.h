@@ -9,9 +9,7 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
-#include <deque>
 #include <functional>
 #include <map>
 #include <memory>
@@ -26,6 +24,7 @@
 #include "agent.pb.h"
 #include "shm/segment.h"
 #include "storage/commit_barrier.h"
+#include "storage/persister.h"
 #include "storage/uring_io.h"
 
 namespace flashckpt {
@@ -82,8 +81,9 @@ class CheckpointService {
   // From now on, persists commit through `commits` (nullptr: the file barrier).
   // Persists already in flight keep theirs; Restart() wakes them.
   void UseCommits(std::shared_ptr<CommitCoordinator> commits);
-  // Waits until every queued persist finished.
-  void Drain();
+  // Waits until every queued persist finished; kDeadlineExceeded after
+  // `timeout`, naming each rank's step in flight and queue.
+  absl::Status Drain(std::chrono::milliseconds timeout);
   // The steps each registered rank holds, whole, in shared memory.
   std::map<int, std::vector<int64_t>> MemorySteps();
   // By rank: the data size of its newest complete snapshot in memory.
@@ -103,30 +103,29 @@ class CheckpointService {
 
  private:
   explicit CheckpointService(CheckpointServiceOptions o) : options_(std::move(o)) {}
-  struct Job {
-    int64_t step = -1;
-    int slot = -1;
-    int reply_fd = -1;
-    uint64_t epoch = 0;
+  // A worker connection replies go to; `open` turns false when it closes.
+  struct Connection {
+    int fd = -1;
+    bool open = true;  // under reply_mu_
   };
   struct Rank {
     pb::WorkerHello hello;
     std::unique_ptr<SharedSegment> seg;
     ino_t ino = 0;
-    std::deque<Job> queue;
-    bool busy = false;
-    std::thread thread;
     std::unique_ptr<BulkIo> io;
     int64_t newest_durable = -1;
     std::shared_ptr<CommitCoordinator> commits_in_flight;  // of the persist in flight (null: files)
+    std::unique_ptr<Persister> persister;  // last member: its thread uses the others
   };
 
   void AcceptLoop();
   void ServeConnection(int fd);
-  void RankLoop(int rank);
+  absl::StatusOr<PersistStats> PersistRank(int rank, int64_t step, int slot, const std::function<bool()>& cancelled);
+  void PersistDone(int rank, const PersistOutcome& o, const std::shared_ptr<Connection>& reply_to);
   absl::Status OpenSegment(Rank& r);
-  void Enqueue(int rank, Job job);
-  void EnqueueLocked(int rank, Rank& r, const Job& job);
+  // Pins the slot for the service, then queues it on the rank's persister.
+  // Call without mu_ held (superseded steps are answered at once).
+  void Enqueue(int rank, int64_t step, int slot, std::shared_ptr<Connection> reply_to);
   void Unpin(Rank& r, int slot);
   static std::unique_ptr<core::CommitBarrier> MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
                                                     const std::string& directory, std::function<bool()> cancelled);
@@ -143,13 +142,11 @@ class CheckpointService {
   std::vector<int> conn_fds_;
 
   std::mutex mu_;
-  std::condition_variable cv_;
   std::map<int, std::unique_ptr<Rank>> ranks_;
   std::shared_ptr<CommitCoordinator> commits_;
   std::mutex reply_mu_;
 
   // Counters for status and metrics.
-  std::atomic<uint64_t> epoch_{0};  // bumped by Restart(); persists of older epochs give up
   std::atomic<uint64_t> snapshots_{0}, dropped_{0}, persisted_{0}, persist_failures_{0}, persisted_bytes_{0};
   std::atomic<double> persist_seconds_{0};
   std::vector<RecoveryTiming> recoveries_;

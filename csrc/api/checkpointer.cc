@@ -130,14 +130,15 @@ std::set<std::string> g_open;  // "<root>#<rank>" open in this process
 
 }  // namespace
 
-struct PersistJob {
+// A snapshot whose bytes are in its slot (or on their way from a device):
+// finished and published in save order, then handed to the persister.
+struct PendingSnapshot {
   int slot = -1;
   int64_t step = -1;
-  uint64_t seq = 0;
   bool persist = true;
   std::shared_ptr<SaveState> state;
-  // Device copies still in flight (non-blocking CUDA save): finished, checksummed
-  // and published by the persister thread before anything else.
+  // Device copies still in flight (non-blocking save): waited for, checksummed
+  // and published by the finisher thread. Empty when already published.
   std::vector<void*> device_events;
   std::function<absl::Status()> finish_snapshot;
 };
@@ -170,9 +171,17 @@ class Checkpointer::Impl {
   // others on the reserve thread, so a first save pays for one slot only.
   absl::Status CreateSegment(uint64_t capacity, bool all_slots = true);
   int ChooseSlot(std::unique_lock<std::mutex>& l);
-  void PersisterLoop();
-  absl::Status Persist(const PersistJob& job);
-  absl::Status PersistViaAgent(const PersistJob& job);
+  // Finishes non-blocking snapshots in save order (device copies waited for,
+  // checksummed, published), then hands them to the persister.
+  void FinisherLoop();
+  // A published snapshot: to the persister, or (not persisted) done.
+  void Submit(PendingSnapshot p);
+  // Waits until the finisher and the persister are idle.
+  absl::Status WaitIdle(std::chrono::milliseconds timeout);
+  void Pin(int slot);
+  void Unpin(int slot);
+  absl::StatusOr<PersistStats> Persist(int64_t step, int slot);
+  absl::Status PersistViaAgent(int64_t step, int slot);
   absl::Status ConnectAgent();
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
@@ -207,16 +216,15 @@ class Checkpointer::Impl {
   std::thread reserve_thread_;
   absl::Status reserve_status_;
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<PersistJob> queue_;
-  // Steps superseded in queue_ whose marker the persister still has to write
-  // (the other ranks may have persisted them and wait for their COMMIT).
-  std::vector<std::pair<int64_t, int64_t>> superseded_;  // (step, by step)
-  std::set<int> pinned_;
-  bool busy_ = false;
-  bool stop_ = false;
-  std::thread persister_;
+  // Slot choice waits on this for a pin to go (pins live in the segment).
+  std::mutex slot_mu_;
+  std::condition_variable slot_cv_;
+  std::mutex fin_mu_;
+  std::condition_variable fin_cv_;
+  std::deque<PendingSnapshot> finishing_;
+  bool fin_busy_ = false, fin_stop_ = false;
+  std::thread finisher_;
+  std::unique_ptr<Persister> persister_;
   bool device_registered_ = false;
 };
 
@@ -356,7 +364,17 @@ void Checkpointer::Impl::Init() {
   // persisting the restore step for this rank right now); a Checkpointer that
   // does not persist touches nothing.
   if (opt.persist && !agent_mode_) ForgetUncommittedRecords(root, opt.rank);
-  persister_ = std::thread([this] { PersisterLoop(); });
+  Persister::Options po;
+  po.name = absl::StrCat("rank ", opt.rank);
+  po.persist = [this](int64_t step, int slot, const std::function<bool()>&) { return Persist(step, slot); };
+  if (opt.world_size > 1)
+    po.report_superseded = [this](int64_t step, int64_t by) {
+      barrier_->ReportFailure(step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
+    };
+  if (opt.rank == 0 && !agent_mode_)
+    po.after_durable = [this](int64_t) { ApplyRetention(root, opt.keep_last); };
+  persister_ = std::make_unique<Persister>(std::move(po));
+  finisher_ = std::thread([this] { FinisherLoop(); });
 
   // A snapshot a crashed process left in memory, newer than storage: persist it
   // (under flashrun the agent already did).
@@ -367,10 +385,8 @@ void Checkpointer::Impl::Init() {
       FCK_LOG(kInfo, "persisting step ", v.step, " left in shared memory by an earlier process");
       auto st = std::make_shared<SaveState>(v.step);
       st->SnapshotDone(absl::OkStatus());
-      std::lock_guard<std::mutex> l(mu_);
-      pinned_.insert(v.index);
-      queue_.push_back(PersistJob{v.index, v.step, v.seq, true, st, {}, {}});
-      cv_.notify_all();
+      Pin(v.index);
+      Submit(PendingSnapshot{v.index, v.step, true, st, {}, {}});
     }
   }
 }
@@ -417,10 +433,9 @@ absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
   }
   if (seg && seg->slot_capacity() >= needed) return absl::OkStatus();
   // Growing replaces the segment: wait until nothing reads the old one.
-  {
-    std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return queue_.empty() && !busy_; });
-  }
+  FCK_RETURN_IF_ERROR(Annotate(WaitIdle(opt.commit_timeout),
+                               absl::StrCat("growing the shared-memory slots of ", shm_path, " to ", needed >> 20,
+                                            " MiB must wait for the pending persists")));
   return CreateSegment(needed, /*all_slots=*/false);
 }
 
@@ -433,7 +448,7 @@ int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
     int best = -1;
     uint64_t best_gen = UINT64_MAX;
     for (int i = 0; i < seg->num_slots(); ++i) {
-      if (i == newest_index || pinned_.count(i) || PinHeld(seg->slot(i))) continue;
+      if (i == newest_index || PinHeld(seg->slot(i))) continue;
       SlotView v;
       uint64_t gen = seg->ReadSlot(i, &v) ? v.generation : 0;
       if (gen < best_gen) { best = i; best_gen = gen; }
@@ -447,7 +462,7 @@ int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
               "waiting. More slots (num_slots) or a larger persist_every avoid this wait");
       last_log = now;
     }
-    cv_.wait_for(l, std::chrono::milliseconds(20));
+    slot_cv_.wait_for(l, std::chrono::milliseconds(20));
   }
 }
 
@@ -472,22 +487,21 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
 
   int slot;
   {
-    std::unique_lock<std::mutex> l(mu_);
+    std::unique_lock<std::mutex> l(slot_mu_);
     slot = ChooseSlot(l);
     if (slot < 0)
       throw Error(ErrorCode::kDeadlineExceeded,
                   absl::StrCat("save of step ", step, ": no free snapshot slot in ", shm_path, " for ",
                                std::chrono::duration_cast<std::chrono::seconds>(opt.commit_timeout).count(),
                                " s: every other slot is still being persisted (is the disk or another rank stuck?)"));
-    pinned_.insert(slot);
+    Pin(slot);
   }
   if (!seg->slot_allocated(slot)) {
     // Still being allocated in the background (or a segment reopened after a crash).
     JoinReserve();
     absl::Status st = seg->AllocateSlot(slot, pool_.threads());
     if (!st.ok()) {
-      std::lock_guard<std::mutex> l(mu_);
-      pinned_.erase(slot);
+      Unpin(slot);
       ThrowStatus(Annotate(st, absl::StrCat("save of step ", step)));
     }
   }
@@ -507,9 +521,7 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
     stream_of[t.device] = t.cuda_stream;
   }
   auto fail = [&](const absl::Status& s) {
-    std::lock_guard<std::mutex> l(mu_);
-    pinned_.erase(slot);
-    cv_.notify_all();
+    Unpin(slot);
     ThrowStatus(Annotate(s, absl::StrCat("save of step ", step)));
   };
   for (auto& [dev, copies] : by_device) {
@@ -559,97 +571,114 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   };
 
   const bool persist = opt.persist && (saves_++ % static_cast<uint64_t>(opt.persist_every) == 0);
-  PersistJob job{slot, step, 0, persist, state, events, nullptr};
+  PendingSnapshot pending{slot, step, persist, state, events, nullptr};
   if (events.empty() || blocking) {
     for (void* e : events) {
       absl::Status st = dc->Wait(e);
       if (!st.ok()) fail(st);
     }
-    job.device_events.clear();
+    pending.device_events.clear();
     absl::Status st = finish();
     if (!st.ok()) fail(st);
     state->SnapshotDone(absl::OkStatus());
   } else {
-    job.finish_snapshot = std::move(finish);
-  }
-  if (!persist && !job.finish_snapshot) {
-    // Kept in memory only: nothing left for the persister to do.
-    state->DurableDone(absl::OkStatus(), false);
-    std::lock_guard<std::mutex> l(mu_);
-    pinned_.erase(slot);
-    cv_.notify_all();
-    return SaveHandle(state);
+    pending.finish_snapshot = std::move(finish);
   }
   {
-    std::lock_guard<std::mutex> l(mu_);
-    // An older snapshot still waiting to persist is superseded by this one.
-    for (auto it = queue_.begin(); it != queue_.end();) {
-      if (it->persist && !it->finish_snapshot && it->device_events.empty() && persist) {
-        FCK_LOG(kInfo, "step ", it->step, " superseded by step ", step, " before it was persisted");
-        if (opt.world_size > 1) superseded_.emplace_back(it->step, step);
-        it->state->DurableDone(absl::OkStatus(), false);
-        pinned_.erase(it->slot);
-        it = queue_.erase(it);
-      } else {
-        ++it;
-      }
+    // Published snapshots go to the persister in save order: behind any
+    // non-blocking one still finishing.
+    std::lock_guard<std::mutex> l(fin_mu_);
+    if (pending.finish_snapshot || fin_busy_ || !finishing_.empty()) {
+      finishing_.push_back(std::move(pending));
+      fin_cv_.notify_all();
+      return SaveHandle(state);
     }
-    queue_.push_back(std::move(job));
   }
-  cv_.notify_all();
+  Submit(std::move(pending));
   return SaveHandle(state);
 }
 
-void Checkpointer::Impl::PersisterLoop() {
-  for (;;) {
-    PersistJob job;
-    std::vector<std::pair<int64_t, int64_t>> superseded;
-    {
-      std::unique_lock<std::mutex> l(mu_);
-      cv_.wait(l, [&] { return stop_ || !queue_.empty() || !superseded_.empty(); });
-      superseded.swap(superseded_);
+void Checkpointer::Impl::Pin(int slot) {
+  seg->slot(slot)->pin_pid.store(static_cast<uint32_t>(::getpid()), std::memory_order_release);
+}
+
+void Checkpointer::Impl::Unpin(int slot) {
+  // Only our own pin: the agent may hold the slot under its pid by now.
+  uint32_t me = static_cast<uint32_t>(::getpid());
+  if (seg) seg->slot(slot)->pin_pid.compare_exchange_strong(me, 0);
+  std::lock_guard<std::mutex> l(slot_mu_);
+  slot_cv_.notify_all();
+}
+
+void Checkpointer::Impl::Submit(PendingSnapshot p) {
+  if (!p.persist) {
+    // Kept in memory only.
+    p.state->DurableDone(absl::OkStatus(), false);
+    Unpin(p.slot);
+    return;
+  }
+  const int slot = p.slot;
+  std::shared_ptr<SaveState> state = p.state;
+  persister_->Enqueue(p.step, slot, [this, slot, state](const PersistOutcome& o) {
+    if (o.status.code() == absl::StatusCode::kCancelled) {
+      state->DurableDone(absl::OkStatus(), false);  // superseded by a newer step
+    } else {
+      if (!o.durable()) FCK_LOG(kError, "persisting step ", o.step, " failed: ", o.status.message());
+      state->DurableDone(o.status, o.durable());
     }
-    // Off the training thread: a small durable file per dropped step.
-    for (auto [step, by] : superseded)
-      barrier_->ReportFailure(step, opt.rank, absl::StrCat("superseded by step ", by, " before it was persisted"));
+    Unpin(slot);
+  });
+}
+
+void Checkpointer::Impl::FinisherLoop() {
+  for (;;) {
+    PendingSnapshot p;
     {
-      std::unique_lock<std::mutex> l(mu_);
-      if (queue_.empty() && stop_ && superseded_.empty()) return;
-      if (queue_.empty()) continue;
-      job = std::move(queue_.front());
-      queue_.pop_front();
-      busy_ = true;
+      std::unique_lock<std::mutex> l(fin_mu_);
+      fin_cv_.wait(l, [&] { return fin_stop_ || !finishing_.empty(); });
+      if (finishing_.empty()) return;
+      p = std::move(finishing_.front());
+      finishing_.pop_front();
+      fin_busy_ = true;
     }
     absl::Status st;
-    if (!job.device_events.empty()) {
+    if (!p.device_events.empty()) {
       auto dc = DeviceCopier::Get();
-      for (void* e : job.device_events) {
+      for (void* e : p.device_events) {
         absl::Status w = (*dc)->Wait(e);
         if (st.ok()) st = w;
       }
     }
-    if (st.ok() && job.finish_snapshot) st = job.finish_snapshot();
-    if (job.finish_snapshot || !job.device_events.empty())
-      job.state->SnapshotDone(Annotate(st, absl::StrCat("snapshot of step ", job.step)));
-    if (st.ok() && job.persist) {
-      st = Persist(job);
-      if (st.code() == absl::StatusCode::kCancelled) {
-        job.state->DurableDone(absl::OkStatus(), false);  // superseded by a newer step
-      } else {
-        if (!st.ok()) FCK_LOG(kError, "persisting step ", job.step, " failed: ", st.message());
-        job.state->DurableDone(st, st.ok());
-        if (st.ok() && opt.rank == 0 && !agent_mode_) ApplyRetention(root, opt.keep_last);
-      }
+    if (st.ok() && p.finish_snapshot) st = p.finish_snapshot();
+    if (p.finish_snapshot) {
+      p.state->SnapshotDone(Annotate(st, absl::StrCat("snapshot of step ", p.step)));
+      p.finish_snapshot = nullptr;
+    }
+    if (st.ok()) {
+      Submit(std::move(p));
     } else {
-      job.state->DurableDone(st, false);
+      p.state->DurableDone(st, false);
+      Unpin(p.slot);
     }
     {
-      std::lock_guard<std::mutex> l(mu_);
-      pinned_.erase(job.slot);
-      busy_ = false;
+      std::lock_guard<std::mutex> l(fin_mu_);
+      fin_busy_ = false;
     }
-    cv_.notify_all();
+    fin_cv_.notify_all();
   }
+}
+
+absl::Status Checkpointer::Impl::WaitIdle(std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  {
+    std::unique_lock<std::mutex> l(fin_mu_);
+    if (!fin_cv_.wait_until(l, deadline, [&] { return finishing_.empty() && !fin_busy_; }))
+      return absl::DeadlineExceededError(absl::StrCat("rank ", opt.rank, ": ", finishing_.size() + (fin_busy_ ? 1 : 0),
+                                                      " snapshot(s) still copying from the device after ",
+                                                      timeout.count() / 1000.0, " s"));
+  }
+  auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+  return persister_->Drain(std::max(left, std::chrono::milliseconds(0)));
 }
 
 absl::Status Checkpointer::Impl::ConnectAgent() {
@@ -674,7 +703,8 @@ absl::Status Checkpointer::Impl::ConnectAgent() {
   return absl::OkStatus();
 }
 
-absl::Status Checkpointer::Impl::PersistViaAgent(const PersistJob& job) {
+absl::Status Checkpointer::Impl::PersistViaAgent(int64_t step, int slot) {
+  struct { int64_t step; int slot; } job{step, slot};
   SlotView v;
   if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
     return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
@@ -708,16 +738,17 @@ absl::Status Checkpointer::Impl::PersistViaAgent(const PersistJob& job) {
   }
 }
 
-absl::Status Checkpointer::Impl::Persist(const PersistJob& job) {
+absl::StatusOr<PersistStats> Checkpointer::Impl::Persist(int64_t step, int slot) {
   if (agent_mode_) {
-    absl::Status s = PersistViaAgent(job);
+    absl::Status s = PersistViaAgent(step, slot);
     if (!s.ok() && s.code() != absl::StatusCode::kCancelled)
-      ReportPersistFailure(root, job.step, opt.rank, std::string(s.message()));
-    return s;
+      ReportPersistFailure(root, step, opt.rank, std::string(s.message()));
+    if (!s.ok()) return s;
+    return PersistStats{};
   }
   PersistContext ctx{root, opt.rank, opt.world_size, opt.keep_last, barrier_.get(), opt.commit_timeout,
                      persist_io_.get(), shm_path, nullptr};
-  return PersistSlot(*seg, job.slot, job.step, ctx).status();
+  return PersistSlot(*seg, slot, step, ctx);
 }
 
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemory(int64_t step, bool verify) {
@@ -847,8 +878,7 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& lo) 
 }
 
 void Checkpointer::Impl::WaitAll() {
-  std::unique_lock<std::mutex> l(mu_);
-  cv_.wait(l, [&] { return queue_.empty() && !busy_; });
+  ThrowIfError(WaitIdle(std::chrono::hours(24 * 365)));
 }
 
 void Checkpointer::Impl::Close() {
@@ -856,11 +886,12 @@ void Checkpointer::Impl::Close() {
   closed = true;
   JoinReserve();
   {
-    std::lock_guard<std::mutex> l(mu_);
-    stop_ = true;
+    std::lock_guard<std::mutex> l(fin_mu_);
+    fin_stop_ = true;
   }
-  cv_.notify_all();
-  if (persister_.joinable()) persister_.join();
+  fin_cv_.notify_all();
+  if (finisher_.joinable()) finisher_.join();
+  if (persister_) persister_->Stop(/*abandon=*/false);
   if (seg) {
     if (device_registered_) {
       if (auto dc = DeviceCopier::Get(); dc.ok()) (*dc)->UnregisterHost(seg->header()).IgnoreError();

@@ -1,5 +1,8 @@
 #include "common/process_lock.h"
 
+#include <chrono>
+#include <thread>
+
 #include <sys/file.h>
 
 #include <cerrno>
@@ -35,8 +38,23 @@ absl::StatusOr<std::thread> LockOrTakeOverFromExitingOwner(int fd, const std::fu
   *owner_pid = pid;
   if (pid == 0 || !ProcessGoneOrExiting(pid)) return absl::FailedPreconditionError(what);
   FCK_LOG(kDebug, "process ", pid, " holding ", what, " is on its way out: taking over");
-  return std::thread([fd] {
-    while (::flock(fd, LOCK_EX) != 0 && errno == EINTR) {
+  return std::thread([fd, pid, what] {
+    // The kernel releases the lock once the exit has torn the memory down:
+    // seconds for many GiB. Past the deadline the exit is stuck (a process in
+    // D state, a hung file system); say so instead of waiting for ever.
+    constexpr auto kDeadline = std::chrono::seconds(120);
+    const auto t0 = std::chrono::steady_clock::now();
+    while (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+      if (errno != EWOULDBLOCK && errno != EINTR) {
+        FCK_LOG(kError, "taking over ", what, " from exiting process ", pid, ": ", ErrnoStatus("flock", what, errno).message());
+        return;
+      }
+      if (std::chrono::steady_clock::now() - t0 > kDeadline) {
+        FCK_LOG(kError, "process ", pid, " still holds ", what, " ", kDeadline.count(),
+                " s after it began exiting (stuck in the kernel?); going on without the lock");
+        return;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
     }
   });
 }

@@ -26,7 +26,7 @@ bool ProcessGoneOrExiting(pid_t pid);
 // When the lock is held, `owner()` names the holder (0: unknown). A holder
 // that is exiting can run no code any more: the caller takes over at once and
 // the returned thread takes the lock as soon as the kernel releases it (join
-// it before closing fd). A live holder gives kFailedPrecondition (the caller
+// it before closing fd), or gives up with an error logged after 120 s. A live holder gives kFailedPrecondition (the caller
 // words the message; `*owner_pid` says who holds it); other errors: flock's.
 absl::StatusOr<std::thread> LockOrTakeOverFromExitingOwner(int fd, const std::function<pid_t()>& owner,
                                                           const std::string& what, pid_t* owner_pid);

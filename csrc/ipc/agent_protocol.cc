@@ -15,18 +15,29 @@
 
 namespace flashckpt {
 
-absl::Status WriteFrame(int fd, const google::protobuf::MessageLite& msg) {
+absl::Status WriteFrame(int fd, const google::protobuf::MessageLite& msg, std::chrono::milliseconds timeout) {
   std::string payload = msg.SerializeAsString();
   uint32_t len = static_cast<uint32_t>(payload.size());
   std::string buf(reinterpret_cast<const char*>(&len), 4);
   buf += payload;
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (size_t off = 0; off < buf.size();) {
-    ssize_t w = ::send(fd, buf.data() + off, buf.size() - off, MSG_NOSIGNAL);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus("send to agent socket", "", errno);
+    ssize_t w = ::send(fd, buf.data() + off, buf.size() - off, MSG_NOSIGNAL | MSG_DONTWAIT);
+    if (w >= 0) {
+      off += static_cast<size_t>(w);
+      continue;
     }
-    off += static_cast<size_t>(w);
+    if (errno == EINTR) continue;
+    if (errno != EAGAIN && errno != EWOULDBLOCK) return ErrnoStatus("send to agent socket", "", errno);
+    // The peer is not reading (stuck, or stopped): wait for room, not for ever.
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0)
+      return absl::DeadlineExceededError(absl::StrCat("send to agent socket: the peer took ", off, " of ", buf.size(),
+                                                      " bytes of a frame in ", timeout.count(),
+                                                      " ms and reads no more (is it stuck?)"));
+    pollfd pfd{fd, POLLOUT, 0};
+    if (::poll(&pfd, 1, static_cast<int>(std::min<int64_t>(left.count(), 1000))) < 0 && errno != EINTR)
+      return ErrnoStatus("poll", "agent socket", errno);
   }
   return absl::OkStatus();
 }

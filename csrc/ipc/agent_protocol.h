@@ -11,7 +11,10 @@ namespace flashckpt {
 
 inline constexpr uint32_t kMaxAgentFrame = 1u << 20;
 
-absl::Status WriteFrame(int fd, const google::protobuf::MessageLite& msg);
+// Writes one frame. A peer that stops reading (its socket buffer full) gets
+// `timeout` to make room, then kDeadlineExceeded names the bytes sent.
+absl::Status WriteFrame(int fd, const google::protobuf::MessageLite& msg,
+                        std::chrono::milliseconds timeout = std::chrono::seconds(10));
 // Reads one frame; kDeadlineExceeded when nothing complete arrived in time,
 // kUnavailable when the peer closed the connection.
 absl::Status ReadFrame(int fd, google::protobuf::MessageLite* msg, std::chrono::milliseconds timeout);

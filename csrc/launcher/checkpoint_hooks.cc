@@ -155,7 +155,7 @@ void CheckpointHooks::BeforeExit() {
   if (!service_) return;
   absl::Status s = service_->PersistNewest(std::chrono::seconds(120));
   if (!s.ok()) Say(absl::StrCat("warning: ", s.message()));
-  service_->Drain();
+  if (absl::Status d = service_->Drain(std::chrono::seconds(60)); !d.ok()) Say(absl::StrCat("warning: ", d.message()));
   service_->ReleaseMemory();
   service_->WriteStatus();
 }

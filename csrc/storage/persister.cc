@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
 #include "common/log.h"
@@ -142,5 +143,169 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   return stats;
 }
 
+Persister::Persister(Options options) : options_(std::move(options)) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+Persister::~Persister() { Stop(/*abandon=*/false); }
+
+void Persister::Drop(std::vector<Job>& dropped, const std::string& why, bool superseded) {
+  for (Job& j : dropped) {
+    PersistOutcome o;
+    o.step = j.step;
+    o.slot = j.slot;
+    o.superseded = superseded;
+    o.status = absl::CancelledError(absl::StrCat("step ", j.step, " ", why));
+    j.done(o);
+  }
+}
+
+void Persister::Enqueue(int64_t step, int slot, DoneFn done) {
+  std::vector<Job> dropped, late;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if (it->step <= step) {
+        FCK_LOG(kInfo, options_.name.empty() ? "" : options_.name + ": ", "step ", it->step, " superseded by step ",
+                step, " before it was persisted");
+        if (options_.report_superseded) superseded_.emplace_back(it->step, step);
+        dropped.push_back(std::move(*it));
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    // Stopped: nothing will persist it.
+    if (stop_) {
+      late.push_back(Job{step, slot, std::move(done)});
+    } else {
+      queue_.push_back(Job{step, slot, std::move(done)});
+    }
+  }
+  cv_.notify_all();
+  Drop(dropped, "superseded by a newer step before it was persisted", /*superseded=*/true);
+  Drop(late, "dropped: the persister stopped", /*superseded=*/false);
+}
+
+void Persister::Abandon(const std::string& why) {
+  std::vector<Job> dropped;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    ++epoch_;
+    for (Job& j : queue_) dropped.push_back(std::move(j));
+    queue_.clear();
+  }
+  cv_.notify_all();
+  Drop(dropped, why, /*superseded=*/false);
+}
+
+std::string Persister::DescribeLocked() const {
+  std::vector<int64_t> queued;
+  for (const Job& j : queue_) queued.push_back(j.step);
+  std::string s = in_flight_ ? absl::StrFormat("step %d in flight for %.1f s", *in_flight_,
+                                              std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                                            in_flight_since_).count())
+                             : std::string("nothing in flight");
+  absl::StrAppend(&s, ", ", queued.empty() ? std::string("none queued")
+                                             : absl::StrCat("queued: ", absl::StrJoin(queued, ", ")));
+  return s;
+}
+
+absl::Status Persister::Drain(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> l(mu_);
+  if (cv_.wait_for(l, timeout, [&] { return queue_.empty() && !in_flight_ && superseded_.empty(); }))
+    return absl::OkStatus();
+  return absl::DeadlineExceededError(absl::StrCat(options_.name.empty() ? "" : options_.name + ": ",
+                                                  "persists not finished after ",
+                                                  absl::StrFormat("%.1f", timeout.count() / 1000.0), " s (",
+                                                  DescribeLocked(), ")"));
+}
+
+void Persister::Stop(bool abandon) {
+  std::vector<Job> dropped;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    stop_ = true;
+    if (abandon) {
+      abandon_all_ = true;
+      ++epoch_;
+      for (Job& j : queue_) dropped.push_back(std::move(j));
+      queue_.clear();
+    }
+  }
+  cv_.notify_all();
+  Drop(dropped, "dropped: the persister stopped", /*superseded=*/false);
+  if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
+}
+
+bool Persister::Idle() {
+  std::lock_guard<std::mutex> l(mu_);
+  return queue_.empty() && !in_flight_;
+}
+
+size_t Persister::Queued() {
+  std::lock_guard<std::mutex> l(mu_);
+  return queue_.size();
+}
+
+std::vector<int64_t> Persister::Pending() {
+  std::lock_guard<std::mutex> l(mu_);
+  std::vector<int64_t> out;
+  if (in_flight_) out.push_back(*in_flight_);
+  for (const Job& j : queue_) out.push_back(j.step);
+  return out;
+}
+
+void Persister::Loop() {
+  for (;;) {
+    std::vector<std::pair<int64_t, int64_t>> superseded;
+    std::optional<Job> job;
+    uint64_t epoch = 0;
+    {
+      std::unique_lock<std::mutex> l(mu_);
+      cv_.wait(l, [&] { return stop_ || !queue_.empty() || !superseded_.empty(); });
+      superseded.swap(superseded_);
+      if (!queue_.empty()) {
+        job = std::move(queue_.front());
+        queue_.pop_front();
+        in_flight_ = job->step;
+        in_flight_since_ = std::chrono::steady_clock::now();
+        epoch = epoch_;
+      } else if (superseded.empty() && stop_) {
+        return;
+      }
+    }
+    // Off the caller's thread: a record per dropped step (a small durable
+    // file, or a key in the rendezvous store).
+    for (auto [step, by] : superseded) options_.report_superseded(step, by);
+    if (!job) {
+      cv_.notify_all();
+      continue;
+    }
+    auto cancelled = [this, epoch] {
+      std::lock_guard<std::mutex> l(mu_);
+      return abandon_all_ || epoch_ != epoch;
+    };
+    PersistOutcome o;
+    o.step = job->step;
+    o.slot = job->slot;
+    absl::StatusOr<PersistStats> r = options_.persist(job->step, job->slot, cancelled);
+    if (r.ok()) {
+      o.stats = *r;
+    } else {
+      // A persist abandoned by a restart or a stop is not a failure.
+      o.status = cancelled() && r.status().code() != absl::StatusCode::kCancelled
+                     ? absl::CancelledError(r.status().message())
+                     : r.status();
+    }
+    job->done(o);
+    if (o.durable() && options_.after_durable) options_.after_durable(o.step);
+    {
+      std::lock_guard<std::mutex> l(mu_);
+      in_flight_.reset();
+    }
+    cv_.notify_all();
+  }
+}
 
 }  // namespace flashckpt
