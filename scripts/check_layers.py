@@ -31,8 +31,9 @@ ALLOWED: dict[str, set[str]] = {
     "ipc": {"public-types", "common", "agent-proto"},
     "agent-proto": set(),                        # agent.pb.h (worker <-> agent)
     "public-api": {"public-types"},              # flashckpt/checkpointer.h
+    "device-abi": set(),                         # flashckpt/device_plugin.h (C ABI of device backends)
     "api": {"public-types", "public-api", "common", "shm", "proto", "snapshot", "storage", "ipc", "agent-proto",
-            "cuda-abi"},
+            "device-abi"},
     "rendezvous-proto": set(),
     "rendezvous": {"rendezvous-proto"},
     "agent": {"public-types", "common", "shm", "proto", "snapshot", "storage", "ipc", "agent-proto",
@@ -42,12 +43,12 @@ ALLOWED: dict[str, set[str]] = {
     "public-torch": {"public-types", "public-api"},   # flashckpt/torch.h
     "torch": {"public-types", "public-api", "public-torch"},
     "python": {"public-types", "public-api"},
-    "cuda-abi": set(),
-    "cuda": {"cuda-abi"},
+    "cuda": {"device-abi"},
 }
 
 PUBLIC = {"errors.h": "public-types", "types.h": "public-types", "config.h": "public-types",
-          "config.h.in": "public-types", "checkpointer.h": "public-api", "torch.h": "public-torch"}
+          "config.h.in": "public-types", "checkpointer.h": "public-api", "torch.h": "public-torch",
+          "device_plugin.h": "device-abi"}
 GENERATED = {"flashckpt.pb.h": "proto", "agent.pb.h": "agent-proto", "rendezvous.pb.h": "rendezvous-proto"}
 SOURCE_EXT = (".h", ".cc", ".cu", ".cuh", ".in")
 INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"')
@@ -58,8 +59,6 @@ def layer_of_file(rel: str) -> str | None:
     if parts[0] == "include" and len(parts) == 3 and parts[1] == "flashckpt":
         return PUBLIC.get(parts[2])
     if parts[0] == "csrc" and len(parts) >= 3:
-        if parts[1] == "cuda" and parts[2].endswith("_abi.h"):
-            return "cuda-abi"
         return parts[1] if parts[1] in ALLOWED else None
     return None
 
@@ -70,11 +69,8 @@ def layer_of_include(path: str) -> str | None:
     parts = path.split("/")
     if parts[0] == "flashckpt" and len(parts) == 2:
         return PUBLIC.get(parts[1])
-    if len(parts) >= 2:
-        if parts[0] == "cuda" and parts[1].endswith("_abi.h"):
-            return "cuda-abi"
-        if parts[0] in ALLOWED:
-            return parts[0]
+    if len(parts) >= 2 and parts[0] in ALLOWED:
+        return parts[0]
     return None  # not ours: absl/, google/, boost/, gtest/, torch/, pybind11/ ...
 
 

@@ -25,7 +25,7 @@
 #include "absl/strings/str_join.h"
 #include "agent.pb.h"
 #include "ipc/agent_protocol.h"
-#include "api/device_copy.h"
+#include "api/device_backend.h"
 #include "api/public_commit_barrier.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
@@ -125,6 +125,14 @@ bool PinHeld(SlotHeader* h) {
   return true;
 }
 
+// The device type whose backend copies `t`; "" for host memory (and for
+// views and empty tensors, which copy nothing).
+std::string DeviceTypeOf(const TensorRef& t) {
+  if (!t.storage_key.empty() || t.nbytes == 0) return "";
+  if (t.device_type.empty()) return t.device >= 0 ? "cuda" : "";
+  return t.device_type == "cpu" ? "" : t.device_type;
+}
+
 std::mutex g_open_mu;
 std::set<std::string> g_open;  // "<root>#<rank>" open in this process
 
@@ -139,7 +147,7 @@ struct PendingSnapshot {
   std::shared_ptr<SaveState> state;
   // Device copies still in flight (non-blocking save): waited for, checksummed
   // and published by the finisher thread. Empty when already published.
-  std::vector<void*> device_events;
+  std::vector<std::pair<DeviceBackend*, void*>> device_events;
   std::function<absl::Status()> finish_snapshot;
 };
 
@@ -225,7 +233,9 @@ class Checkpointer::Impl {
   bool fin_busy_ = false, fin_stop_ = false;
   std::thread finisher_;
   std::unique_ptr<Persister> persister_;
-  bool device_registered_ = false;
+  // Backends the segment is registered with (page-locked for their DMA).
+  std::set<DeviceBackend*> registered_;
+  void UnregisterDevices();
 };
 
 Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.copy_threads) {
@@ -401,10 +411,7 @@ absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity, bool all_slots
   // Room to grow a little without re-creating the segment.
   capacity = AlignUp(capacity + capacity / 64 + (1u << 20), 2u << 20);
   if (seg) {
-    if (device_registered_) {
-      if (auto dc = DeviceCopier::Get(); dc.ok()) (*dc)->UnregisterHost(seg->header()).IgnoreError();
-      device_registered_ = false;
-    }
+    UnregisterDevices();
     FCK_LOG(kInfo, "growing shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
             capacity >> 20, " MiB; older in-memory snapshots are dropped");
     seg.reset();
@@ -470,20 +477,28 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
                                     const std::vector<BlobRef>& blobs, bool blocking) {
   if (closed) throw Error(ErrorCode::kFailedPrecondition, "save() on a closed Checkpointer");
   if (step < 0) throw Error(ErrorCode::kInvalidArgument, absl::StrCat("step must be >= 0, got ", step));
+  // Every device tensor's backend first: a type with none fails the save
+  // here, naming the key, before anything is allocated.
+  std::vector<DeviceBackend*> backend_of(tensors.size(), nullptr);
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const std::string type = DeviceTypeOf(tensors[i]);
+    if (type.empty()) continue;
+    absl::StatusOr<DeviceBackend*> b = DeviceBackend::For(type);
+    if (!b.ok()) ThrowStatus(Annotate(b.status(), absl::StrCat("save of step ", step, ": tensor '", tensors[i].key, "'")));
+    backend_of[i] = *b;
+  }
   SavePlan plan = ValueOrThrow(PlanSave(tensors, blobs, kSlotAlignment));
   ThrowIfError(Annotate(EnsureSegment(plan.slot_bytes_needed()), absl::StrCat("save of step ", step)));
-
-
-  bool any_device = false;
-  for (const auto& t : tensors) any_device |= (t.device >= 0 && t.storage_key.empty() && t.nbytes > 0);
-  DeviceCopier* dc = nullptr;
-  if (any_device) {
-    dc = ValueOrThrow(DeviceCopier::Get());
-    if (!device_registered_) {
-      ThrowIfError(dc->RegisterHost(seg->header(), seg->mapped_bytes()));
-      device_registered_ = true;
+  for (DeviceBackend* b : backend_of) {
+    if (!b || !registered_.insert(b).second) continue;
+    absl::Status r = b->RegisterHost(seg->header(), seg->mapped_bytes());
+    if (!r.ok()) {
+      registered_.erase(b);
+      ThrowStatus(Annotate(r, absl::StrCat("save of step ", step, ": registering ", shm_path)));
     }
   }
+
+
 
   int slot;
   {
@@ -510,33 +525,34 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   seg->BeginWrite(slot);
   CrashPoint("save: slot open");
 
-  // Device copies first (they run on the GPU's copy engine meanwhile).
-  std::vector<void*> events;
-  std::map<int, std::vector<DeviceCopier::Copy>> by_device;
-  std::map<int, void*> stream_of;
+  // Device copies first (they run on the device's copy engine meanwhile),
+  // one batch per (backend, device).
+  std::vector<std::pair<DeviceBackend*, void*>> events;
+  std::map<std::pair<DeviceBackend*, int>, std::vector<DeviceBackend::Copy>> by_device;
+  std::map<std::pair<DeviceBackend*, int>, void*> stream_of;
   for (size_t i = 0; i < tensors.size(); ++i) {
+    if (!backend_of[i]) continue;
     const auto& t = tensors[i];
-    if (t.device < 0 || !t.storage_key.empty() || t.nbytes == 0) continue;
-    by_device[t.device].push_back({data + plan.offsets[i], t.data, t.nbytes});
-    stream_of[t.device] = t.cuda_stream;
+    by_device[{backend_of[i], t.device}].push_back({data + plan.offsets[i], t.data, t.nbytes});
+    stream_of[{backend_of[i], t.device}] = t.cuda_stream;
   }
   auto fail = [&](const absl::Status& s) {
     Unpin(slot);
     ThrowStatus(Annotate(s, absl::StrCat("save of step ", step)));
   };
-  for (auto& [dev, copies] : by_device) {
-    auto ev = dc->CopyToHostAsync(dev, stream_of[dev], copies);
+  for (auto& [where, copies] : by_device) {
+    auto ev = where.first->CopyToHostAsync(where.second, stream_of[where], copies);
     if (!ev.ok()) {
-      for (void* e : events) dc->Wait(e).IgnoreError();
+      for (auto [b, e] : events) b->Wait(e).IgnoreError();
       fail(ev.status());
     }
-    events.push_back(*ev);
+    events.emplace_back(where.first, *ev);
   }
   // Host tensors: parallel copy with crc as the bytes pass.
   std::vector<CopyTask> tasks(tensors.size());
   for (size_t i = 0; i < tensors.size(); ++i) {
     const auto& t = tensors[i];
-    if (t.device >= 0 || !t.storage_key.empty()) continue;
+    if (backend_of[i] || !t.storage_key.empty()) continue;
     tasks[i] = {data + plan.offsets[i], t.data, t.nbytes};
   }
   std::vector<uint32_t> crcs;
@@ -546,11 +562,12 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   const int rank = opt.rank, world = opt.world_size;
   SharedSegment* s = seg.get();
   // Checksums device bytes, writes the manifest, publishes the slot.
-  auto finish = [s, slot, data, step, gen, rank, world, tensors, blobs, plan, crcs, this]() mutable -> absl::Status {
+  auto finish = [s, slot, data, step, gen, rank, world, tensors, blobs, plan, crcs, backend_of,
+                 this]() mutable -> absl::Status {
     std::vector<CopyTask> dev_tasks;
     std::vector<size_t> dev_index;
     for (size_t i = 0; i < tensors.size(); ++i) {
-      if (tensors[i].device < 0 || !tensors[i].storage_key.empty()) continue;
+      if (!backend_of[i]) continue;
       dev_tasks.push_back({nullptr, data + plan.offsets[i], tensors[i].nbytes});
       dev_index.push_back(i);
     }
@@ -573,10 +590,12 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   const bool persist = opt.persist && (saves_++ % static_cast<uint64_t>(opt.persist_every) == 0);
   PendingSnapshot pending{slot, step, persist, state, events, nullptr};
   if (events.empty() || blocking) {
-    for (void* e : events) {
-      absl::Status st = dc->Wait(e);
-      if (!st.ok()) fail(st);
+    absl::Status waited;
+    for (auto [b, e] : events) {
+      absl::Status st = b->Wait(e);
+      if (waited.ok()) waited = st;
     }
+    if (!waited.ok()) fail(waited);
     pending.device_events.clear();
     absl::Status st = finish();
     if (!st.ok()) fail(st);
@@ -596,6 +615,11 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   }
   Submit(std::move(pending));
   return SaveHandle(state);
+}
+
+void Checkpointer::Impl::UnregisterDevices() {
+  for (DeviceBackend* b : registered_) b->UnregisterHost(seg->header()).IgnoreError();
+  registered_.clear();
 }
 
 void Checkpointer::Impl::Pin(int slot) {
@@ -642,12 +666,9 @@ void Checkpointer::Impl::FinisherLoop() {
       fin_busy_ = true;
     }
     absl::Status st;
-    if (!p.device_events.empty()) {
-      auto dc = DeviceCopier::Get();
-      for (void* e : p.device_events) {
-        absl::Status w = (*dc)->Wait(e);
-        if (st.ok()) st = w;
-      }
+    for (auto [b, e] : p.device_events) {
+      absl::Status w = b->Wait(e);
+      if (st.ok()) st = w;
     }
     if (st.ok() && p.finish_snapshot) st = p.finish_snapshot();
     if (p.finish_snapshot) {
@@ -893,9 +914,7 @@ void Checkpointer::Impl::Close() {
   if (finisher_.joinable()) finisher_.join();
   if (persister_) persister_->Stop(/*abandon=*/false);
   if (seg) {
-    if (device_registered_) {
-      if (auto dc = DeviceCopier::Get(); dc.ok()) (*dc)->UnregisterHost(seg->header()).IgnoreError();
-    }
+    UnregisterDevices();
     SlotView v;
     bool newest_durable = !seg->Newest(&v) || v.durable;
     if (!newest_durable) {
@@ -1073,5 +1092,11 @@ std::string Checkpointer::memory_segment_path() const { return impl_->shm_path; 
 void Checkpointer::unlink_memory() {
   ThrowIfError(SharedSegment::Unlink(impl_->shm_path));
 }
+
+std::string LoadDevicePlugin(const std::string& path) {
+  return ValueOrThrow(DeviceBackend::Load(path))->device_type();
+}
+
+std::vector<std::string> DeviceTypes() { return DeviceBackend::Types(); }
 
 }  // namespace flashckpt

@@ -80,9 +80,9 @@ py::dict TensorInfoToDict(const TensorInfo& t, const void* base) {
 
 TensorRef TensorRefFromTuple(const py::handle& item) {
   // (key, data_ptr, nbytes, dtype, shape, element_size, device, cuda_stream,
-  //  strides, storage_offset, storage_key)
+  //  strides, storage_offset, storage_key[, device_type])
   auto t = item.cast<py::tuple>();
-  if (t.size() != 11) throw py::value_error("tensor record must have 11 fields");
+  if (t.size() != 11 && t.size() != 12) throw py::value_error("tensor record must have 11 or 12 fields");
   TensorRef r;
   r.key = t[0].cast<std::string>();
   r.data = reinterpret_cast<const void*>(t[1].cast<uintptr_t>());
@@ -95,6 +95,7 @@ TensorRef TensorRefFromTuple(const py::handle& item) {
   r.strides = t[8].cast<std::vector<int64_t>>();
   r.storage_offset = t[9].cast<int64_t>();
   r.storage_key = t[10].cast<std::string>();
+  if (t.size() == 12) r.device_type = t[11].cast<std::string>();
   return r;
 }
 
@@ -120,6 +121,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("prepare_load_buffer", &PrepareLoadBuffer, py::arg("nbytes"), py::call_guard<py::gil_scoped_release>(),
         "Maps and touches (in the background) a buffer for the next load of at most nbytes; 0 releases it.");
   m.def("prepared_load_buffer_bytes", &PreparedLoadBufferBytes);
+  m.def("load_device_plugin", &LoadDevicePlugin, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
+        "Loads a device backend plugin (include/flashckpt/device_plugin.h); returns the device type it serves.");
+  m.def("device_types", &DeviceTypes, "Device types with a loaded backend.");
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {

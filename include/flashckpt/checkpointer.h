@@ -150,4 +150,11 @@ class Checkpointer {
 };
 
 
+// Loads a device backend plugin (include/flashckpt/device_plugin.h) from
+// `path`; tensors whose device_type it serves can then be saved and loaded.
+// Returns that device type. CUDA's backend is loaded on first use.
+std::string LoadDevicePlugin(const std::string& path);
+// Device types with a loaded backend.
+std::vector<std::string> DeviceTypes();
+
 }  // namespace flashckpt

@@ -23,8 +23,13 @@ struct TensorRef {
   std::string dtype;               // e.g. "torch.float32"; stored, not interpreted
   std::vector<int64_t> shape;
   uint32_t element_size = 1;
-  int device = -1;                 // -1: host memory; >= 0: CUDA device ordinal
-  void* cuda_stream = nullptr;     // caller's stream (cudaStream_t); copy is ordered after it
+  // Where the bytes are: device_type "" or "cpu" is host memory; any other
+  // type ("cuda", "xpu", ...) is copied by that type's device backend
+  // (include/flashckpt/device_plugin.h) from device ordinal `device`. An empty
+  // device_type with device >= 0 means "cuda" (the API before backends).
+  std::string device_type;
+  int device = -1;
+  void* cuda_stream = nullptr;     // caller's stream on that device; the copy is ordered after it
   std::vector<int64_t> strides;    // recorded only (empty: contiguous)
   int64_t storage_offset = 0;      // recorded only
   std::string storage_key;         // non-empty: no bytes saved, a view of that key's bytes

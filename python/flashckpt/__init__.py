@@ -35,6 +35,8 @@ _LAZY = {
     "install_fence": ("checkpointer", "install_fence"),
     "rng_state": ("rng", "rng_state"),
     "set_rng_state": ("rng", "set_rng_state"),
+    "load_device_plugin": ("devices", "load_device_plugin"),
+    "device_types": ("devices", "device_types"),
 }
 
 
@@ -55,6 +57,7 @@ def __dir__():
 
 __all__ = [
     "Checkpointer", "SaveHandle", "LoadResult", "install_fence", "rng_state", "set_rng_state",
+    "load_device_plugin", "device_types",
     "heartbeat", "FlashCkptError", "InvalidArgumentError", "NotFoundError", "CorruptionError",
     "ResourceExhaustedError", "PermissionDeniedError", "FailedPreconditionError",
     "DeadlineExceededError", "UnavailableError", "StateDictMismatchError",

@@ -96,11 +96,12 @@ def dtype_from_name(name: str) -> torch.dtype:
 
 
 def _device_index(t: torch.Tensor) -> int:
+    """-1 for host memory, else the ordinal on its device type (whose backend the core picks)."""
     if t.device.type == "cpu":
         return -1
-    if t.device.type == "cuda":
-        return t.device.index if t.device.index is not None else torch.cuda.current_device()
-    raise TypeError(f"tensors on device {t.device} are not supported")
+    if t.device.index is not None:
+        return t.device.index
+    return torch.cuda.current_device() if t.device.type == "cuda" else 0
 
 
 @dataclass
@@ -120,9 +121,8 @@ def _check_tensor(t: torch.Tensor, path) -> None:
                         "are not supported (convert with .to_dense())")
     if getattr(t, "is_quantized", False):
         raise TypeError(f"cannot save {_path_repr(path)}: quantized tensors are not supported")
-    if t.device.type not in ("cpu", "cuda"):
-        raise TypeError(f"cannot save {_path_repr(path)}: tensors on device {t.device} "
-                        "are not supported")
+    # Any device type goes to the core, which routes it to that type's device
+    # backend, or fails naming the type and how to load a backend for it.
 
 
 def _copy_mapping(d: dict) -> dict:
@@ -224,7 +224,7 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
     def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key=""):
         dev = _device_index(t)
         flat.records.append((key, ptr, nbytes, str(t.dtype), list(shape), t.element_size(), dev,
-                             stream_of(t), list(strides), storage_offset, storage_key))
+                             stream_of(t), list(strides), storage_offset, storage_key, t.device.type))
         devices[key] = str(t.device)
         if not storage_key:
             flat.nbytes += nbytes

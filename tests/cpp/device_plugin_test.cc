@@ -1,0 +1,154 @@
+// Device backends as plugins, with the test backend (test_device_plugin.cc:
+// "device" memory is host memory, copies take FLASHCKPT_TEST_DEVICE_DELAY_MS):
+// loading and refusing plugins, saving device tensors bit-exact, and a
+// non-blocking save whose fence waits for its device copies only, never for
+// the persist of an earlier step.
+#include <stdlib.h>
+
+#include <algorithm>
+#include <condition_variable>
+#include <mutex>
+
+#include "flashckpt/checkpointer.h"
+#include "gtest/gtest.h"
+#include "test_util.h"
+
+namespace flashckpt {
+namespace {
+
+using testing::FakeState;
+using testing::ScratchDirs;
+
+std::vector<TensorRef> OnTestDevice(const FakeState& s) {
+  std::vector<TensorRef> refs = s.Refs();
+  for (auto& r : refs) {
+    r.device_type = "flashckpt_test";
+    r.device = 0;
+  }
+  return refs;
+}
+
+// Holds every persist in rank_durable until Release(): a persist the test
+// controls, with a deadline.
+class HeldBarrier : public CommitBarrier {
+ public:
+  void rank_durable(int64_t step, int, const std::string& record) override {
+    std::unique_lock<std::mutex> l(mu_);
+    entered_ = true;
+    cv_.notify_all();
+    if (!cv_.wait_for(l, std::chrono::seconds(30), [&] { return released_; })) {
+      timed_out_ = true;
+      throw Error(ErrorCode::kDeadlineExceeded, "test barrier never released");
+    }
+    records_[step] = record;
+  }
+  std::vector<std::string> wait_all(int64_t step, int, std::chrono::milliseconds) override {
+    std::lock_guard<std::mutex> l(mu_);
+    return {records_[step]};
+  }
+  bool WaitEntered() {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, std::chrono::seconds(30), [&] { return entered_; });
+  }
+  void Release() {
+    std::lock_guard<std::mutex> l(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+  // A persist is inside rank_durable, held, right now.
+  bool holding() {
+    std::lock_guard<std::mutex> l(mu_);
+    return entered_ && !released_ && !timed_out_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool entered_ = false, released_ = false, timed_out_ = false;
+  std::map<int64_t, std::string> records_;
+};
+
+TEST(DevicePlugin, LoadsByPathAndRefusesWhatIsNotOne) {
+  EXPECT_EQ(LoadDevicePlugin(FLASHCKPT_TEST_DEVICE_PLUGIN), "flashckpt_test");
+  auto types = DeviceTypes();
+  EXPECT_NE(std::find(types.begin(), types.end(), "flashckpt_test"), types.end());
+  try {
+    LoadDevicePlugin("/nonexistent/libnothing.so");
+    ADD_FAILURE() << "loaded a plugin that does not exist";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("/nonexistent/libnothing.so"), std::string::npos) << e.what();
+  }
+  try {
+    LoadDevicePlugin("libm.so.6");  // a shared library, but no backend
+    ADD_FAILURE() << "loaded a library that exports no backend";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("fck_device_backend_v1"), std::string::npos) << e.what();
+  }
+}
+
+TEST(DevicePlugin, ATypeWithNoBackendFailsTheSaveNamingTypeKeyAndRemedy) {
+  ScratchDirs dirs;
+  Checkpointer c(dirs.Options());
+  FakeState s = FakeState::ForStep(1);
+  std::vector<TensorRef> refs = s.Refs();
+  refs[2].device_type = "xpu";
+  refs[2].device = 0;
+  try {
+    c.save(1, refs, s.Blobs());
+    ADD_FAILURE() << "saved an xpu tensor with no xpu backend";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_EQ(e.code(), ErrorCode::kUnavailable);
+    EXPECT_NE(m.find("no device backend for 'xpu' tensors"), std::string::npos) << m;
+    EXPECT_NE(m.find("'layer2.weight'"), std::string::npos) << m;
+    EXPECT_NE(m.find("load_device_plugin"), std::string::npos) << m;
+  }
+  EXPECT_TRUE(c.steps().empty());  // nothing half-saved
+}
+
+TEST(DevicePlugin, DeviceTensorsSaveAndLoadBitExact) {
+  LoadDevicePlugin(FLASHCKPT_TEST_DEVICE_PLUGIN);
+  ScratchDirs dirs;
+  Checkpointer c(dirs.Options());
+  FakeState s = FakeState::ForStep(3);
+  c.save(3, OnTestDevice(s), s.Blobs()).wait_durable();
+  EXPECT_EQ(s.Diff(*c.load()), "");
+  LoadOptions storage;
+  storage.prefer_memory = false;
+  EXPECT_EQ(s.Diff(*c.load(storage)), "");  // the crc of device bytes was taken after the copy
+}
+
+TEST(DevicePlugin, TheFenceOfANonBlockingSaveNeverWaitsForAPersist) {
+  LoadDevicePlugin(FLASHCKPT_TEST_DEVICE_PLUGIN);
+  ::setenv("FLASHCKPT_TEST_DEVICE_DELAY_MS", "1000", 1);
+  ScratchDirs dirs;
+  auto barrier = std::make_shared<HeldBarrier>();
+  CheckpointerOptions o = dirs.Options();
+  o.commit_barrier = barrier;
+  o.num_slots = 3;
+  {
+    Checkpointer c(o);
+    FakeState s1 = FakeState::ForStep(1), s2 = FakeState::ForStep(2);
+    SaveHandle h1 = c.save(1, OnTestDevice(s1), s1.Blobs(), /*blocking=*/false);
+    // Returned with the device copies queued: nothing published yet.
+    EXPECT_FALSE(c.latest_memory_step().has_value());
+    h1.wait_snapshot();
+    EXPECT_EQ(c.latest_memory_step(), 1);
+    ASSERT_TRUE(barrier->WaitEntered());  // step 1's persist is in flight, held
+    SaveHandle h2 = c.save(2, OnTestDevice(s2), s2.Blobs(), /*blocking=*/false);
+    h2.wait_snapshot();
+    // Step 2's bytes are in memory while step 1's persist is still held.
+    EXPECT_TRUE(barrier->holding());
+    EXPECT_FALSE(h1.persisted());
+    EXPECT_EQ(c.latest_memory_step(), 2);
+    EXPECT_EQ(s2.Diff(*c.load()), "");
+    barrier->Release();
+    h1.wait_durable();
+    h2.wait_durable();
+    EXPECT_TRUE(h2.persisted());
+  }
+  ::unsetenv("FLASHCKPT_TEST_DEVICE_DELAY_MS");
+}
+
+}  // namespace
+}  // namespace flashckpt
