@@ -14,6 +14,7 @@
 #include "absl/strings/strip.h"
 #include "common/crash_point.h"
 #include "common/status.h"
+#include "storage/file_ops.h"
 #include "storage/layout.h"
 #include "storage/uring_io.h"
 
@@ -25,13 +26,12 @@ std::string FailedName(int rank) { return absl::StrCat("rank-", rank, ".failed")
 
 void ReportPersistFailure(const std::string& root, int64_t step, int rank, const std::string& why) {
   std::string dir = StepDir(root, step);
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
+  fileops::MakeDirs(dir);
   WriteFileAtomic(absl::StrCat(dir, "/", FailedName(rank)), why + "\n").IgnoreError();
 }
 
 void ClearPersistFailure(const std::string& root, int64_t step, int rank) {
-  ::unlink(absl::StrCat(StepDir(root, step), "/", FailedName(rank)).c_str());
+  fileops::Unlink(absl::StrCat(StepDir(root, step), "/", FailedName(rank)));
 }
 
 std::optional<std::string> PersistFailure(const std::string& root, int64_t step, int rank) {
@@ -44,8 +44,8 @@ void ForgetUncommittedRecords(const std::string& root, int rank) {
   for (const auto& st : ListSteps(root)) {
     if (st.committed) continue;
     const std::string dir = StepDir(root, st.step);
-    ::unlink(absl::StrCat(dir, "/", RankDurableName(rank)).c_str());
-    ::unlink(absl::StrCat(dir, "/", FailedName(rank)).c_str());
+    fileops::Unlink(absl::StrCat(dir, "/", RankDurableName(rank)));
+    fileops::Unlink(absl::StrCat(dir, "/", FailedName(rank)));
   }
 }
 

@@ -1,5 +1,7 @@
 #include "storage/layout.h"
 
+#include "storage/file_ops.h"
+
 #include <dirent.h>
 #include <signal.h>
 #include <fcntl.h>
@@ -181,9 +183,7 @@ absl::Status PrepareDirectory(const std::string& root) {
       return absl::InvalidArgumentError(absl::StrCat("checkpoint directory ", root,
                                                      " exists and is not a directory"));
   } else {
-    std::error_code ec;
-    fs::create_directories(root, ec);
-    if (ec) return ErrnoStatus("create checkpoint directory", root, ec.value());
+    if (fileops::MakeDirs(root) != 0) return ErrnoStatus("create checkpoint directory", root, errno);
   }
   if (::access(root.c_str(), W_OK | X_OK) != 0)
     return ErrnoStatus("write to checkpoint directory", root, errno);
@@ -208,9 +208,7 @@ absl::Status PrepareDirectory(const std::string& root) {
 }
 
 absl::Status RemoveTree(const std::string& path) {
-  std::error_code ec;
-  fs::remove_all(path, ec);
-  if (ec) return ErrnoStatus("remove", path, ec.value());
+  if (fileops::RemoveAll(path) != 0) return ErrnoStatus("remove", path, errno);
   return absl::OkStatus();
 }
 
@@ -236,7 +234,7 @@ void CleanLeftovers(const std::string& root) {
   for (const auto& e : fs::directory_iterator(root, ec)) {
     std::string name = e.path().filename().string();
     if (name.find(".tmp-") != std::string::npos) {
-      if (AbandonedTempFile(e)) fs::remove(e.path(), ec);
+      if (AbandonedTempFile(e)) fileops::Unlink(e.path().string());
       continue;
     }
     auto step = ParseStepDirName(name);
@@ -248,7 +246,7 @@ void CleanLeftovers(const std::string& root) {
       continue;
     }
     for (const auto& f : fs::directory_iterator(e.path(), ec))
-      if (AbandonedTempFile(f)) fs::remove(f.path(), ec);
+      if (AbandonedTempFile(f)) fileops::Unlink(f.path().string());
   }
 }
 
@@ -265,7 +263,7 @@ void ApplyRetention(const std::string& root, int keep_last) {
   for (int64_t s : doomed) {
     // Remove COMMIT first, so a crash halfway leaves an uncommitted step (ignored), never a broken committed one.
     std::string dir = StepDir(root, s);
-    ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
+    fileops::Unlink(absl::StrCat(dir, "/", kCommitName));
     RemoveTree(dir).IgnoreError();
   }
 }

@@ -13,6 +13,7 @@
 #include "common/status.h"
 #include "flashckpt.pb.h"
 #include "storage/commit.h"
+#include "storage/file_ops.h"
 #include "storage/layout.h"
 
 namespace flashckpt {
@@ -58,15 +59,14 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   }
 
   const std::string dir = StepDir(root, job.step);
-  std::error_code ec;
-  fs::create_directories(dir, ec);
-  if (ec) return ErrnoStatus("create step directory", dir, ec.value());
+  if (fileops::MakeDirs(dir) != 0)
+    return Annotate(ErrnoStatus("create step directory", dir, errno), absl::StrCat("persist step ", job.step));
   const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
   const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
   const std::string durable_path = absl::StrCat(dir, "/", RankDurableName(opt.rank));
   // A step saved again replaces its earlier, uncommitted attempt.
-  ::unlink(absl::StrCat(dir, "/", kCommitName).c_str());
-  ::unlink(durable_path.c_str());
+  fileops::Unlink(absl::StrCat(dir, "/", kCommitName));
+  fileops::Unlink(durable_path);
 
   ClearPersistFailure(root, job.step, opt.rank);
   auto cleanup = [&](const absl::Status& s) {
@@ -75,11 +75,11 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
     // (again) only the agreed step, and a marker would fail its commit.
     if (!(ctx.cancelled && ctx.cancelled())) barrier_->ReportFailure(job.step, opt.rank, std::string(s.message()));
     if (!ReadCommit(root, job.step).ok()) {
-      ::unlink(durable_path.c_str());  // first: rank 0 must never take the record without the files
-      ::unlink(data_path.c_str());
-      ::unlink(manifest_path.c_str());
+      fileops::Unlink(durable_path);  // first: rank 0 must never take the record without the files
+      fileops::Unlink(data_path);
+      fileops::Unlink(manifest_path);
       std::error_code e2;
-      if (fs::is_empty(dir, e2)) fs::remove(dir, e2);
+      if (fs::is_empty(dir, e2)) fileops::RemoveAll(dir);
     }
     return Annotate(s, absl::StrCat("persist step ", job.step));
   };

@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "flashckpt/types.h"
+#include "storage/file_ops.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
 #include "common/log.h"
@@ -57,7 +58,8 @@ class BulkIo::Ring {
   int depth = 0;
   std::vector<iovec> registered;
   explicit Ring(int queue_depth) : depth(queue_depth) {
-    int rc = io_uring_queue_init(static_cast<unsigned>(std::max(2, queue_depth * 2)), &ring, 0);
+    int rc = fileops::RefuseIoUring() ? -ENOSYS
+                                      : io_uring_queue_init(static_cast<unsigned>(std::max(2, queue_depth * 2)), &ring, 0);
     ok = rc == 0;
     if (!ok)
       WarnOnce(g_warned_uring, absl::StrCat("io_uring is not available (", std::strerror(-rc),
@@ -107,7 +109,7 @@ namespace {
 absl::StatusOr<int> OpenMaybeDirect(const std::string& path, int flags, bool direct, bool* got_direct) {
   *got_direct = false;
   if (direct) {
-    int fd = ::open(path.c_str(), flags | O_DIRECT | O_CLOEXEC, 0644);
+    int fd = fileops::Open(path, flags | O_DIRECT | O_CLOEXEC, 0644);
     if (fd >= 0) {
       *got_direct = true;
       return fd;
@@ -116,7 +118,7 @@ absl::StatusOr<int> OpenMaybeDirect(const std::string& path, int flags, bool dir
     WarnOnce(g_warned_direct, absl::StrCat("O_DIRECT refused for ", path,
                                            "; using the page cache (data is still fdatasynced)"));
   }
-  int fd = ::open(path.c_str(), flags | O_CLOEXEC, 0644);
+  int fd = fileops::Open(path, flags | O_CLOEXEC, 0644);
   if (fd < 0) return ErrnoStatus("open", path, errno);
   return fd;
 }
@@ -163,6 +165,7 @@ static absl::Status Transfer(io_uring* ring, const std::vector<iovec>* fixed,
     io_uring_sqe_set_data64(sqe, idx);
     r.busy = true;
     ++inflight;
+    if (write && fileops::Intercepted()) fileops::Submitted(path, r.offset, n, fi >= 0, inflight);
     return absl::OkStatus();
   };
   absl::Status failure;
@@ -173,6 +176,10 @@ static absl::Status Transfer(io_uring* ring, const std::vector<iovec>* fixed,
       if (IoFaultHook hook = g_fault_hook.load()) {
         absl::Status s = hook(path, next);
         if (!s.ok()) { failure = s; break; }
+      }
+      if (int err = write ? fileops::BeforeWrite(path) : 0; err != 0) {
+        failure = ErrnoStatus("write", path, err, static_cast<int64_t>(next));
+        break;
       }
       CrashPoint(write ? "persist: write chunk" : "load: read chunk");
       if (on_submit) on_submit(next, n);
@@ -196,6 +203,8 @@ static absl::Status Transfer(io_uring* ring, const std::vector<iovec>* fixed,
       r.busy = false;
       --inflight;
       int res = cqe->res;
+      if (write && res > 0 && fileops::Intercepted())
+        res = static_cast<int>(fileops::Completed(path, r.offset, res));  // a short write, injected
       if (res == -EAGAIN || res == -EINTR) {
         if (failure.ok()) failure = prep(idx);  // resubmit the same range
         continue;
@@ -238,8 +247,7 @@ absl::StatusOr<IoResult> BulkIo::WriteFile(const std::string& path, const void* 
                                              options_.use_direct_io, &direct));
   result.used_direct_io = direct;
   const uint64_t padded = direct ? AlignUp(len, kDirectAlign) : len;
-  if (padded > 0 && ::fallocate(f.fd, 0, 0, static_cast<off_t>(padded)) != 0 &&
-      errno != EOPNOTSUPP) {
+  if (padded > 0 && fileops::Fallocate(f.fd, path, static_cast<off_t>(padded)) != 0 && errno != EOPNOTSUPP) {
     return ErrnoStatus("fallocate", path, errno);
   }
   auto* p = static_cast<uint8_t*>(const_cast<void*>(buf));
@@ -265,7 +273,7 @@ absl::StatusOr<IoResult> BulkIo::WriteFile(const std::string& path, const void* 
       if (!st.ok()) break;
       CrashPoint("persist: write chunk");
       on_submit(off, n);
-      ssize_t w = ::pwrite(f.fd, p + off, n, static_cast<off_t>(off));
+      ssize_t w = fileops::Pwrite(f.fd, path, p + off, n, static_cast<off_t>(off));
       if (w < 0) {
         if (errno == EINTR || errno == EAGAIN) continue;
         st = ErrnoStatus("write", path, errno, static_cast<int64_t>(off));
@@ -276,10 +284,10 @@ absl::StatusOr<IoResult> BulkIo::WriteFile(const std::string& path, const void* 
   }
   FCK_RETURN_IF_ERROR(st);
   if (crc_done < len) crc = Crc32c(p + crc_done, len - crc_done, crc);
-  if (padded != len && ::ftruncate(f.fd, static_cast<off_t>(len)) != 0)
+  if (padded != len && fileops::Ftruncate(f.fd, path, static_cast<off_t>(len)) != 0)
     return ErrnoStatus("ftruncate", path, errno);
   CrashPoint("persist: before fdatasync");
-  if (::fdatasync(f.fd) != 0) return ErrnoStatus("fdatasync", path, errno);
+  if (fileops::Fdatasync(f.fd, path) != 0) return ErrnoStatus("fdatasync", path, errno);
   result.bytes = len;
   result.crc32c = crc;
   result.seconds = Since(t0);
@@ -325,47 +333,33 @@ absl::StatusOr<IoResult> BulkIo::ReadFile(const std::string& path, void* buf, ui
 }
 
 absl::Status FsyncDirectory(const std::string& dir) {
-  int fd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (fd < 0) return ErrnoStatus("open directory", dir, errno);
-  int rc = ::fsync(fd);
-  int err = errno;
-  ::close(fd);
-  if (rc != 0) return ErrnoStatus("fsync directory", dir, err);
+  if (fileops::FsyncDir(dir) != 0) return ErrnoStatus("fsync directory", dir, errno);
   return absl::OkStatus();
 }
 
 absl::Status WriteFileAtomic(const std::string& path, const std::string& bytes) {
   std::string tmp = absl::StrCat(path, ".tmp-", ::getpid());
   Fd f;
-  f.fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  f.fd = fileops::Open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (f.fd < 0) return ErrnoStatus("create", tmp, errno);
-  if (!bytes.empty() && ::fallocate(f.fd, 0, 0, static_cast<off_t>(bytes.size())) != 0 &&
-      errno != EOPNOTSUPP) {
+  auto fail = [&](const char* op, const std::string& where, int64_t offset = -1) {
     int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoStatus("fallocate", tmp, err);
-  }
+    fileops::Unlink(tmp);
+    return ErrnoStatus(op, where, err, offset);
+  };
+  if (!bytes.empty() && fileops::Fallocate(f.fd, tmp, static_cast<off_t>(bytes.size())) != 0 && errno != EOPNOTSUPP)
+    return fail("fallocate", tmp);
   for (size_t off = 0; off < bytes.size();) {
-    ssize_t w = ::write(f.fd, bytes.data() + off, bytes.size() - off);
+    ssize_t w = fileops::Pwrite(f.fd, tmp, bytes.data() + off, bytes.size() - off, static_cast<off_t>(off));
     if (w < 0) {
       if (errno == EINTR) continue;
-      int err = errno;
-      ::unlink(tmp.c_str());
-      return ErrnoStatus("write", tmp, err, static_cast<int64_t>(off));
+      return fail("write", tmp, static_cast<int64_t>(off));
     }
     off += static_cast<size_t>(w);
   }
-  if (::fsync(f.fd) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoStatus("fsync", tmp, err);
-  }
+  if (fileops::Fsync(f.fd, tmp) != 0) return fail("fsync", tmp);
   CrashPoint("atomic write: before rename");
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoStatus("rename to", path, err);
-  }
+  if (fileops::Rename(tmp, path) != 0) return fail("rename to", path);
   CrashPoint("atomic write: after rename");
   return FsyncDirectory(path.substr(0, path.rfind('/')));
 }
