@@ -48,7 +48,8 @@ namespace fs = std::filesystem;
 
 class SaveState {
  public:
-  explicit SaveState(int64_t step) : step_(step) {}
+  SaveState(int64_t step, std::chrono::milliseconds timeout) : step_(step), timeout_(timeout) {}
+  std::chrono::milliseconds timeout() const { return timeout_; }
   int64_t step() const { return step_; }
 
   void SnapshotDone(absl::Status s) {
@@ -67,7 +68,10 @@ class SaveState {
   }
   void WaitSnapshot() {
     std::unique_lock<std::mutex> l(mu_);
-    cv_.wait(l, [&] { return snapshot_done_; });
+    if (!cv_.wait_for(l, timeout_, [&] { return snapshot_done_; }))
+      throw Error(ErrorCode::kDeadlineExceeded,
+                  absl::StrCat("snapshot of step ", step_, ": the device-to-host copies did not complete within ",
+                               timeout_.count() / 1000.0, " s (is the device hung?)"));
     ThrowIfError(snapshot_status_);
   }
   bool WaitDurableFor(std::chrono::milliseconds timeout, bool throw_on_error) {
@@ -83,6 +87,7 @@ class SaveState {
 
  private:
   const int64_t step_;
+  const std::chrono::milliseconds timeout_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool snapshot_done_ = false, durable_done_ = false, persisted_ = false;
@@ -92,7 +97,11 @@ class SaveState {
 int64_t SaveHandle::step() const { return state_ ? state_->step() : -1; }
 void SaveHandle::wait_snapshot() const { if (state_) state_->WaitSnapshot(); }
 void SaveHandle::wait_durable() const {
-  if (state_) state_->WaitDurableFor(std::chrono::hours(24 * 365), true);
+  if (state_ && !state_->WaitDurableFor(state_->timeout(), true))
+    throw Error(ErrorCode::kDeadlineExceeded,
+                absl::StrCat("step ", state_->step(), " not durable after ", state_->timeout().count() / 1000.0,
+                             " s (still queued or persisting: is the disk or another rank stuck? "
+                             "CheckpointerOptions.wait_timeout sets this deadline)"));
 }
 bool SaveHandle::wait_durable_for(std::chrono::milliseconds t) const {
   return !state_ || state_->WaitDurableFor(t, true);
@@ -163,8 +172,9 @@ class Checkpointer::Impl {
   // buffers, checksumming as it copies; NotFound when memory lacks the step.
   absl::StatusOr<int64_t> LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
                                              std::map<std::string, std::string>* blobs, const LoadOptions& lo);
-  void WaitAll();
+  void WaitAll(std::chrono::milliseconds timeout);
   void Close();
+  std::optional<int64_t> TakeRestoreStep();
   CopyPool& CopyPoolForLoad() { return pool_; }
 
   CheckpointerOptions opt;
@@ -174,6 +184,7 @@ class Checkpointer::Impl {
   bool closed = false;
 
  private:
+  std::optional<int64_t> restore_pending_;  // opt.restore_step until a load takes it
   absl::Status EnsureSegment(uint64_t needed);
   // all_slots: allocate every slot now (reserve); else only slot 0, the
   // others on the reserve thread, so a first save pays for one slot only.
@@ -243,27 +254,15 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   if (opt.world_size < 1 || opt.rank < 0 || opt.rank >= opt.world_size)
     throw Error(ErrorCode::kInvalidArgument,
                 absl::StrCat("rank ", opt.rank, " is not within world size ", opt.world_size));
-  if (opt.num_slots == 0) {
-    const char* env = std::getenv("FLASHCKPT_AGENT_SOCKET");
-    bool agent = opt.use_agent && opt.persist && (!opt.agent_socket.empty() || (env && *env));
-    opt.num_slots = agent ? 3 : 2;
-  }
+  if (opt.num_slots == 0) opt.num_slots = opt.use_agent && opt.persist && !opt.agent_socket.empty() ? 3 : 2;
   if (opt.num_slots < 2 || opt.num_slots > 64)
     throw Error(ErrorCode::kInvalidArgument, absl::StrCat("num_slots must be within 2..64, got ", opt.num_slots));
   if (opt.persist_every < 1) throw Error(ErrorCode::kInvalidArgument, "persist_every must be at least 1");
-  if (opt.run_id.empty()) {
-    // Snapshots belong to one job run: a restarted worker of the same run
-    // (torchrun or flashrun set TORCHELASTIC_RUN_ID) finds its predecessor's.
-    const char* env = std::getenv("FLASHCKPT_RUN_ID");
-    if (!env || !*env) env = std::getenv("TORCHELASTIC_RUN_ID");
-    opt.run_id = env && *env ? env : "local";
-    for (char& c : opt.run_id)
-      if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') c = '_';
-  }
-  if (opt.shm_dir == "/dev/shm") {
-    const char* env = std::getenv("FLASHCKPT_SHM_DIR");
-    if (env && *env) opt.shm_dir = env;
-  }
+  if (opt.wait_timeout.count() <= 0) opt.wait_timeout = 2 * opt.commit_timeout + std::chrono::minutes(5);
+  if (opt.run_id.empty()) opt.run_id = "local";
+  for (char& c : opt.run_id)
+    if (!std::isalnum(static_cast<unsigned char>(c)) && c != '-' && c != '_' && c != '.') c = '_';
+  restore_pending_ = opt.restore_step;
   root = AbsolutePath(opt.directory);
   ThrowIfError(PrepareDirectory(root));
 
@@ -355,10 +354,6 @@ void Checkpointer::Impl::Init() {
   io.queue_depth = opt.io_queue_depth;
   persist_io_ = std::make_unique<BulkIo>(io);
 
-  if (opt.agent_socket.empty() && opt.use_agent) {
-    const char* env = std::getenv("FLASHCKPT_AGENT_SOCKET");
-    if (env && *env) opt.agent_socket = env;
-  }
   if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
     absl::Status c = ConnectAgent();
     if (!c.ok())
@@ -393,7 +388,7 @@ void Checkpointer::Impl::Init() {
     auto committed = LatestCommitted(root);
     if (seg->Newest(&v) && !v.durable && (!committed || v.step > *committed)) {
       FCK_LOG(kInfo, "persisting step ", v.step, " left in shared memory by an earlier process");
-      auto st = std::make_shared<SaveState>(v.step);
+      auto st = std::make_shared<SaveState>(v.step, opt.wait_timeout);
       st->SnapshotDone(absl::OkStatus());
       Pin(v.index);
       Submit(PendingSnapshot{v.index, v.step, true, st, {}, {}});
@@ -440,7 +435,7 @@ absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
   }
   if (seg && seg->slot_capacity() >= needed) return absl::OkStatus();
   // Growing replaces the segment: wait until nothing reads the old one.
-  FCK_RETURN_IF_ERROR(Annotate(WaitIdle(opt.commit_timeout),
+  FCK_RETURN_IF_ERROR(Annotate(WaitIdle(opt.wait_timeout),
                                absl::StrCat("growing the shared-memory slots of ", shm_path, " to ", needed >> 20,
                                             " MiB must wait for the pending persists")));
   return CreateSegment(needed, /*all_slots=*/false);
@@ -520,7 +515,7 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
       ThrowStatus(Annotate(st, absl::StrCat("save of step ", step)));
     }
   }
-  auto state = std::make_shared<SaveState>(step);
+  auto state = std::make_shared<SaveState>(step, opt.wait_timeout);
   uint8_t* data = seg->slot_data(slot);
   seg->BeginWrite(slot);
   CrashPoint("save: slot open");
@@ -851,19 +846,23 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStor
   return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, &pool_, data_path);
 }
 
-std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& lo) {
+std::optional<int64_t> Checkpointer::Impl::TakeRestoreStep() {
+  std::optional<int64_t> s = restore_pending_;
+  restore_pending_.reset();
+  return s;
+}
+
+std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& options) {
+  // The step the job agreed on (every rank can get it) applies to the first load only.
+  LoadOptions lo = options;
+  if (!lo.step) lo.step = TakeRestoreStep();
   JoinReserveForLoad();
   struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
   std::optional<int64_t> committed = LatestCommitted(root);
   SlotView mem;
   bool have_mem = seg && seg->Newest(&mem);
   int64_t step;
-  const char* restore = std::getenv("FLASHCKPT_RESTORE_STEP");
-  int64_t restore_step = -1;
-  if (!lo.step && restore && *restore && absl::SimpleAtoi(restore, &restore_step) && restore_step >= 0) {
-    // flashrun's agents agreed on this step: every rank can get it.
-    step = restore_step;
-  } else if (lo.step) {
+  if (lo.step) {
     step = *lo.step;
   } else if (have_mem && (!committed || mem.step >= *committed) && lo.prefer_memory) {
     step = mem.step;
@@ -898,8 +897,8 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& lo) 
   ThrowStatus(r.status());
 }
 
-void Checkpointer::Impl::WaitAll() {
-  ThrowIfError(WaitIdle(std::chrono::hours(24 * 365)));
+void Checkpointer::Impl::WaitAll(std::chrono::milliseconds timeout) {
+  ThrowIfError(WaitIdle(timeout));
 }
 
 void Checkpointer::Impl::Close() {
@@ -940,7 +939,10 @@ void Checkpointer::Impl::Close() {
 
 // ---------------------------------------------------------------------------
 
-Checkpointer::Checkpointer(CheckpointerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+Checkpointer::Checkpointer(CheckpointerOptions options)
+    : impl_(std::make_unique<Impl>(options.from_environment ? WithEnvironment(std::move(options)) : std::move(options))) {}
+
+std::optional<int64_t> Checkpointer::take_restore_step() { return impl_->TakeRestoreStep(); }
 Checkpointer::~Checkpointer() = default;
 
 SaveHandle Checkpointer::save(int64_t step, const std::vector<TensorRef>& tensors,
@@ -1034,12 +1036,13 @@ absl::StatusOr<int64_t> Checkpointer::Impl::LoadIntoFromMemory(const std::map<st
 
 int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
                                 std::map<std::string, std::string>* blobs, const LoadOptions& options) {
-  if (options.prefer_memory) {
-    auto r = impl_->LoadIntoFromMemory(dest, blobs, options);
+  LoadOptions lo = options;
+  if (!lo.step) lo.step = impl_->TakeRestoreStep();
+  if (lo.prefer_memory) {
+    auto r = impl_->LoadIntoFromMemory(dest, blobs, lo);
     if (r.ok()) return *r;
     if (r.status().code() == absl::StatusCode::kInvalidArgument) ThrowStatus(r.status());
   }
-  LoadOptions lo = options;
   auto snap = load(lo);
   ThrowIfError(CheckDestinations(dest, ManifestOf(*snap)));
   std::vector<CopyTask> tasks;
@@ -1085,7 +1088,8 @@ std::vector<StepInfo> Checkpointer::steps() {
   return out;
 }
 
-void Checkpointer::wait_all() { impl_->WaitAll(); }
+void Checkpointer::wait_all() { impl_->WaitAll(impl_->opt.wait_timeout); }
+void Checkpointer::wait_all(std::chrono::milliseconds timeout) { impl_->WaitAll(timeout); }
 void Checkpointer::close() { impl_->Close(); }
 const CheckpointerOptions& Checkpointer::options() const { return impl_->opt; }
 std::string Checkpointer::memory_segment_path() const { return impl_->shm_path; }

@@ -309,7 +309,18 @@ PYBIND11_MODULE(_C, m) {
              }
              return out;
            })
-      .def("wait_all", &Checkpointer::wait_all, py::call_guard<py::gil_scoped_release>())
+      .def("take_restore_step", &Checkpointer::take_restore_step,
+           "The step the job agreed to restore, once (None afterwards, and without one).")
+      .def(
+          "wait_all",
+          [](Checkpointer& c, std::optional<double> timeout_s) {
+            py::gil_scoped_release nogil;
+            if (!timeout_s) return c.wait_all();
+            c.wait_all(std::chrono::milliseconds(static_cast<int64_t>(*timeout_s * 1000.0 + 0.5)));
+          },
+          py::arg("timeout") = py::none(),
+          "Waits until every started persist finished; DeadlineExceededError after timeout seconds "
+          "(default: the Checkpointer's wait_timeout), naming what is in flight and queued.")
       .def("close", &Checkpointer::close, py::call_guard<py::gil_scoped_release>())
       .def("unlink_memory", &Checkpointer::unlink_memory,
            py::call_guard<py::gil_scoped_release>())

@@ -35,11 +35,13 @@ class SaveHandle {
   SaveHandle() = default;
   explicit SaveHandle(std::shared_ptr<SaveState> s) : state_(std::move(s)) {}
   int64_t step() const;
-  // Blocks until the bytes are in shared memory (for non-blocking CUDA saves:
-  // until the device-to-host copy completed). Throws on failure.
+  // Blocks until the bytes are in shared memory (for non-blocking device
+  // saves: until the device-to-host copies completed). Throws on failure, and
+  // Error(kDeadlineExceeded) after CheckpointerOptions::wait_timeout.
   void wait_snapshot() const;
   // Blocks until data and COMMIT are durable (or persisting was skipped for this
-  // step by persist_every, which returns at once). Throws on failure.
+  // step by persist_every, which returns at once). Throws on failure, and
+  // Error(kDeadlineExceeded) after CheckpointerOptions::wait_timeout.
   void wait_durable() const;
   bool wait_durable_for(std::chrono::milliseconds timeout) const;  // true when done
   bool persisted() const;  // true once durable; false if skipped or pending
@@ -107,6 +109,10 @@ struct CheckpointerOptions {
   uint32_t io_chunk_bytes = 8u << 20;    // 1..8 MiB writes
   int io_queue_depth = 8;                // writes in flight
   std::chrono::milliseconds commit_timeout{600000};  // rank 0 waits this long for other ranks
+  // The longest wait_snapshot(), wait_durable(), wait_all() (and a save that
+  // must wait for a slot or for pending persists) block. 0: 2 x commit_timeout
+  // + 5 minutes (one persist ahead in the queue, the commit, the data write).
+  std::chrono::milliseconds wait_timeout{0};
   bool unlink_memory_on_close = true;    // only when the newest snapshot is durable
   bool reuse_memory = true;              // open the segment a crashed process left behind
   std::shared_ptr<CommitBarrier> commit_barrier;  // default: rank records in the step directory
@@ -114,7 +120,21 @@ struct CheckpointerOptions {
   // The agent then persists and commits the snapshots; this process does no disk I/O.
   std::string agent_socket;
   bool use_agent = true;                 // false: persist in-process even under flashrun
+  // The step the job agreed to restore (under flashrun: the agents, during
+  // the rendezvous; default $FLASHCKPT_RESTORE_STEP). Only the first load()
+  // or load_into() without a step takes it; later ones take the newest step.
+  std::optional<int64_t> restore_step;
+  // The constructor fills what is unset here from the environment, once
+  // (WithEnvironment below); false: the environment is not read at all.
+  bool from_environment = true;
 };
+
+// `options` with what flashrun and torchrun say in the environment filled in
+// where unset: agent_socket ($FLASHCKPT_AGENT_SOCKET, when use_agent), run_id
+// ($FLASHCKPT_RUN_ID, else $TORCHELASTIC_RUN_ID, else "local"), shm_dir
+// ($FLASHCKPT_SHM_DIR, when left at "/dev/shm"), restore_step
+// ($FLASHCKPT_RESTORE_STEP). The only place the library reads these.
+CheckpointerOptions WithEnvironment(CheckpointerOptions options);
 
 class Checkpointer {
  public:
@@ -135,10 +155,16 @@ class Checkpointer {
                     std::map<std::string, std::string>* blobs = nullptr,
                     const LoadOptions& options = {});
 
+  // The restore step (CheckpointerOptions::restore_step), once: later calls
+  // return nullopt. For a front end that picks the step itself.
+  std::optional<int64_t> take_restore_step();
   std::optional<int64_t> latest_step();       // newest committed step on storage
   std::optional<int64_t> latest_memory_step(); // newest complete step in shared memory
   std::vector<StepInfo> steps();
-  void wait_all();                            // every started persist finished
+  void wait_all();                            // every started persist finished (up to wait_timeout)
+  // The same with its own deadline: Error(kDeadlineExceeded) naming what is
+  // still in flight and queued.
+  void wait_all(std::chrono::milliseconds timeout);
   void close();
   const CheckpointerOptions& options() const;
   std::string memory_segment_path() const;

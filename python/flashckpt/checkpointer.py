@@ -257,29 +257,11 @@ class Checkpointer:
                 self._pending = None
 
     def wait(self, timeout: Optional[float] = None) -> None:
-        """Waits until every started persist finished."""
+        """Waits until every started persist finished; raises DeadlineExceededError after
+        ``timeout`` seconds (default: the core's wait_timeout), naming what is still pending."""
         with self._lock:
             self.fence()
-            if timeout is None:
-                self._core.wait_all()
-                return
-        # wait_all() has no deadline of its own: run it on a helper thread.
-        err: List[BaseException] = []
-
-        def run():
-            try:
-                self._core.wait_all()
-            except BaseException as e:  # pragma: no cover - rethrown below
-                err.append(e)
-
-        t = threading.Thread(target=run, daemon=True)
-        t.start()
-        t.join(timeout)
-        if t.is_alive():
-            raise DeadlineExceededError(f"persists on {self.directory!r} not finished after "
-                                        f"{timeout:.1f} s")
-        if err:
-            raise err[0]
+        self._core.wait_all(timeout)
 
     wait_all = wait
 
@@ -317,10 +299,12 @@ class Checkpointer:
         """With torch.distributed up, the newest step every rank can load.
 
         Under flashrun the node agents already agreed on it during the
-        rendezvous and pass it as ``$FLASHCKPT_RESTORE_STEP``."""
-        restore = os.environ.get("FLASHCKPT_RESTORE_STEP", "")
-        if step is None and restore.strip().lstrip("-").isdigit() and int(restore) >= 0:
-            return int(restore)
+        rendezvous and pass it as ``$FLASHCKPT_RESTORE_STEP``, which the first load
+        without a step takes (later loads take the newest step again)."""
+        if step is None:
+            agreed = self._core.take_restore_step()  # the first load only
+            if agreed is not None:
+                return agreed
         dist = _dist()
         if dist is None or dist.get_world_size(self._group) == 1:
             return step

@@ -1,5 +1,7 @@
 #include "flashckpt/checkpointer.h"
 
+#include <stdlib.h>
+
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -352,6 +354,53 @@ TEST(PreparedLoadBuffer, TakenOnceByALoadOfItsSize) {
   PrepareLoadBuffer(bytes);
   PrepareLoadBuffer(0);  // released
   EXPECT_EQ(PreparedLoadBufferBytes(), 0u);
+}
+
+}  // namespace
+}  // namespace flashckpt
+
+namespace flashckpt {
+namespace {
+
+// The restore step is decided once (flashrun's agents, or the caller) and
+// applies to the first load only; the environment is read once, at the edge.
+TEST(Checkpointer, TheRestoreStepAppliesToTheFirstLoadOnly) {
+  testing::ScratchDirs dirs;
+  CheckpointerOptions o = dirs.Options();
+  o.restore_step = 1;
+  Checkpointer c(o);
+  testing::FakeState s1 = testing::FakeState::ForStep(1), s2 = testing::FakeState::ForStep(2);
+  c.save(1, s1.Refs(), s1.Blobs()).wait_durable();
+  c.save(2, s2.Refs(), s2.Blobs()).wait_durable();
+  auto first = c.load();
+  EXPECT_EQ(first->step(), 1);
+  EXPECT_EQ(s1.Diff(*first), "");
+  EXPECT_EQ(c.load()->step(), 2);  // later loads take the newest again
+  EXPECT_FALSE(c.take_restore_step().has_value());
+}
+
+TEST(Checkpointer, TheEnvironmentIsReadOnceAtTheEdgeAndOnlyWhenAsked) {
+  ::setenv("FLASHCKPT_RESTORE_STEP", "7", 1);
+  ::setenv("FLASHCKPT_RUN_ID", "job/42", 1);
+  CheckpointerOptions resolved = WithEnvironment(CheckpointerOptions{});
+  EXPECT_EQ(resolved.restore_step, 7);
+  EXPECT_EQ(resolved.run_id, "job/42");
+  testing::ScratchDirs dirs;
+  CheckpointerOptions o = dirs.Options();
+  o.from_environment = false;
+  {
+    Checkpointer c(o);
+    EXPECT_FALSE(c.take_restore_step().has_value());
+    EXPECT_NE(c.memory_segment_path().find("flashckpt-local-"), std::string::npos) << c.memory_segment_path();
+  }
+  o.from_environment = true;
+  {
+    Checkpointer c(o);
+    EXPECT_EQ(c.take_restore_step(), 7);
+    EXPECT_NE(c.memory_segment_path().find("flashckpt-job_42-"), std::string::npos) << c.memory_segment_path();
+  }
+  ::unsetenv("FLASHCKPT_RESTORE_STEP");
+  ::unsetenv("FLASHCKPT_RUN_ID");
 }
 
 }  // namespace

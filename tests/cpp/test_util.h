@@ -6,6 +6,9 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <condition_variable>
+#include <map>
+#include <mutex>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -100,6 +103,46 @@ struct FakeState {
     if (it == snap.blobs().end() || it->second != blob) return "blob";
     return "";
   }
+};
+
+// Holds every persist in rank_durable until Release(): a persist the test
+// controls, with a deadline.
+class HeldBarrier : public CommitBarrier {
+ public:
+  void rank_durable(int64_t step, int, const std::string& record) override {
+    std::unique_lock<std::mutex> l(mu_);
+    entered_ = true;
+    cv_.notify_all();
+    if (!cv_.wait_for(l, std::chrono::seconds(30), [&] { return released_; })) {
+      timed_out_ = true;
+      throw Error(ErrorCode::kDeadlineExceeded, "test barrier never released");
+    }
+    records_[step] = record;
+  }
+  std::vector<std::string> wait_all(int64_t step, int, std::chrono::milliseconds) override {
+    std::lock_guard<std::mutex> l(mu_);
+    return {records_[step]};
+  }
+  bool WaitEntered() {
+    std::unique_lock<std::mutex> l(mu_);
+    return cv_.wait_for(l, std::chrono::seconds(30), [&] { return entered_; });
+  }
+  void Release() {
+    std::lock_guard<std::mutex> l(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+  // A persist is inside rank_durable, held, right now.
+  bool holding() {
+    std::lock_guard<std::mutex> l(mu_);
+    return entered_ && !released_ && !timed_out_;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool entered_ = false, released_ = false, timed_out_ = false;
+  std::map<int64_t, std::string> records_;
 };
 
 }  // namespace flashckpt::testing
