@@ -175,6 +175,11 @@ class Checkpointer::Impl {
   void WaitAll(std::chrono::milliseconds timeout);
   void Close();
   std::optional<int64_t> TakeRestoreStep();
+  // After the first load, of `step` from memory: if the step was agreed
+  // (given, or the restore step) and an earlier process left it in memory
+  // only, it is persisted now, as every other rank restoring the same step
+  // does, so that it gets its COMMIT. Only the first load looks.
+  void Restored(int64_t step, bool agreed);
   CopyPool& CopyPoolForLoad() { return pool_; }
 
   CheckpointerOptions opt;
@@ -185,6 +190,8 @@ class Checkpointer::Impl {
 
  private:
   std::optional<int64_t> restore_pending_;  // opt.restore_step until a load takes it
+  // Steps an earlier process left in memory, not durable (until the first load).
+  std::set<int64_t> inherited_;
   absl::Status EnsureSegment(uint64_t needed);
   // all_slots: allocate every slot now (reserve); else only slot 0, the
   // others on the reserve thread, so a first save pays for one slot only.
@@ -381,19 +388,32 @@ void Checkpointer::Impl::Init() {
   persister_ = std::make_unique<Persister>(std::move(po));
   finisher_ = std::thread([this] { FinisherLoop(); });
 
-  // A snapshot a crashed process left in memory, newer than storage: persist it
-  // (under flashrun the agent already did).
-  if (seg && opt.persist && opt.world_size == 1 && !agent_mode_) {
-    SlotView v;
+  // Snapshots a crashed process left in memory, newer than storage: persisted
+  // (under flashrun the agent already did). One rank alone persists its
+  // newest at once; in a larger world every rank must persist the same step,
+  // so it waits for the step the job agrees to restore (the first load with
+  // a step, see Restored).
+  if (seg && opt.persist && !agent_mode_) {
     auto committed = LatestCommitted(root);
-    if (seg->Newest(&v) && !v.durable && (!committed || v.step > *committed)) {
-      FCK_LOG(kInfo, "persisting step ", v.step, " left in shared memory by an earlier process");
-      auto st = std::make_shared<SaveState>(v.step, opt.wait_timeout);
-      st->SnapshotDone(absl::OkStatus());
-      Pin(v.index);
-      Submit(PendingSnapshot{v.index, v.step, true, st, {}, {}});
+    for (int i = 0; i < seg->num_slots(); ++i) {
+      SlotView v;
+      if (seg->ReadSlot(i, &v) && !v.durable && (!committed || v.step > *committed)) inherited_.insert(v.step);
     }
+    SlotView newest;
+    if (opt.world_size == 1 && seg->Newest(&newest) && inherited_.count(newest.step)) Restored(newest.step, true);
   }
+}
+
+void Checkpointer::Impl::Restored(int64_t step, bool agreed) {
+  const bool inherited = agreed && inherited_.count(step) > 0;
+  inherited_.clear();  // once: the first load decides
+  SlotView v;
+  if (!inherited || !seg || !seg->Newest(&v, step) || v.durable || ReadCommit(root, step).ok()) return;
+  FCK_LOG(kInfo, "persisting step ", step, " left in shared memory by an earlier process");
+  auto st = std::make_shared<SaveState>(step, opt.wait_timeout);
+  st->SnapshotDone(absl::OkStatus());
+  Pin(v.index);
+  Submit(PendingSnapshot{v.index, step, true, st, {}, {}});
 }
 
 Checkpointer::Impl::~Impl() { Close(); }
@@ -876,12 +896,14 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
     auto r = LoadFromMemory(step, lo.verify);
     if (r.ok()) {
       FCK_LOG(kInfo, "loaded step ", step, " from shared memory");
+      Restored(step, /*agreed=*/lo.step.has_value());
       return std::move(*r);
     }
     if (r.status().code() != absl::StatusCode::kNotFound)
       FCK_LOG(kWarn, "loading step ", step, " from memory failed (", r.status().message(), "); trying storage");
   }
   auto r = LoadFromStorage(step, lo.verify);
+  inherited_.clear();  // committed already, or not restorable from memory
   if (r.ok()) {
     FCK_LOG(kInfo, "loaded step ", step, " from ", root);
     return std::move(*r);
@@ -1040,7 +1062,10 @@ int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& d
   if (!lo.step) lo.step = impl_->TakeRestoreStep();
   if (lo.prefer_memory) {
     auto r = impl_->LoadIntoFromMemory(dest, blobs, lo);
-    if (r.ok()) return *r;
+    if (r.ok()) {
+      impl_->Restored(*r, /*agreed=*/lo.step.has_value());
+      return *r;
+    }
     if (r.status().code() == absl::StatusCode::kInvalidArgument) ThrowStatus(r.status());
   }
   auto snap = load(lo);

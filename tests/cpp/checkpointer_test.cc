@@ -405,3 +405,61 @@ TEST(Checkpointer, TheEnvironmentIsReadOnceAtTheEdgeAndOnlyWhenAsked) {
 
 }  // namespace
 }  // namespace flashckpt
+
+namespace flashckpt {
+namespace {
+
+// A multi-rank job restarted without flashrun (plain torchrun): the snapshot
+// the dead processes left in memory is persisted once the ranks agree to
+// restore it, so that it gets its COMMIT; a load that merely picks the
+// newest step persists nothing (the ranks might pick different steps).
+TEST(Checkpointer, AnAgreedStepLeftInMemoryByEarlierProcessesIsPersistedByEveryRank) {
+  testing::ScratchDirs dirs;
+  std::vector<testing::FakeState> state{testing::FakeState::ForStep(50), testing::FakeState::ForStep(51)};
+  for (int r = 0; r < 2; ++r) {  // the processes that "crashed": step 5 in memory only
+    CheckpointerOptions o = dirs.Options(r, 2);
+    o.persist = false;
+    o.unlink_memory_on_close = false;
+    Checkpointer c(o);
+    c.save(5, state[r].Refs(), state[r].Blobs()).wait_snapshot();
+  }
+  std::vector<std::unique_ptr<Checkpointer>> ranks;
+  for (int r = 0; r < 2; ++r) ranks.push_back(std::make_unique<Checkpointer>(dirs.Options(r, 2)));
+  EXPECT_FALSE(ranks[0]->latest_step().has_value());  // nothing persisted on its own in a world of 2
+  LoadOptions agreed;
+  agreed.step = 5;
+  for (int r = 0; r < 2; ++r) EXPECT_EQ(state[r].Diff(*ranks[r]->load(agreed)), "");
+  for (auto& c : ranks) c->wait_all(std::chrono::seconds(60));
+  EXPECT_EQ(ranks[0]->latest_step(), 5);
+  for (int r = 0; r < 2; ++r) {
+    LoadOptions storage;
+    storage.step = 5;
+    storage.prefer_memory = false;
+    EXPECT_EQ(state[r].Diff(*ranks[r]->load(storage)), "") << "rank " << r;
+  }
+}
+
+TEST(Checkpointer, ALoadThatPicksTheNewestPersistsNothingLeftBehind) {
+  testing::ScratchDirs dirs;
+  testing::FakeState s = testing::FakeState::ForStep(8);
+  for (int r = 0; r < 2; ++r) {
+    CheckpointerOptions o = dirs.Options(r, 2);
+    o.persist = false;
+    o.unlink_memory_on_close = false;
+    Checkpointer c(o);
+    c.save(8, s.Refs(), s.Blobs()).wait_snapshot();
+  }
+  for (int r = 0; r < 2; ++r) {
+    CheckpointerOptions o = dirs.Options(r, 2);
+    o.unlink_memory_on_close = true;
+    Checkpointer c(o);
+    EXPECT_EQ(c.load()->step(), 8);
+    c.wait_all(std::chrono::seconds(30));
+    EXPECT_FALSE(c.latest_step().has_value());
+    c.close();
+    c.unlink_memory();
+  }
+}
+
+}  // namespace
+}  // namespace flashckpt
