@@ -460,32 +460,46 @@ def _adopt_model_state(model: torch.nn.Module, saved) -> bool:
 
 
 def _load_optimizer_state(optimizer, optim_state) -> None:
-    """``optimizer.load_state_dict`` without its deep copy of every tensor.
+    """``optimizer.load_state_dict`` without copying the state's tensors.
 
-    PyTorch's ``Optimizer.load_state_dict`` deep-copies the state dict, which
-    for Adam copies twice the model's size into fresh memory. The tensors that
-    ``load()`` returns are private to this call (they live in the loaded
-    snapshot's buffer), so the copy buys nothing: the containers are still
-    deep-copied, the tensors are handed over as they are.
+    The tensors ``load()`` returns are private to this call (they live in the
+    loaded snapshot's buffer), so copying them buys nothing; PyTorch 1.13's
+    ``load_state_dict`` deep-copies the whole state dict (twice the model's
+    size for Adam). So the optimizer loads the param groups alone (its own
+    checks and hooks run, hyperparameters are set), and the per-parameter
+    state is handed over the way ``load_state_dict`` maps it: saved ids to
+    parameters in group order, tensors cast to the parameter's dtype and
+    device ("step" left as saved unless the group is capturable or fused).
+    No torch global is touched.
     """
-    import copy
+    import itertools
 
-    import torch.optim.optimizer as optmod
+    saved_groups = optim_state["param_groups"]
+    optimizer.load_state_dict({"state": {}, "param_groups": saved_groups})
+    id_map = dict(zip(itertools.chain.from_iterable(g["params"] for g in saved_groups),
+                      itertools.chain.from_iterable(g["params"] for g in optimizer.param_groups)))
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
 
-    original = getattr(optmod, "deepcopy", None)
-    if original is not copy.deepcopy:  # a PyTorch that does not deep-copy this way
-        optimizer.load_state_dict(optim_state)
-        return
-    keep = {id(t): t for t in _collect_tensors(optim_state)}
+    def cast(param, value, key=None):
+        if isinstance(value, torch.Tensor):
+            if key == "step":
+                g = group_of.get(id(param), {})
+                if g.get("capturable") or g.get("fused"):
+                    return value.to(dtype=torch.float32, device=param.device)
+                return value
+            if param.is_floating_point() and value.is_floating_point():
+                value = value.to(param.dtype)
+            return value.to(param.device)
+        if isinstance(value, dict):
+            return {k: cast(param, v, key=k) for k, v in value.items()}
+        return value
 
-    def deepcopy_sharing_tensors(obj, memo=None):
-        return copy.deepcopy(obj, dict(keep) if memo is None else memo)
-
-    optmod.deepcopy = deepcopy_sharing_tensors
-    try:
-        optimizer.load_state_dict(optim_state)
-    finally:
-        optmod.deepcopy = original
+    for k, v in optim_state["state"].items():
+        param = id_map.get(k)
+        if param is None:
+            optimizer.state[k] = v
+        else:
+            optimizer.state[param] = cast(param, v)
 
 
 def _collect_tensors(state) -> List[torch.Tensor]:

@@ -263,3 +263,30 @@ def test_invalid_options(tmp_path):
         flashckpt.Checkpointer(tmp_path / "c", persist_every=0)
     with pytest.raises(errors.InvalidArgumentError):
         flashckpt.Checkpointer(tmp_path / "c", num_slots=1)
+
+
+def test_load_into_restores_optimizer_hyperparameters_and_state_without_touching_torch(tmp_path):
+    import copy
+
+    import torch.optim.optimizer as optmod
+
+    torch.manual_seed(1)
+    src = Net()
+    opt = torch.optim.Adam(src.parameters(), lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)
+    x = torch.randn(8, 4)
+    opt.zero_grad()
+    src(x).pow(2).mean().backward()
+    opt.step()
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(1, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
+        target = Net()
+        opt2 = torch.optim.Adam(target.parameters(), lr=0.5)
+        deepcopy_before = getattr(optmod, "deepcopy", None)
+        ckpt.load_into(target, opt2)
+        assert getattr(optmod, "deepcopy", None) is deepcopy_before  # no torch global swapped
+    assert getattr(optmod, "deepcopy", copy.deepcopy) is copy.deepcopy
+    g = opt2.param_groups[0]
+    assert (g["lr"], g["betas"], g["weight_decay"]) == (0.01, (0.8, 0.9), 0.1)
+    for p, q in zip(src.parameters(), target.parameters()):
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(opt.state[p][name]), torch.as_tensor(opt2.state[q][name])), name
