@@ -175,6 +175,12 @@ class Checkpointer::Impl {
   void WaitAll(std::chrono::milliseconds timeout);
   void Close();
   std::optional<int64_t> TakeRestoreStep();
+  // The segment, once a background creation of it (reserve_bytes) is done;
+  // null when there is none. Every reader of `seg` outside the save path.
+  SharedSegment* Segment() {
+    JoinReserveForLoad();
+    return seg.get();
+  }
   // After the first load, of `step` from memory: if the step was agreed
   // (given, or the restore step) and an earlier process left it in memory
   // only, it is persisted now, as every other rank restoring the same step
@@ -211,6 +217,18 @@ class Checkpointer::Impl {
   absl::Status ConnectAgent();
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
   absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
+  // The rank's manifest of committed `step`, checked against COMMIT.
+  struct StorageManifest {
+    pb::Manifest manifest;
+    std::string data_path;
+    uint64_t data_bytes = 0;
+  };
+  absl::StatusOr<StorageManifest> ReadStorageManifest(int64_t step);
+ public:
+  StepDescription Describe(const LoadOptions& lo);
+  // The step load() takes when none is given: the newest of memory and storage.
+  int64_t NewestStep(bool prefer_memory);
+ private:
   void JoinReserve();
   // Loads read only published slots; they wait for the reserve thread only
   // when it is still creating the segment itself.
@@ -393,7 +411,8 @@ void Checkpointer::Impl::Init() {
   // newest at once; in a larger world every rank must persist the same step,
   // so it waits for the step the job agrees to restore (the first load with
   // a step, see Restored).
-  if (seg && opt.persist && !agent_mode_) {
+  // (A segment being created in the background holds nothing yet.)
+  if (!reserve_creates_segment_ && seg && opt.persist && !agent_mode_) {
     auto committed = LatestCommitted(root);
     for (int i = 0; i < seg->num_slots(); ++i) {
       SlotView v;
@@ -798,6 +817,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemo
   bool prepared = false;
   auto buffer = AllocateAligned(v.data_bytes, &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
+  seg->MapForReading(v.index, v.data_bytes, pool_.threads());
   std::vector<CopyTask> tasks;
   auto* dst = static_cast<uint8_t*>(buffer.get());
   for (const auto& e : m.tensors()) {
@@ -814,7 +834,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemo
                             absl::StrCat("shared-memory snapshot ", shm_path, " step ", step));
 }
 
-absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStorage(int64_t step, bool verify) {
+absl::StatusOr<Checkpointer::Impl::StorageManifest> Checkpointer::Impl::ReadStorageManifest(int64_t step) {
   const std::string dir = StepDir(root, step);
   auto commit = ReadCommit(root, step);
   if (!commit.ok()) {
@@ -843,15 +863,23 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStor
   if (framed.size() != manifest_rec->size() || Crc32c(framed.data(), framed.size()) != manifest_rec->crc32c())
     return absl::DataLossError(absl::StrCat(manifest_path, " does not match its COMMIT entry (size ", framed.size(),
                                             ", expected ", manifest_rec->size(), ", or checksum)"));
-  pb::Manifest m;
-  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &m));
-  const std::string data_path = absl::StrCat(dir, "/", data_name);
+  StorageManifest out;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &out.manifest));
+  out.data_path = absl::StrCat(dir, "/", data_name);
+  out.data_bytes = data_rec->size();
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStorage(int64_t step, bool verify) {
+  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(step));
+  const pb::Manifest& m = sm.manifest;
+  const std::string& data_path = sm.data_path;
   std::error_code ec;
   uint64_t on_disk = fs::file_size(data_path, ec);
   if (ec) return ErrnoStatus("open", data_path, ec.value());
-  if (on_disk != data_rec->size())
+  if (on_disk != sm.data_bytes)
     return absl::DataLossError(absl::StrCat(data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
-                                            data_rec->size(), ": the file is truncated or replaced"));
+                                            sm.data_bytes, ": the file is truncated or replaced"));
   bool prepared = false;
   auto buffer = AllocateAligned(m.data_bytes(), &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
@@ -866,6 +894,49 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStor
   return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, &pool_, data_path);
 }
 
+int64_t Checkpointer::Impl::NewestStep(bool prefer_memory) {
+  std::optional<int64_t> committed = LatestCommitted(root);
+  SlotView mem;
+  if (prefer_memory && seg && seg->Newest(&mem) && (!committed || mem.step >= *committed)) return mem.step;
+  if (committed) return *committed;
+  throw Error(ErrorCode::kNotFound, absl::StrCat("no checkpoint to load: ", root,
+                                                 " has no committed step and shared memory holds none"));
+}
+
+StepDescription Checkpointer::Impl::Describe(const LoadOptions& lo) {
+  JoinReserveForLoad();
+  StepDescription d;
+  d.step = lo.step ? *lo.step : NewestStep(lo.prefer_memory);
+  pb::Manifest m;
+  SlotView v;
+  bool from_memory = false;
+  if (lo.prefer_memory && seg && seg->Newest(&v, d.step)) {
+    absl::StatusOr<std::string> framed = seg->ManifestBytes(v);
+    from_memory = framed.ok() && ParseRecord(*framed, RecordKind::kManifest, shm_path, &m).ok() && seg->StillValid(v);
+  }
+  if (from_memory) {
+    d.source = Source::kMemory;
+  } else {
+    m = ValueOrThrow(ReadStorageManifest(d.step)).manifest;
+    d.source = Source::kStorage;
+  }
+  for (const auto& e : m.tensors()) {
+    TensorInfo t;
+    t.key = e.key();
+    t.dtype = e.dtype();
+    t.shape.assign(e.shape().begin(), e.shape().end());
+    t.strides.assign(e.strides().begin(), e.strides().end());
+    t.storage_offset = e.storage_offset();
+    t.storage_key = e.storage_key();
+    t.element_size = e.element_size();
+    t.nbytes = e.length();
+    t.crc32c = e.crc32c();
+    d.tensors.push_back(std::move(t));
+  }
+  for (const auto& b : m.blobs()) d.blobs[b.key()] = b.data();
+  return d;
+}
+
 std::optional<int64_t> Checkpointer::Impl::TakeRestoreStep() {
   std::optional<int64_t> s = restore_pending_;
   restore_pending_.reset();
@@ -878,20 +949,7 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
   if (!lo.step) lo.step = TakeRestoreStep();
   JoinReserveForLoad();
   struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
-  std::optional<int64_t> committed = LatestCommitted(root);
-  SlotView mem;
-  bool have_mem = seg && seg->Newest(&mem);
-  int64_t step;
-  if (lo.step) {
-    step = *lo.step;
-  } else if (have_mem && (!committed || mem.step >= *committed) && lo.prefer_memory) {
-    step = mem.step;
-  } else if (committed) {
-    step = *committed;
-  } else {
-    throw Error(ErrorCode::kNotFound, absl::StrCat("no checkpoint to load: ", root,
-                                                   " has no committed step and shared memory holds none"));
-  }
+  const int64_t step = lo.step ? *lo.step : NewestStep(lo.prefer_memory);
   if (lo.prefer_memory) {
     auto r = LoadFromMemory(step, lo.verify);
     if (r.ok()) {
@@ -974,6 +1032,8 @@ SaveHandle Checkpointer::save(int64_t step, const std::vector<TensorRef>& tensor
 
 std::unique_ptr<LoadedSnapshot> Checkpointer::load(const LoadOptions& options) { return impl_->Load(options); }
 
+StepDescription Checkpointer::describe(const LoadOptions& options) { return impl_->Describe(options); }
+
 namespace {
 
 // Lists every key problem at once: missing, unexpected, mismatched.
@@ -1033,6 +1093,7 @@ absl::StatusOr<int64_t> Checkpointer::Impl::LoadIntoFromMemory(const std::map<st
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
   FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
+  seg->MapForReading(v.index, v.data_bytes, pool_.threads());
   std::vector<CopyTask> tasks;
   std::vector<const pb::TensorEntry*> entries;
   for (const auto& e : m.tensors()) {
@@ -1085,7 +1146,7 @@ std::optional<int64_t> Checkpointer::latest_step() { return LatestCommitted(impl
 
 std::optional<int64_t> Checkpointer::latest_memory_step() {
   SlotView v;
-  if (impl_->seg && impl_->seg->Newest(&v)) return v.step;
+  if (SharedSegment* seg = impl_->Segment(); seg && seg->Newest(&v)) return v.step;
   return std::nullopt;
 }
 
@@ -1098,10 +1159,10 @@ std::vector<StepInfo> Checkpointer::steps() {
     s.bytes = l.bytes;
     s.world_size = l.world_size;
   }
-  if (impl_->seg) {
-    for (int i = 0; i < impl_->seg->num_slots(); ++i) {
+  if (SharedSegment* seg = impl_->Segment()) {
+    for (int i = 0; i < seg->num_slots(); ++i) {
       SlotView v;
-      if (!impl_->seg->ReadSlot(i, &v)) continue;
+      if (!seg->ReadSlot(i, &v)) continue;
       StepInfo& s = by_step[v.step];
       s.step = v.step;
       s.in_memory = true;

@@ -260,6 +260,27 @@ PYBIND11_MODULE(_C, m) {
           py::arg("step") = py::none(), py::arg("prefer_memory") = true,
           py::arg("allow_fallback") = false, py::arg("verify") = true)
       .def(
+          "describe",
+          [](Checkpointer& c, std::optional<int64_t> step, bool prefer_memory) {
+            StepDescription d;
+            {
+              py::gil_scoped_release nogil;
+              d = c.describe(MakeLoadOptions(step, prefer_memory, false, true));
+            }
+            py::dict out;
+            out["step"] = d.step;
+            out["source"] = d.source == Source::kMemory ? "memory" : "storage";
+            py::list tensors;
+            for (const auto& t : d.tensors) tensors.append(TensorInfoToDict(t, nullptr));
+            out["tensors"] = tensors;
+            py::dict blobs;
+            for (const auto& [k, v] : d.blobs) blobs[py::str(k)] = py::bytes(v);
+            out["blobs"] = blobs;
+            return out;
+          },
+          py::arg("step") = py::none(), py::arg("prefer_memory") = true,
+          "The manifest of a step (tensor entries and blobs), no tensor bytes read.")
+      .def(
           "load_into",
           [](Checkpointer& c, const py::dict& dest, std::optional<int64_t> step,
              bool prefer_memory, bool allow_fallback, bool verify) {

@@ -150,6 +150,11 @@ class Checkpointer {
                   const std::vector<BlobRef>& blobs, bool blocking = true);
 
   std::unique_ptr<LoadedSnapshot> load(const LoadOptions& options = {});
+  // The manifest of `options.step` (default: the newest step, as load() picks
+  // it, without taking the restore step): from the memory slot when it holds
+  // the step and prefer_memory, else from committed storage. Reads no tensor
+  // bytes; a front end plans a load_into() with it.
+  StepDescription describe(const LoadOptions& options = {});
   // Loads into caller buffers; every key must match in shape, dtype and size.
   int64_t load_into(const std::map<std::string, MutableTensorRef>& dest,
                     std::map<std::string, std::string>* blobs = nullptr,

@@ -94,6 +94,15 @@ class LoadedSnapshot {
   std::shared_ptr<void> buffer_;
 };
 
+// What a step holds, without its tensor bytes (TensorInfo::data is null):
+// the manifest of the copy a load would read first.
+struct StepDescription {
+  int64_t step = -1;
+  Source source = Source::kStorage;
+  std::vector<TensorInfo> tensors;
+  std::map<std::string, std::string> blobs;
+};
+
 struct StepInfo {
   int64_t step = -1;
   bool committed = false;

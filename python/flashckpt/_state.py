@@ -389,6 +389,12 @@ def unflatten(snapshot, map_location=None) -> Any:
             f"step {snapshot.step} was written by a newer flashckpt (structure version "
             f"{meta.get('version')}, this one reads {STRUCTURE_VERSION})")
     tensors = tensors_from_snapshot(snapshot, meta.get("devices", {}), map_location)
+    return restore_structure(meta, tensors)
+
+
+def restore_structure(meta: dict, tensors: Dict[str, torch.Tensor]) -> Any:
+    """The saved structure of ``meta`` (the unpickled structure blob) with the
+    tensor of each entry key from ``tensors`` in place of its placeholder."""
     aliases = meta.get("aliases", {})
 
     def tensor_for(leaf: _TensorLeaf) -> torch.Tensor:

@@ -4,7 +4,9 @@ persisted in the background by the C++ core."""
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
+import pickle
 import threading
 import time
 import weakref
@@ -361,11 +363,24 @@ class Checkpointer:
         if map_location is None and model is not None:
             p = next(iter(model.parameters()), None)
             map_location = p.device if p is not None else None
-        state = self.load(step, map_location=map_location)
+        with self._lock:
+            self._check_open()
+            self.fence()
+            step = self._agree_step(step)
+            in_place = None
+            if map_location is None or torch.device(map_location).type == "cpu":
+                in_place = self._load_in_place(step, model, optimizer, model_key, optimizer_key)
+        if in_place is not None:
+            state = in_place
+        else:
+            state = self.load(step, map_location=map_location)
         result = LoadResult(step=self.last_load.step, state=state)
         if not isinstance(state, dict):
             raise InvalidArgumentError(
                 f"step {result.step} holds a {type(state).__name__}, not a dict of entries")
+        if optimizer is not None and isinstance(state.get(optimizer_key), dict):
+            # Checked before the model changes: a failed load leaves both as they were.
+            _check_optimizer_groups(optimizer, state[optimizer_key], result.step, optimizer_key)
         if model is not None:
             if model_key not in state:
                 raise StateDictMismatchError(
@@ -393,7 +408,9 @@ class Checkpointer:
                 raise StateDictMismatchError("\n".join(lines), missing, unexpected, mismatched)
             bad = {m.split(":")[0] for m in mismatched}
             saved_ok = {k: v for k, v in saved.items() if k not in bad}
-            if not _adopt_model_state(model, saved_ok):
+            if in_place is not None:
+                pass  # the bytes were copied straight into the model's own tensors
+            elif not _adopt_model_state(model, saved_ok):
                 model.load_state_dict(saved_ok, strict=False)
         if optimizer is not None:
             if optimizer_key not in state:
@@ -417,9 +434,111 @@ class Checkpointer:
             set_rng_state(state[rng_key])
         return result
 
+    def _load_in_place(self, step, model, optimizer, model_key, optimizer_key):
+        """Copies ``step`` from the memory slot straight into the model's own tensors and
+        the optimizer's state (created once where it does not exist yet), checksumming as
+        it copies: no fresh buffer of the state's size, no page faults on the way.
+
+        Returns the restored structure (the model and optimizer entries holding those
+        very tensors), or None when the step is not held in memory or its layout asks
+        for the general path (views, non-CPU or mismatched targets, keys that differ:
+        the general path then reports them). Every check runs before a byte is copied.
+        """
+        if model is None and optimizer is None:
+            return None
+        t0 = time.perf_counter()
+        desc = self._core.describe(step, prefer_memory=True)
+        raw = desc["blobs"].get(_state.STRUCTURE_BLOB)
+        if desc["source"] != "memory" or raw is None:
+            return None
+        meta = pickle.loads(raw)
+        state = meta.get("state")
+        if meta.get("version", 0) > _state.STRUCTURE_VERSION or not isinstance(state, dict):
+            return None
+        aliases = meta.get("aliases", {})  # tensors over the same bytes (tied weights): one entry
+        if any(d.split(":")[0] != "cpu" for d in meta.get("devices", {}).values()):
+            return None
+        entries = {e["key"]: e for e in desc["tensors"]}
+        if any(e["storage_key"] or e["strides"] for e in entries.values()):
+            return None
+
+        def fits(t, e) -> bool:
+            return (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+                    and str(t.dtype) == e["dtype"] and list(t.shape) == list(e["shape"]))
+
+        dest: Dict[str, torch.Tensor] = {}
+
+        def target(leaf, t) -> bool:
+            key = aliases.get(leaf.key, leaf.key)
+            if key not in entries or not fits(t, entries[key]):
+                return False
+            if key in dest:  # tied: the same memory, or the general path
+                return dest[key].data_ptr() == t.data_ptr()
+            dest[key] = t
+            return True
+
+        if model is not None:
+            if not _loads_plainly(model):
+                return None
+            saved = state.get(model_key)
+            own = model.state_dict()
+            if not isinstance(saved, dict) or set(saved) != set(own):
+                return None
+            for name, t in own.items():
+                leaf = saved[name]
+                if not isinstance(leaf, _state._TensorLeaf) or not target(leaf, t):
+                    return None
+        if optimizer is not None:
+            saved_opt = state.get(optimizer_key)
+            if not isinstance(saved_opt, dict) or not {"state", "param_groups"} <= set(saved_opt):
+                return None
+            groups, saved_groups = optimizer.param_groups, saved_opt["param_groups"]
+            if len(groups) != len(saved_groups) or any(
+                    len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+                return None  # the general path raises torch's own error, before any change
+            id_map = dict(zip(itertools.chain.from_iterable(s["params"] for s in saved_groups),
+                              itertools.chain.from_iterable(g["params"] for g in groups)))
+            for pid, pstate in saved_opt["state"].items():
+                param = id_map.get(pid)
+                if param is None or not isinstance(pstate, dict):
+                    return None
+                current = optimizer.state.get(param, {})
+                for name, leaf in pstate.items():
+                    if isinstance(leaf, _state._TensorLeaf):
+                        e = entries.get(aliases.get(leaf.key, leaf.key))
+                        if e is None:
+                            return None
+                        t = current.get(name)
+                        # State a fresh process does not have yet is created once, then filled.
+                        if not fits(t, e):
+                            t = torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"]))
+                        if not target(leaf, t):
+                            return None
+        for key, e in entries.items():  # the other entries: small, into new tensors
+            if key not in dest:
+                dest[key] = torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"]))
+        records = {k: (t.data_ptr(), t.numel() * t.element_size(), str(t.dtype), list(t.shape))
+                   for k, t in dest.items()}
+        loaded, _ = self._core.load_into(records, step=desc["step"], prefer_memory=True)
+        self.last_load = LoadInfo(loaded, "memory", sum(r[1] for r in records.values()),
+                                  time.perf_counter() - t0)
+        return _state.restore_structure(meta, dest)
+
     def __repr__(self):
         return (f"<flashckpt.Checkpointer {self.directory!r} rank={self.rank}/"
                 f"{self.world_size}{' closed' if self._closed else ''}>")
+
+
+def _loads_plainly(model: torch.nn.Module) -> bool:
+    """True when ``load_state_dict`` would only copy tensors into the module's
+    parameters and buffers: no module has its own ``_load_from_state_dict`` or
+    load hooks (those must run, so such models load through load_state_dict)."""
+    base = torch.nn.Module._load_from_state_dict
+    for _, m in model.named_modules():
+        if type(m)._load_from_state_dict is not base or getattr(m, "_load_state_dict_pre_hooks", None) \
+                or getattr(m, "_load_state_dict_post_hooks", None):
+            return False
+    return True
 
 
 def _adopt_model_state(model: torch.nn.Module, saved) -> bool:
@@ -435,12 +554,10 @@ def _adopt_model_state(model: torch.nn.Module, saved) -> bool:
     device or shape, or a non-contiguous one makes this return False, and
     ``load_state_dict`` is used as usual.
     """
-    base = torch.nn.Module._load_from_state_dict
+    if not _loads_plainly(model):
+        return False
     targets = {}
     for prefix, m in model.named_modules():
-        if type(m)._load_from_state_dict is not base or getattr(m, "_load_state_dict_pre_hooks", None) \
-                or getattr(m, "_load_state_dict_post_hooks", None):
-            return False
         pre = prefix + "." if prefix else ""
         for name, t in list(m._parameters.items()) + list(m._buffers.items()):
             if t is not None and (name not in getattr(m, "_non_persistent_buffers_set", ())):
@@ -457,6 +574,22 @@ def _adopt_model_state(model: torch.nn.Module, saved) -> bool:
             if k in saved:
                 t.data = saved[k]
     return True
+
+
+def _check_optimizer_groups(optimizer, optim_state, step, key) -> None:
+    """Raises StateDictMismatchError when the saved optimizer state cannot belong to
+    ``optimizer`` (other number of param groups, or of parameters in a group)."""
+    saved = optim_state.get("param_groups")
+    if not isinstance(saved, list):
+        raise StateDictMismatchError(f"step {step}: {key!r} is not an optimizer state dict (no param_groups)",
+                                     mismatched=[key])
+    mine = [len(g["params"]) for g in optimizer.param_groups]
+    theirs = [len(g.get("params", ())) for g in saved]
+    if mine != theirs:
+        raise StateDictMismatchError(
+            f"cannot load step {step} into {type(optimizer).__name__}: the checkpoint's {key!r} has "
+            f"{len(theirs)} param group(s) of {theirs} parameters, the optimizer {len(mine)} of {mine} "
+            "(nothing was changed)", mismatched=[key])
 
 
 def _load_optimizer_state(optimizer, optim_state) -> None:

@@ -128,7 +128,7 @@ def test_load_into_strict_lists_every_difference(tmp_path):
             assert torch.equal(v, before[k])
 
 
-def test_load_into_hands_the_loaded_memory_to_the_model_and_training_goes_on(tmp_path):
+def test_load_into_copies_from_memory_into_the_models_own_tensors_and_training_goes_on(tmp_path):
     torch.manual_seed(0)
     src = Net()
     opt = torch.optim.Adam(src.parameters(), lr=0.1)
@@ -139,13 +139,14 @@ def test_load_into_hands_the_loaded_memory_to_the_model_and_training_goes_on(tmp
         opt.step()
     with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
         ckpt.save(3, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
-        target = Net()  # its parameters get the loaded memory, nothing is copied into theirs
+        target = Net()  # the slot's bytes are copied straight into its own parameters
         params = list(target.parameters())
         ptrs = [p.data_ptr() for p in params]
         opt2 = torch.optim.Adam(target.parameters(), lr=0.1)
         ckpt.load_into(target, opt2)
+        assert ckpt.last_load.source == "memory"
     assert [p is q for p, q in zip(params, target.parameters())] == [True] * len(params)  # same Parameter objects
-    assert all(p.data_ptr() != q for p, q in zip(params, ptrs))  # the loaded tensors' memory
+    assert [p.data_ptr() for p in params] == ptrs  # their own memory, filled in place
     for p, q in zip(src.parameters(), target.parameters()):
         assert torch.equal(p, q) and q.requires_grad
     for o, m in ((opt, src), (opt2, target)):  # two more steps: the same parameters, bit for bit
@@ -290,3 +291,44 @@ def test_load_into_restores_optimizer_hyperparameters_and_state_without_touching
     for p, q in zip(src.parameters(), target.parameters()):
         for name in ("exp_avg", "exp_avg_sq", "step"):
             assert torch.equal(torch.as_tensor(opt.state[p][name]), torch.as_tensor(opt2.state[q][name])), name
+
+
+def test_load_into_fills_existing_optimizer_state_in_place(tmp_path):
+    torch.manual_seed(2)
+    src = Net()
+    opt = torch.optim.Adam(src.parameters(), lr=0.05)
+    x = torch.randn(8, 4)
+    for _ in range(2):
+        opt.zero_grad()
+        src(x).pow(2).mean().backward()
+        opt.step()
+    target = Net()
+    opt2 = torch.optim.Adam(target.parameters(), lr=0.05)
+    opt2.zero_grad()
+    target(x).pow(2).mean().backward()
+    opt2.step()  # its state exists now: it is filled, not replaced
+    state_ptrs = {id(p): opt2.state[p]["exp_avg"].data_ptr() for p in target.parameters()}
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(2, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
+        ckpt.load_into(target, opt2)
+        assert ckpt.last_load.source == "memory"
+    for p, q in zip(src.parameters(), target.parameters()):
+        assert torch.equal(p, q)
+        assert opt2.state[q]["exp_avg"].data_ptr() == state_ptrs[id(q)]
+        assert torch.equal(opt.state[p]["exp_avg"], opt2.state[q]["exp_avg"])
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+
+
+def test_a_mismatched_optimizer_fails_load_into_before_the_model_changes(tmp_path):
+    src = Net()
+    opt = torch.optim.Adam(src.parameters())
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(1, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
+        target = Net()
+        before = {k: v.clone() for k, v in target.state_dict().items()}
+        wrong = torch.optim.Adam(list(target.parameters())[:1])  # fewer parameters
+        with pytest.raises(errors.StateDictMismatchError, match="param group") as e:
+            ckpt.load_into(target, wrong)
+        assert "nothing was changed" in str(e.value)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
