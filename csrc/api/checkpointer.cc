@@ -920,19 +920,7 @@ StepDescription Checkpointer::Impl::Describe(const LoadOptions& lo) {
     m = ValueOrThrow(ReadStorageManifest(d.step)).manifest;
     d.source = Source::kStorage;
   }
-  for (const auto& e : m.tensors()) {
-    TensorInfo t;
-    t.key = e.key();
-    t.dtype = e.dtype();
-    t.shape.assign(e.shape().begin(), e.shape().end());
-    t.strides.assign(e.strides().begin(), e.strides().end());
-    t.storage_offset = e.storage_offset();
-    t.storage_key = e.storage_key();
-    t.element_size = e.element_size();
-    t.nbytes = e.length();
-    t.crc32c = e.crc32c();
-    d.tensors.push_back(std::move(t));
-  }
+  for (const auto& e : m.tensors()) d.tensors.push_back(TensorInfoOf(e));
   for (const auto& b : m.blobs()) d.blobs[b.key()] = b.data();
   return d;
 }

@@ -94,6 +94,20 @@ pb::Manifest BuildManifest(int64_t step, int rank, int world_size, uint32_t alig
   return m;
 }
 
+TensorInfo TensorInfoOf(const pb::TensorEntry& e) {
+  TensorInfo t;
+  t.key = e.key();
+  t.dtype = e.dtype();
+  t.shape.assign(e.shape().begin(), e.shape().end());
+  t.strides.assign(e.strides().begin(), e.strides().end());
+  t.storage_offset = e.storage_offset();
+  t.storage_key = e.storage_key();
+  t.element_size = e.element_size();
+  t.nbytes = e.length();
+  t.crc32c = e.crc32c();
+  return t;
+}
+
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> MakeLoadedSnapshot(
     const pb::Manifest& m, std::shared_ptr<void> buffer, uint64_t buffer_bytes, Source source,
     bool verify, std::vector<uint32_t> crcs, CopyPool* pool, const std::string& where) {
@@ -128,16 +142,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> MakeLoadedSnapshot(
                                               e.length(), " bytes) fails its crc32c check (stored ",
                                               absl::Hex(e.crc32c()), ", computed ", absl::Hex(crcs[i]),
                                               "): the data is corrupted"));
-    TensorInfo t;
-    t.key = e.key();
-    t.dtype = e.dtype();
-    t.shape.assign(e.shape().begin(), e.shape().end());
-    t.strides.assign(e.strides().begin(), e.strides().end());
-    t.storage_offset = e.storage_offset();
-    t.storage_key = e.storage_key();
-    t.element_size = e.element_size();
-    t.nbytes = e.length();
-    t.crc32c = e.crc32c();
+    TensorInfo t = TensorInfoOf(e);
     t.data = e.storage_key().empty() ? base + e.offset() : nullptr;
     init.tensors.push_back(std::move(t));
   }

@@ -44,6 +44,9 @@ pb::Manifest BuildManifest(int64_t step, int rank, int world_size, uint32_t alig
                            const std::vector<TensorRef>& tensors, const std::vector<BlobRef>& blobs,
                            const SavePlan& plan, const std::vector<uint32_t>& crcs);
 
+// A manifest entry as the API describes it (data left null).
+TensorInfo TensorInfoOf(const pb::TensorEntry& e);
+
 // Wraps `buffer` (holding the data region) and the manifest into a
 // LoadedSnapshot. `crcs` are the computed crcs of each manifest tensor in
 // order (empty: compute them here with `pool` when verify is set).
