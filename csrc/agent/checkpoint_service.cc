@@ -504,6 +504,11 @@ void CheckpointService::MetricsLoop() {
     std::string resp = absl::StrCat("HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: ",
                                     body.size(), "\r\nConnection: close\r\n\r\n", body);
     (void)::send(fd, resp.data(), resp.size(), MSG_NOSIGNAL);
+    // Close gracefully: a close() with request bytes still unread sends a
+    // reset, and the client may lose the response it had not read yet.
+    ::shutdown(fd, SHUT_WR);
+    for (int i = 0; i < 10 && ::poll(&q, 1, 100) > 0 && ::recv(fd, buf, sizeof(buf), 0) > 0; ++i) {
+    }
     ::close(fd);
   }
 }

@@ -8,6 +8,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <thread>
@@ -30,12 +31,20 @@ std::string HttpGet(int port) {
   a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   timeval tv{5, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) { close(fd); return ""; }
+  if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    std::string err = std::string("connect: ") + std::strerror(errno);
+    close(fd);
+    return err;
+  }
   std::string req = "GET /metrics HTTP/1.0\r\n\r\n";
   (void)send(fd, req.data(), req.size(), 0);
   std::string out;
   char buf[4096];
-  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) out.append(buf, n);
+  ssize_t n;
+  // EINTR: io_uring's task work can interrupt a blocking call of the thread that owns a ring.
+  while ((n = recv(fd, buf, sizeof(buf), 0)) > 0 || (n < 0 && errno == EINTR))
+    if (n > 0) out.append(buf, n);
+  if (n < 0) out += std::string("\n(recv: ") + std::strerror(errno) + ")";
   close(fd);
   return out;
 }
