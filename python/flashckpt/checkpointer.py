@@ -338,14 +338,17 @@ class Checkpointer:
         with self._lock:
             self._check_open()
             self.fence()
-            step = self._agree_step(step)
-            t0 = time.perf_counter()
-            snap = self._core.load(step, prefer_memory=prefer_memory,
-                                   allow_fallback=allow_fallback, verify=verify)
-            state = _state.unflatten(snap, map_location)
-            self.last_load = LoadInfo(snap.step, snap.source, snap.data_bytes,
-                                      time.perf_counter() - t0)
-            return state
+            return self._load_agreed(self._agree_step(step), map_location, prefer_memory, verify,
+                                     allow_fallback)
+
+    def _load_agreed(self, step, map_location=None, prefer_memory=True, verify=True, allow_fallback=False):
+        """load() of a step the ranks already agreed on (no collective here: every rank
+        must call the process group the same number of times, whichever path it takes)."""
+        t0 = time.perf_counter()
+        snap = self._core.load(step, prefer_memory=prefer_memory, allow_fallback=allow_fallback, verify=verify)
+        state = _state.unflatten(snap, map_location)
+        self.last_load = LoadInfo(snap.step, snap.source, snap.data_bytes, time.perf_counter() - t0)
+        return state
 
     def load_into(self, model: Optional[torch.nn.Module] = None, optimizer=None,
                   scheduler=None, *, step: Optional[int] = None, strict: bool = True,
@@ -366,14 +369,11 @@ class Checkpointer:
         with self._lock:
             self._check_open()
             self.fence()
-            step = self._agree_step(step)
+            step = self._agree_step(step)  # the one collective of this call, on every rank
             in_place = None
             if map_location is None or torch.device(map_location).type == "cpu":
                 in_place = self._load_in_place(step, model, optimizer, model_key, optimizer_key)
-        if in_place is not None:
-            state = in_place
-        else:
-            state = self.load(step, map_location=map_location)
+            state = in_place if in_place is not None else self._load_agreed(step, map_location)
         result = LoadResult(step=self.last_load.step, state=state)
         if not isinstance(state, dict):
             raise InvalidArgumentError(
