@@ -188,6 +188,8 @@ void SharedSegment::MapForReading(int i, uint64_t bytes, int threads) const {
   // Page-table entries for pages that exist: one walk in the kernel per piece
   // instead of a fault per 4 KiB during the copy (a fresh process that
   // restores from a segment an earlier one left pays those faults otherwise).
+  // A slot this process allocated is mapped already (AllocateSlot populated it).
+  if (slot_allocated(i)) return;
   const uint8_t* begin = base_ + kSlotAlignment + i * header()->slot_stride + kSlotAlignment;
   constexpr uint64_t kPiece = 64u << 20;
   const uint64_t pieces = (bytes + kPiece - 1) / kPiece;
