@@ -238,11 +238,6 @@ void Persister::Stop(bool abandon) {
   if (thread_.joinable() && thread_.get_id() != std::this_thread::get_id()) thread_.join();
 }
 
-bool Persister::Idle() {
-  std::lock_guard<std::mutex> l(mu_);
-  return queue_.empty() && !in_flight_;
-}
-
 size_t Persister::Queued() {
   std::lock_guard<std::mutex> l(mu_);
   return queue_.size();

@@ -105,7 +105,6 @@ class Persister {
   // and the step in flight cancelled). Idempotent.
   void Stop(bool abandon);
 
-  bool Idle();
   size_t Queued();
   // Steps queued or in flight, oldest first.
   std::vector<int64_t> Pending();
