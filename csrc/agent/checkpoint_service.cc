@@ -226,8 +226,7 @@ absl::StatusOr<PersistStats> CheckpointService::PersistRank(int rank, int64_t st
   std::unique_ptr<core::CommitBarrier> barrier = MakeBarrier(commits, hello.directory(), abandoned);
   PersistContext ctx{hello.directory(), hello.rank(), hello.world_size(), hello.keep_last(), barrier.get(),
                      std::chrono::milliseconds(hello.commit_timeout_ms()), r->io.get(), hello.shm_path(), abandoned};
-  r->io->RegisterRegion(r->seg->header(), r->seg->mapped_bytes());
-  absl::StatusOr<PersistStats> stats = PersistSlot(*r->seg, slot, step, ctx);
+  absl::StatusOr<PersistStats> stats = PersistSlot(*r->seg, slot, step, ctx);  // registers the segment
   std::lock_guard<std::mutex> l(mu_);
   r->commits_in_flight.reset();
   return stats;

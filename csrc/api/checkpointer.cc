@@ -19,7 +19,6 @@
 #include <set>
 #include <thread>
 
-#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
@@ -759,13 +758,12 @@ absl::Status Checkpointer::Impl::ConnectAgent() {
 }
 
 absl::Status Checkpointer::Impl::PersistViaAgent(int64_t step, int slot) {
-  struct { int64_t step; int slot; } job{step, slot};
   SlotView v;
-  if (!seg->ReadSlot(job.slot, &v) || v.step != job.step)
-    return absl::InternalError(absl::StrCat("slot ", job.slot, " no longer holds step ", job.step));
+  if (!seg->ReadSlot(slot, &v) || v.step != step)
+    return absl::InternalError(absl::StrCat("slot ", slot, " no longer holds step ", step));
   pb::AgentRequest req;
-  req.mutable_published()->set_step(job.step);
-  req.mutable_published()->set_slot(job.slot);
+  req.mutable_published()->set_step(step);
+  req.mutable_published()->set_slot(slot);
   req.mutable_published()->set_generation(v.generation);
   if (agent_fd_ < 0) FCK_RETURN_IF_ERROR(ConnectAgent());
   absl::Status sent = WriteFrame(agent_fd_, req);
@@ -783,10 +781,10 @@ absl::Status Checkpointer::Impl::PersistViaAgent(int64_t step, int slot) {
     if (!s.ok()) {
       if (s.code() == absl::StatusCode::kUnavailable) ConnectAgent().IgnoreError();  // for the next step
       return Annotate(s, absl::StrCat("waiting for the flashrun agent at ", opt.agent_socket, " to persist step ",
-                                      job.step));
+                                      step));
     }
-    if (rep.step() != job.step) continue;
-    if (!rep.ok()) return absl::InternalError(absl::StrCat("the flashrun agent failed to persist step ", job.step,
+    if (rep.step() != step) continue;
+    if (!rep.ok()) return absl::InternalError(absl::StrCat("the flashrun agent failed to persist step ", step,
                                                            ": ", rep.error()));
     if (!rep.persisted()) return absl::CancelledError("superseded");
     return absl::OkStatus();
