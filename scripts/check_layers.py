@@ -22,7 +22,7 @@ import sys
 # layer -> the layers it may include (besides itself). Keep in step with the
 # table in docs/ARCHITECTURE.md.
 ALLOWED: dict[str, set[str]] = {
-    "public-types": set(),                       # flashckpt/errors.h, types.h, config.h
+    "public-types": set(),                       # flashckpt/errors.h, types.h, config.h, log.h
     "common": {"public-types"},
     "shm": {"public-types", "common"},
     "proto": set(),                              # flashckpt.pb.h (manifest, records)
@@ -46,7 +46,7 @@ ALLOWED: dict[str, set[str]] = {
     "cuda": {"device-abi"},
 }
 
-PUBLIC = {"errors.h": "public-types", "types.h": "public-types", "config.h": "public-types",
+PUBLIC = {"errors.h": "public-types", "types.h": "public-types", "log.h": "public-types", "config.h": "public-types",
           "config.h.in": "public-types", "checkpointer.h": "public-api", "torch.h": "public-torch",
           "device_plugin.h": "device-abi"}
 GENERATED = {"flashckpt.pb.h": "proto", "agent.pb.h": "agent-proto", "rendezvous.pb.h": "rendezvous-proto"}

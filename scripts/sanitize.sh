@@ -113,7 +113,7 @@ stage_asan() {
 }
 
 # The threaded suites of flashckpt_core_tests (names: --gtest_list_tests).
-TSAN_SUITES=(Persister CheckpointService SharedSegment Checkpointer PersistSlot DevicePlugin Deadlines)
+TSAN_SUITES=(Persister CheckpointService SharedSegment Checkpointer PersistSlot DevicePlugin Deadlines PersistFailure)
 
 stage_tsan() {
   local t0=$SECONDS logs status=0 bin=build-tsan/tests/cpp/flashckpt_core_tests

@@ -217,7 +217,18 @@ absl::StatusOr<PersistStats> CheckpointService::PersistRank(int rank, int64_t st
   {
     std::lock_guard<std::mutex> l(mu_);
     r = ranks_[rank].get();
-    FCK_RETURN_IF_ERROR(OpenSegment(*r));
+    absl::Status opened = OpenSegment(*r);
+    if (!opened.ok()) {
+      if (absl::IsNotFound(opened))
+        opened = absl::NotFoundError(absl::StrCat(
+            "rank ", rank, "'s shared-memory segment ", r->hello.shm_path(), " is gone: another process removed it "
+            "(systemd-logind does with RemoveIPC=yes when the user's last session ends: set RemoveIPC=no in "
+            "/etc/systemd/logind.conf). The worker creates it again at its next save"));
+      // The other ranks must not wait for this rank's files until their timeout.
+      MakeBarrier(commits_, r->hello.directory(), nullptr)
+          ->ReportFailure(step, r->hello.rank(), std::string(opened.message()));
+      return opened;
+    }
     hello = r->hello;
     commits = r->commits_in_flight = commits_;
   }
@@ -250,7 +261,10 @@ void CheckpointService::PersistDone(int rank, const PersistOutcome& o, const std
     Rank& r = *ranks_[rank];
     Unpin(r, o.slot);
     if (o.durable()) r.newest_durable = std::max(r.newest_durable, o.step);
-    if (!o.durable() && !dropped) last_error_ = std::string(o.status.message());
+    if (!o.durable() && !dropped) {
+      last_error_ = std::string(o.status.message());
+      r.newest_failed = std::max(r.newest_failed, o.step);
+    }
   }
   if (reply_to) {
     pb::AgentReply rep;
@@ -395,6 +409,32 @@ void CheckpointService::ReleaseMemory() {
   }
 }
 
+absl::Status CheckpointService::CheckDurableAtEnd() {
+  std::vector<std::string> lost;
+  std::set<std::string> dirs;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_) {
+      dirs.insert(r->hello.directory());
+      if (r->newest_failed > r->newest_durable)
+        lost.push_back(absl::StrCat("rank ", rank, ": step ", r->newest_failed, " (newest durable: ",
+                                    r->newest_durable, ")"));
+    }
+  }
+  for (const std::string& d : dirs) {
+    if (d.empty()) continue;
+    std::vector<int64_t> removed = RemoveFailedSteps(d);
+    if (!removed.empty())
+      FCK_LOG(kInfo, "agent: removed ", removed.size(), " step directories of failed persists from ", d,
+              " (steps ", removed.front(), "..", removed.back(), ")");
+  }
+  if (lost.empty()) return absl::OkStatus();
+  std::lock_guard<std::mutex> l(mu_);
+  return absl::DataLossError(absl::StrCat("the newest snapshots could not be made durable (", absl::StrJoin(lost, "; "),
+                                          "); ", persist_failures_.load(), " persists failed, the last with: ",
+                                          last_error_));
+}
+
 std::set<int64_t> CheckpointService::CommonMemorySteps() {
   std::set<int64_t> common;
   bool first = true;
@@ -466,7 +506,7 @@ void CheckpointService::WriteStatus() {
     bool first = true;
     for (auto& [k, r] : ranks_) {
       absl::StrAppend(&j, first ? "" : ",", "\"", k, "\": {\"newest_durable_step\": ", r->newest_durable,
-                      ", \"queued\": ", r->persister->Queued(), "}");
+                      ", \"newest_failed_step\": ", r->newest_failed, ", \"queued\": ", r->persister->Queued(), "}");
       first = false;
     }
     absl::StrAppend(&j, "},\n  \"restarts\": ", recoveries_.size(), ",\n  \"recoveries\": [");

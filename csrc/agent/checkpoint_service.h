@@ -98,6 +98,10 @@ class CheckpointService {
   // At the end of the job: removes every registered rank's shared-memory
   // segment whose newest snapshot is durable (the others stay, and are named).
   void ReleaseMemory();
+  // At the end of the job: an error naming each rank whose newest persist
+  // failed with nothing newer durable (flashrun then exits non-zero), after
+  // removing the step directories those failures left (failure markers only).
+  absl::Status CheckDurableAtEnd();
   std::string MetricsText();
   void WriteStatus();
 
@@ -114,6 +118,7 @@ class CheckpointService {
     ino_t ino = 0;
     std::unique_ptr<BulkIo> io;
     int64_t newest_durable = -1;
+    int64_t newest_failed = -1;  // newest step whose persist failed (not superseded)
     std::shared_ptr<CommitCoordinator> commits_in_flight;  // of the persist in flight (null: files)
     std::unique_ptr<Persister> persister;  // last member: its thread uses the others
   };

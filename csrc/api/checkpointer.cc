@@ -76,8 +76,16 @@ class SaveState {
   bool WaitDurableFor(std::chrono::milliseconds timeout, bool throw_on_error) {
     std::unique_lock<std::mutex> l(mu_);
     if (!cv_.wait_for(l, timeout, [&] { return durable_done_; })) return false;
-    if (throw_on_error) ThrowIfError(durable_status_);
+    if (throw_on_error && !durable_status_.ok()) {
+      error_seen_ = true;  // the caller has it: save()/wait_all() need not raise it again
+      ThrowStatus(durable_status_);
+    }
     return true;
+  }
+  // True once wait_durable() has raised this step's persist failure.
+  bool error_seen() {
+    std::lock_guard<std::mutex> l(mu_);
+    return error_seen_;
   }
   bool persisted() {
     std::lock_guard<std::mutex> l(mu_);
@@ -89,7 +97,7 @@ class SaveState {
   const std::chrono::milliseconds timeout_;
   std::mutex mu_;
   std::condition_variable cv_;
-  bool snapshot_done_ = false, durable_done_ = false, persisted_ = false;
+  bool snapshot_done_ = false, durable_done_ = false, persisted_ = false, error_seen_ = false;
   absl::Status snapshot_status_, durable_status_;
 };
 
@@ -172,7 +180,16 @@ class Checkpointer::Impl {
   absl::StatusOr<int64_t> LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
                                              std::map<std::string, std::string>* blobs, const LoadOptions& lo);
   void WaitAll(std::chrono::milliseconds timeout);
-  void Close();
+  // Persists and closes; the persist failures nobody was told of yet.
+  absl::Status Close();
+  // A persist failure no wait_durable() raised yet, cleared by taking it
+  // (OK when none): save(), wait_all() and close() raise it, so no failed
+  // persist goes unnoticed by the training script.
+  absl::Status TakePersistFailure();
+  uint64_t persist_failures() {
+    std::lock_guard<std::mutex> l(fail_mu_);
+    return persist_failures_;
+  }
   std::optional<int64_t> TakeRestoreStep();
   // The segment, once a background creation of it (reserve_bytes) is done;
   // null when there is none. Every reader of `seg` outside the save path.
@@ -268,6 +285,9 @@ class Checkpointer::Impl {
   bool fin_busy_ = false, fin_stop_ = false;
   std::thread finisher_;
   std::unique_ptr<Persister> persister_;
+  std::mutex fail_mu_;
+  std::vector<std::pair<std::shared_ptr<SaveState>, absl::Status>> unreported_;
+  uint64_t persist_failures_ = 0;
   // Backends the segment is registered with (page-locked for their DMA).
   std::set<DeviceBackend*> registered_;
   void UnregisterDevices();
@@ -329,7 +349,7 @@ Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.cop
   try {
     Init();
   } catch (...) {
-    Close();  // releases the directory lock and the in-process registration
+    Close().IgnoreError();  // releases the directory lock and the in-process registration
     throw;
   }
 }
@@ -434,7 +454,10 @@ void Checkpointer::Impl::Restored(int64_t step, bool agreed) {
   Submit(PendingSnapshot{v.index, step, true, st, {}, {}});
 }
 
-Checkpointer::Impl::~Impl() { Close(); }
+Checkpointer::Impl::~Impl() {
+  absl::Status st = Close();
+  if (!st.ok()) FCK_LOG(kError, "checkpointer on ", root, " closed with a failed persist: ", st.message());
+}
 
 void Checkpointer::Impl::JoinReserve() {
   if (reserve_thread_.joinable()) reserve_thread_.join();
@@ -443,17 +466,46 @@ void Checkpointer::Impl::JoinReserve() {
 absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity, bool all_slots) {
   // Room to grow a little without re-creating the segment.
   capacity = AlignUp(capacity + capacity / 64 + (1u << 20), 2u << 20);
+  // Growing: a snapshot the old slots hold in memory only (not durable) is
+  // kept until the new slots exist, so a save that cannot grow them (too
+  // little shared memory) leaves it loadable. Durable ones make room first.
+  int64_t only_in_memory = -1;
   if (seg) {
-    UnregisterDevices();
-    FCK_LOG(kInfo, "growing shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
-            capacity >> 20, " MiB; older in-memory snapshots are dropped");
-    seg.reset();
+    for (int i = 0; i < seg->num_slots(); ++i) {
+      SlotView v;
+      if (seg->ReadSlot(i, &v) && !v.durable) only_in_memory = std::max(only_in_memory, v.step);
+    }
+    if (only_in_memory < 0) {
+      FCK_LOG(kInfo, "growing shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
+              capacity >> 20, " MiB; the older in-memory snapshots are on storage");
+      UnregisterDevices();
+      seg.reset();
+      SharedSegment::Unlink(shm_path).IgnoreError();
+    }
   }
+  const bool beside = seg != nullptr;
   auto t0 = std::chrono::steady_clock::now();
-  FCK_ASSIGN_OR_RETURN(auto s, SharedSegment::Create(shm_path, opt.num_slots, capacity, opt.rank, root));
+  auto created = SharedSegment::Create(shm_path, opt.num_slots, capacity, opt.rank, root, /*staged=*/beside);
+  if (!created.ok() && beside)
+    return Annotate(created.status(), absl::StrCat("growing the slots to ", HumanBytes(capacity), " each while step ",
+                                                   only_in_memory, ", in memory only (persist=False or not yet "
+                                                   "durable), is kept: nothing was dropped"));
+  FCK_RETURN_IF_ERROR(created.status());
+  std::unique_ptr<SharedSegment> s = std::move(*created);
   FCK_RETURN_IF_ERROR(s->LockForWriting());
   const int threads = pool_.threads();
-  FCK_RETURN_IF_ERROR(all_slots ? s->AllocateAll(threads) : s->AllocateSlot(0, threads));
+  absl::Status allocated = all_slots ? s->AllocateAll(threads) : s->AllocateSlot(0, threads);
+  if (!allocated.ok() && beside)
+    return Annotate(allocated, absl::StrCat("growing the slots while step ", only_in_memory,
+                                            " (in memory only) is kept: nothing was dropped"));
+  FCK_RETURN_IF_ERROR(allocated);
+  if (beside) {
+    FCK_LOG(kInfo, "grew shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
+            capacity >> 20, " MiB; older in-memory snapshots (newest: step ", only_in_memory, ") are dropped");
+    UnregisterDevices();
+    seg.reset();
+  }
+  FCK_RETURN_IF_ERROR(s->Install());
   FCK_LOG(kDebug, "allocated ", all_slots ? opt.num_slots : 1, " slots of ", capacity >> 20, " MiB in ", shm_path,
           " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s");
   seg = std::move(s);
@@ -466,6 +518,15 @@ absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity, bool all_slots
 
 absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
   JoinReserve();
+  if (seg && !seg->StillLinked()) {
+    // Someone removed our segment: its snapshots are invisible to the agent
+    // and to a restarted worker. A new one takes the next save.
+    FCK_LOG(kError, "shared-memory segment ", shm_path, " was removed by another process while in use (systemd-logind "
+            "does this with RemoveIPC=yes when the user's last session ends: set RemoveIPC=no in "
+            "/etc/systemd/logind.conf, or run as a system user); its in-memory snapshots are lost. Creating it again");
+    UnregisterDevices();
+    seg.reset();
+  }
   if (!reserve_status_.ok()) {
     absl::Status s = reserve_status_;
     reserve_status_ = absl::OkStatus();
@@ -510,6 +571,9 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
                                     const std::vector<BlobRef>& blobs, bool blocking) {
   if (closed) throw Error(ErrorCode::kFailedPrecondition, "save() on a closed Checkpointer");
   if (step < 0) throw Error(ErrorCode::kInvalidArgument, absl::StrCat("step must be >= 0, got ", step));
+  // An earlier persist that failed unnoticed fails this save, before it
+  // snapshots anything (a retry of the save goes ahead).
+  ThrowIfError(Annotate(TakePersistFailure(), absl::StrCat("save of step ", step, " not taken")));
   // Every device tensor's backend first: a type with none fails the save
   // here, naming the key, before anything is allocated.
   std::vector<DeviceBackend*> backend_of(tensors.size(), nullptr);
@@ -680,7 +744,12 @@ void Checkpointer::Impl::Submit(PendingSnapshot p) {
     if (o.status.code() == absl::StatusCode::kCancelled) {
       state->DurableDone(absl::OkStatus(), false);  // superseded by a newer step
     } else {
-      if (!o.durable()) FCK_LOG(kError, "persisting step ", o.step, " failed: ", o.status.message());
+      if (!o.durable()) {
+        FCK_LOG(kError, "persisting step ", o.step, " failed: ", o.status.message());
+        std::lock_guard<std::mutex> l(fail_mu_);
+        ++persist_failures_;
+        unreported_.emplace_back(state, o.status);
+      }
       state->DurableDone(o.status, o.durable());
     }
     Unpin(slot);
@@ -965,10 +1034,27 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
 
 void Checkpointer::Impl::WaitAll(std::chrono::milliseconds timeout) {
   ThrowIfError(WaitIdle(timeout));
+  ThrowIfError(TakePersistFailure());
 }
 
-void Checkpointer::Impl::Close() {
-  if (closed) return;
+absl::Status Checkpointer::Impl::TakePersistFailure() {
+  std::lock_guard<std::mutex> l(fail_mu_);
+  std::vector<std::pair<int64_t, absl::Status>> open;
+  for (auto& [state, status] : unreported_)
+    if (!state->error_seen()) open.emplace_back(state->step(), status);
+  unreported_.clear();
+  if (open.empty()) return absl::OkStatus();
+  const absl::Status& first = open.front().second;
+  std::string steps;
+  for (const auto& f : open) absl::StrAppend(&steps, steps.empty() ? "" : ", ", f.first);
+  return absl::Status(first.code(),
+                      absl::StrCat(open.size() == 1 ? "persisting step " : "persisting steps ", steps,
+                                   " failed (not durable; the newest committed step is ",
+                                   LatestCommitted(root).value_or(-1), "): ", first.message()));
+}
+
+absl::Status Checkpointer::Impl::Close() {
+  if (closed) return absl::OkStatus();
   closed = true;
   JoinReserve();
   {
@@ -978,6 +1064,12 @@ void Checkpointer::Impl::Close() {
   fin_cv_.notify_all();
   if (finisher_.joinable()) finisher_.join();
   if (persister_) persister_->Stop(/*abandon=*/false);
+  if (!agent_mode_ && opt.persist) {
+    // What failed persists left (step directories with failure markers only).
+    std::vector<int64_t> removed = RemoveFailedSteps(root);
+    if (!removed.empty())
+      FCK_LOG(kInfo, "removed ", removed.size(), " step directories of failed persists from ", root);
+  }
   if (seg) {
     UnregisterDevices();
     SlotView v;
@@ -999,8 +1091,11 @@ void Checkpointer::Impl::Close() {
   if (dir_lock_taker_.joinable()) dir_lock_taker_.join();
   if (dir_lock_fd_ >= 0) { ::close(dir_lock_fd_); dir_lock_fd_ = -1; }
   if (agent_fd_ >= 0) { ::close(agent_fd_); agent_fd_ = -1; }
-  std::lock_guard<std::mutex> l(g_open_mu);
-  g_open.erase(open_key_);
+  {
+    std::lock_guard<std::mutex> l(g_open_mu);
+    g_open.erase(open_key_);
+  }
+  return TakePersistFailure();
 }
 
 // ---------------------------------------------------------------------------
@@ -1162,7 +1257,8 @@ std::vector<StepInfo> Checkpointer::steps() {
 
 void Checkpointer::wait_all() { impl_->WaitAll(impl_->opt.wait_timeout); }
 void Checkpointer::wait_all(std::chrono::milliseconds timeout) { impl_->WaitAll(timeout); }
-void Checkpointer::close() { impl_->Close(); }
+void Checkpointer::close() { ThrowIfError(impl_->Close()); }
+uint64_t Checkpointer::persist_failures() const { return impl_->persist_failures(); }
 const CheckpointerOptions& Checkpointer::options() const { return impl_->opt; }
 std::string Checkpointer::memory_segment_path() const { return impl_->shm_path; }
 void Checkpointer::unlink_memory() {

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
+#include <atomic>
 #include <mutex>
 
 namespace flashckpt {
@@ -23,12 +24,21 @@ LogLevel ThresholdFromEnv() {
 std::mutex& Mu() { static std::mutex mu; return mu; }
 std::string& Prefix() { static std::string p; return p; }
 
+std::atomic<int>& Threshold() {
+  static std::atomic<int> t{static_cast<int>(ThresholdFromEnv())};
+  return t;
+}
+std::atomic<LogSink> g_sink{nullptr};
+
 }  // namespace
 
 bool LogEnabled(LogLevel level) {
-  static const LogLevel threshold = ThresholdFromEnv();
-  return level >= threshold;
+  return static_cast<int>(level) >= Threshold().load(std::memory_order_relaxed);
 }
+
+void SetLogThreshold(LogLevel level) { Threshold().store(static_cast<int>(level)); }
+LogLevel LogThreshold() { return static_cast<LogLevel>(Threshold().load()); }
+void SetLogSink(LogSink sink) { g_sink.store(sink); }
 
 void SetLogPrefix(const std::string& prefix) {
   std::lock_guard<std::mutex> l(Mu());
@@ -36,6 +46,15 @@ void SetLogPrefix(const std::string& prefix) {
 }
 
 void LogLine(LogLevel level, const std::string& message) {
+  if (LogSink sink = g_sink.load()) {
+    std::string prefix;
+    {
+      std::lock_guard<std::mutex> l(Mu());
+      prefix = Prefix();
+    }
+    sink(level, prefix, message);
+    return;
+  }
   static const char kLetters[] = {'D', 'I', 'W', 'E'};
   timeval tv;
   gettimeofday(&tv, nullptr);

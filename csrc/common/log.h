@@ -1,15 +1,13 @@
-// Minimal leveled logging to stderr: "[flashckpt I 12:00:01.123 rank0] message".
-// Level from $FLASHCKPT_LOG (debug, info, warn, error; default info).
+// Leveled logging of the core (FCK_LOG); sinks and levels: flashckpt/log.h.
 #pragma once
 
 #include <string>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "flashckpt/log.h"
 
 namespace flashckpt {
-
-enum class LogLevel { kDebug = 0, kInfo = 1, kWarn = 2, kError = 3 };
 
 bool LogEnabled(LogLevel level);
 void LogLine(LogLevel level, const std::string& message);

@@ -151,13 +151,15 @@ void CheckpointHooks::OnEvent(const char* what) {
   }
 }
 
-void CheckpointHooks::BeforeExit() {
-  if (!service_) return;
+absl::Status CheckpointHooks::BeforeExit() {
+  if (!service_) return absl::OkStatus();
   absl::Status s = service_->PersistNewest(std::chrono::seconds(120));
   if (!s.ok()) Say(absl::StrCat("warning: ", s.message()));
   if (absl::Status d = service_->Drain(std::chrono::seconds(60)); !d.ok()) Say(absl::StrCat("warning: ", d.message()));
   service_->ReleaseMemory();
+  absl::Status end = service_->CheckDurableAtEnd();
   service_->WriteStatus();
+  return end;
 }
 
 std::map<int, uint64_t> CheckpointHooks::SnapshotBytes() {

@@ -35,7 +35,7 @@ class CheckpointHooks : public NodeHooks {
   absl::Status OnJobStart(const std::string& agent_socket, const std::string& run_log_dir,
                           const std::string& node_name) override;
   void OnEvent(const char* what) override;
-  void BeforeExit() override;
+  absl::Status BeforeExit() override;
   std::map<int, uint64_t> SnapshotBytes() override;
   uint64_t SnapshotsTaken() override { return service_ ? service_->SnapshotsTaken() : 0; }
 

@@ -6,8 +6,10 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <deque>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <random>
@@ -277,10 +279,28 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
   // Logs: <log-dir>/<run_id>/attempt_<n>/<local_rank>/{stdout,stderr}.log
   std::error_code ec;
   fs::path base = o.log_dir;
+  // Without --log-dir: a fresh directory under $TMPDIR (else /tmp), removed at
+  // exit unless it holds worker logs the user asked for (-r / -t).
+  struct RemoveAtExit {
+    fs::path dir;
+    ~RemoveAtExit() {
+      std::error_code e;
+      if (!dir.empty()) fs::remove_all(dir, e);
+    }
+  } remove_at_exit;
   if (base.empty()) {
-    char pattern[] = "/tmp/flashrun_XXXXXX";
-    const char* made = ::mkdtemp(pattern);
-    base = made ? made : "/tmp";
+    const char* tmpdir = std::getenv("TMPDIR");
+    std::string pattern = absl::StrCat(tmpdir && *tmpdir ? tmpdir : "/tmp", "/flashrun_XXXXXX");
+    const char* made = ::mkdtemp(pattern.data());
+    if (!made) {
+      Say(absl::StrFormat("cannot create a log directory %s: %s (set TMPDIR, or pass --log-dir)", pattern,
+                          std::strerror(errno)));
+      return 1;
+    }
+    base = made;
+    const bool logs_asked_for = o.redirects.all_ranks.value_or(0) != 0 || !o.redirects.per_local_rank.empty() ||
+                                o.tee.all_ranks.value_or(0) != 0 || !o.tee.per_local_rank.empty();
+    if (!logs_asked_for) remove_at_exit.dir = base;
   }
   job.run_log_dir = base / job.run_id;
   fs::create_directories(job.run_log_dir, ec);
@@ -312,11 +332,18 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     return 1;
   }
   std::unique_ptr<NodeRendezvous> rendezvous = std::move(*made);
-  Say(absl::StrFormat("%s; run '%s'; logs in %s", rendezvous->Describe(), job.run_id, job.run_log_dir.string()));
+  Say(absl::StrFormat("%s; run '%s'; logs in %s%s", rendezvous->Describe(), job.run_id, job.run_log_dir.string(),
+                      remove_at_exit.dir.empty() ? "" : " (removed at exit: --log-dir, -r or -t keeps them)"));
 
   const auto shutdown_grace = std::chrono::duration<double>(o.shutdown_timeout_s);
   const auto worker_timeout = std::chrono::duration<double>(o.worker_timeout_s);
   int remaining_restarts = o.max_restarts;
+  // Rounds that ended by a membership change (they restart the workers
+  // without counting against --max-restarts, as torchrun's): bounded, so that
+  // flapping membership cannot restart the workers in a loop forever.
+  std::deque<Clock::time_point> membership_rounds;
+  constexpr size_t kMaxMembershipRounds = 30;
+  constexpr auto kMembershipWindow = std::chrono::seconds(60);
   WorkerGroup group;
   // FLASHRUN_EXIT_PROBE_MS: how often to look for workers on their way out
   // (default 10 ms; 0 turns it off and leaves only exit notifications).
@@ -357,7 +384,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
   auto exit_on_signal = [&](int sig) {
     Say(absl::StrFormat("received %s: stopping workers (SIGKILL after %.0f s)", SignalName(sig), o.shutdown_timeout_s));
     group.Stop(sig, shutdown_grace);
-    hooks.BeforeExit();
+    if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
     rendezvous->Leave();
     rendezvous->Shutdown();
     return 128 + sig;
@@ -462,12 +489,31 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       }
       if (!barrier.ok()) Say(absl::StrFormat("warning: exit barrier: %s", barrier.message()));
       (void)rendezvous->Barrier("exited", Clock::now() + std::chrono::seconds(5), signal_pending);
-      hooks.BeforeExit();
+      absl::Status durable = hooks.BeforeExit();
       rendezvous->Shutdown();
+      if (!durable.ok()) {
+        Say(absl::StrCat("all workers finished, but ", durable.message()));
+        Say(absl::StrFormat("exiting %d: the job's newest snapshots are not on storage", kExitNotDurable));
+        return kExitNotDurable;
+      }
       Say("all workers finished successfully");
       return 0;
     }
     if (membership_changed) {
+      const auto now = Clock::now();
+      membership_rounds.push_back(now);
+      while (!membership_rounds.empty() && now - membership_rounds.front() > kMembershipWindow)
+        membership_rounds.pop_front();
+      if (membership_rounds.size() > kMaxMembershipRounds) {
+        Say(absl::StrFormat("error: the rendezvous round ended %d times within %d s (nodes joining and leaving in a "
+                            "loop: check the network and --rdzv-conf keep_alive_interval/keep_alive_max_attempt); "
+                            "giving up", membership_rounds.size(), static_cast<int>(kMembershipWindow.count())));
+        group.Stop(SIGTERM, shutdown_grace);
+        if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
+        rendezvous->Leave();
+        rendezvous->Shutdown();
+        return 1;
+      }
       Say("the rendezvous round ended (a node failed, left or joined): stopping workers to re-rendezvous");
       group.StopForRestart(SIGTERM, shutdown_grace);
       continue;
@@ -485,7 +531,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       continue;
     }
     group.Stop(SIGTERM, shutdown_grace);
-    hooks.BeforeExit();
+    if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
     Say(absl::StrFormat("worker group failed (%s); no restarts left (--max-restarts %d)", DescribeFailures(failures),
                         o.max_restarts));
     std::fprintf(stderr, "%s", FormatFailureSummary(job.title_name, job.hostname, failures).c_str());

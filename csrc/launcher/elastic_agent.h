@@ -38,14 +38,20 @@ class NodeHooks {
   }
   // Moments of a restart ("failure noticed", "workers stopped", "round complete", "workers started").
   virtual void OnEvent(const char* what) { (void)what; }
-  // Before flashrun exits (success, failure or a signal), after the workers stopped.
-  virtual void BeforeExit() {}
+  // Before flashrun exits (success, failure or a signal), after the workers
+  // stopped. An error: snapshots the workers took could not be made durable
+  // (a job that succeeded then exits kExitNotDurable).
+  virtual absl::Status BeforeExit() { return absl::OkStatus(); }
   // The size of each local worker's newest snapshot, by global rank (warm
   // standbys make a load buffer of that size ready).
   virtual std::map<int, uint64_t> SnapshotBytes() { return {}; }
   // Snapshots the local workers published so far (all attempts).
   virtual uint64_t SnapshotsTaken() { return 0; }
 };
+
+// flashrun's exit status when every worker succeeded but the newest
+// snapshots could not be made durable (persists failed).
+inline constexpr int kExitNotDurable = 3;
 
 // Runs the job; returns the process exit code. The handled signals must already
 // be blocked in every thread (see BlockHandledSignals).

@@ -5,6 +5,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <set>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 
@@ -33,6 +35,7 @@ constexpr const char* kUsage =
     "                [--shutdown-timeout SHUTDOWN_TIMEOUT]\n"
     "                [--worker-timeout WORKER_TIMEOUT] [--node-name NODE_NAME]\n"
     "                [--standby] [--standby-import STANDBY_IMPORT]\n"
+    "                [--max-nproc-per-node MAX_NPROC_PER_NODE]\n"
     "                training_script ...\n";
 
 constexpr const char* kHelpBody =
@@ -144,7 +147,11 @@ constexpr const char* kHelpBody =
     "                        fresh interpreter (the script runs as with runpy).\n"
     "  --standby-import STANDBY_IMPORT, --standby_import STANDBY_IMPORT\n"
     "                        (flashrun) Comma-separated modules a standby imports\n"
-    "                        ahead (default: torch).\n";
+    "                        ahead (default: torch).\n"
+    "  --max-nproc-per-node MAX_NPROC_PER_NODE, --max_nproc_per_node MAX_NPROC_PER_NODE\n"
+    "                        (flashrun) The most workers --nproc-per-node may ask\n"
+    "                        for on this node (default: 4 per CPU, at least 64);\n"
+    "                        every worker is a whole process with its own memory.\n";
 
 enum class ValueKind { kNone, kRequired };
 
@@ -196,6 +203,7 @@ const std::vector<FlagSpec>& Flags() {
     add("node_name", {}, ValueKind::kRequired);
     add("standby", {}, ValueKind::kNone);
     add("standby_import", {}, ValueKind::kRequired);
+    add("max_nproc_per_node", {}, ValueKind::kRequired);
     return f;
   }();
   return flags;
@@ -242,6 +250,32 @@ std::optional<std::string> ParseStreamSelection(const std::string& text, StreamS
 }
 
 bool ParseDouble(const std::string& text, double* value) { return absl::SimpleAtod(text, value); }
+
+// A --rdzv-conf value parsed strictly: a typo must not become 0 (a rendezvous
+// that never waits, or keep-alives in a busy loop).
+std::optional<std::string> CheckRdzvConfValue(const std::string& key, const std::string& value) {
+  static const std::set<std::string> kPositiveSeconds = {"join_timeout", "timeout", "keep_alive_interval",
+                                                          "read_timeout"};
+  static const std::set<std::string> kSeconds = {"last_call_timeout", "close_timeout"};
+  if (kPositiveSeconds.count(key) || kSeconds.count(key)) {
+    double v = 0;
+    if (!absl::SimpleAtod(value, &v) || !std::isfinite(v))
+      return absl::StrFormat("%s=%s is not a number of seconds", key, value);
+    if (kPositiveSeconds.count(key) && !(v > 0))
+      return absl::StrFormat("%s=%s must be a positive number of seconds", key, value);
+    if (v < 0) return absl::StrFormat("%s=%s must be 0 or more seconds", key, value);
+    if (key == "keep_alive_interval" && v < 0.05)
+      return absl::StrFormat("%s=%s is below 0.05 s (keep-alives that often would only load the server)", key, value);
+  } else if (key == "keep_alive_max_attempt") {
+    int n = 0;
+    if (!absl::SimpleAtoi(value, &n) || n < 1)
+      return absl::StrFormat("%s=%s must be a whole number of attempts, 1 or more", key, value);
+  } else if (key == "is_host") {
+    static const std::set<std::string> kBools = {"true", "false", "1", "0", "True", "False", "yes", "no"};
+    if (!kBools.count(value)) return absl::StrFormat("%s=%s is not true or false", key, value);
+  }
+  return std::nullopt;
+}
 
 }  // namespace
 
@@ -364,13 +398,19 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
     if (*out < min_value) return absl::StrFormat("argument --%s: must be at least %d, got %d", hyphen, min_value, *out);
     return std::nullopt;
   };
-  auto double_flag = [&](const std::string& dest, double* out, double min_exclusive) -> std::optional<std::string> {
+  // Seconds: a finite number, positive (or also 0, which turns the thing off).
+  auto double_flag = [&](const std::string& dest, double* out, bool zero_is_off) -> std::optional<std::string> {
     auto v = value_of(dest);
     if (!v) return std::nullopt;
     std::string hyphen = dest;
     std::replace(hyphen.begin(), hyphen.end(), '_', '-');
-    if (!ParseDouble(*v, out)) return absl::StrFormat("argument --%s: invalid float value: '%s'", hyphen, *v);
-    if (!(*out > min_exclusive)) return absl::StrFormat("argument --%s: must be greater than %g, got %s", hyphen, min_exclusive, *v);
+    if (!ParseDouble(*v, out) || !std::isfinite(*out))
+      return absl::StrFormat("argument --%s: invalid float value: '%s'", hyphen, *v);
+    if (zero_is_off && *out < 0)
+      return absl::StrFormat("argument --%s: must be a number of seconds, 0 or more (0 turns it off), got '%s'",
+                             hyphen, *v);
+    if (!zero_is_off && !(*out > 0))
+      return absl::StrFormat("argument --%s: must be a positive number of seconds, got '%s'", hyphen, *v);
     return std::nullopt;
   };
 
@@ -410,6 +450,19 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
     if (n < 1) return fail(absl::StrFormat("argument --nproc-per-node: must be at least 1, got '%s'", *v));
     options.nproc_per_node = n;
   }
+  {
+    // Every worker is a whole process (an interpreter with PyTorch: hundreds
+    // of MiB): a count far beyond the node's CPUs is a typo, not a job.
+    int limit = std::max(64, 4 * CountCpus());
+    const bool given = value_of("max_nproc_per_node").has_value();
+    if (auto e = int_flag("max_nproc_per_node", &limit, 1)) return fail(*e);
+    if (options.nproc_per_node > limit)
+      return fail(absl::StrFormat(
+          "argument --nproc-per-node: %d workers is more than this node allows (%d: %s); every worker is a "
+          "whole process with its own memory. Pass --max-nproc-per-node %d if you mean it",
+          options.nproc_per_node, limit, given ? "--max-nproc-per-node" : absl::StrFormat("4 per CPU of %d, at least 64", CountCpus()),
+          options.nproc_per_node));
+  }
   if (auto v = value_of("rdzv_backend")) {
     if (*v == "etcd" || *v == "etcd-v2" || *v == "etcd-v3") {
       return fail(absl::StrFormat("argument --rdzv-backend: '%s' is not supported yet (use c10d or static)", *v));
@@ -436,12 +489,14 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
       if (std::find(known.begin(), known.end(), key) == known.end()) {
         return fail(absl::StrFormat("argument --rdzv-conf: unknown key '%s'", key));
       }
-      options.rdzv_conf[key] = std::string(absl::StripAsciiWhitespace(kv[1]));
+      const std::string value(absl::StripAsciiWhitespace(kv[1]));
+      if (auto e = CheckRdzvConfValue(key, value)) return fail("argument --rdzv-conf: " + *e);
+      options.rdzv_conf[key] = value;
     }
   }
   options.standalone = switches["standalone"];
   if (auto e = int_flag("max_restarts", &options.max_restarts, 0)) return fail(*e);
-  if (auto e = double_flag("monitor_interval", &options.monitor_interval_s, 0.0)) return fail(*e);
+  if (auto e = double_flag("monitor_interval", &options.monitor_interval_s, false)) return fail(*e);
   if (auto v = value_of("start_method")) {
     if (*v != "spawn" && *v != "fork" && *v != "forkserver") {
       return fail(absl::StrFormat(
@@ -491,8 +546,8 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
     }
     options.signals_to_handle.push_back(*number);
   }
-  if (auto e = double_flag("shutdown_timeout", &options.shutdown_timeout_s, -1e-9)) return fail(*e);
-  if (auto e = double_flag("worker_timeout", &options.worker_timeout_s, -1e-9)) return fail(*e);
+  if (auto e = double_flag("shutdown_timeout", &options.shutdown_timeout_s, true)) return fail(*e);
+  if (auto e = double_flag("worker_timeout", &options.worker_timeout_s, true)) return fail(*e);
   if (auto v = value_of("node_name")) options.node_name = *v;
   options.standby = switches["standby"];
   if (auto v = value_of("standby_import")) options.standby_import = *v;

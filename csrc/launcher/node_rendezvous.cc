@@ -10,7 +10,12 @@
 
 #include <cstdio>
 #include <cstring>
+#include <algorithm>
+#include <chrono>
+#include <functional>
 #include <mutex>
+#include <random>
+#include <thread>
 
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
@@ -172,17 +177,34 @@ class DynamicRendezvous : public NodeRendezvous {
     bool joined = false;
     absl::Status last_error = absl::OkStatus();
     rdzv::RoundView view;
+    // A failed call (refused, closed, garbage) is retried after a backoff that
+    // doubles from 50 ms up to 2 s, with jitter, within the join deadline: an
+    // endpoint that accepts and closes must not be hammered.
+    int failed_calls = 0, calls = 0;
+    std::minstd_rand jitter(static_cast<uint32_t>(std::hash<std::string>{}(options_.node_id) ^ ::getpid()));
+    auto back_off = [&] {
+      ++failed_calls;
+      const int exp = std::min(failed_calls - 1, 6);
+      const int base_ms = std::min(2000, 50 << exp);
+      const int ms = base_ms / 2 + static_cast<int>(jitter() % static_cast<uint32_t>(base_ms / 2 + 1));
+      const auto until = std::min(deadline, Clock::now() + std::chrono::milliseconds(ms));
+      while (Clock::now() < until && !stop_requested())
+        std::this_thread::sleep_for(std::min<Clock::duration>(until - Clock::now(), std::chrono::milliseconds(50)));
+    };
     while (true) {
       if (Clock::now() >= deadline) break;
       if (stop_requested()) return absl::CancelledError("rendezvous abandoned: the agent was asked to stop");
       if (!joined) {
+        ++calls;
         absl::StatusOr<rdzv::RoundView> joined_view =
             client_->Join(node, std::min(deadline, Clock::now() + std::chrono::seconds(1)));
         if (!joined_view.ok()) {
           last_error = joined_view.status();
           if (IsFatal(last_error)) return last_error;
+          back_off();
           continue;
         }
+        failed_calls = 0;
         joined = true;
         view = *joined_view;
         if (view.my_group_rank() >= 0 && !view.waiting() && view.round() > last_round_) break;
@@ -190,13 +212,16 @@ class DynamicRendezvous : public NodeRendezvous {
       const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
       // Short polls, so that a signal to the agent is handled within a second.
       const auto wait = std::min({left, options_.keep_alive_interval, std::chrono::milliseconds(1000)});
+      ++calls;
       absl::StatusOr<rdzv::RoundView> synced = client_->Sync(
           options_.node_id, last_round_, wait, std::min(deadline, Clock::now() + wait + std::chrono::seconds(2)));
       if (!synced.ok()) {
         last_error = synced.status();
         if (IsFatal(last_error)) return last_error;
+        back_off();
         continue;
       }
+      failed_calls = 0;
       view = *synced;
       if (view.my_group_rank() >= 0 && !view.waiting() && view.round() > last_round_) break;
       if (!view.waiting() && view.my_group_rank() < 0) joined = false;  // dropped from the line: join again
@@ -208,7 +233,8 @@ class DynamicRendezvous : public NodeRendezvous {
           "rendezvous '%s' at %s: %s after %.1f s (join_timeout %.0f s; --nnodes %d:%d)%s", options_.run_id,
           client_->endpoint(), progress, SecondsSince(started),
           std::chrono::duration<double>(options_.join_timeout).count(), options_.min_nodes, options_.max_nodes,
-          last_error.ok() ? "" : absl::StrCat("; last error: ", last_error.message())));
+          last_error.ok() ? "" : absl::StrFormat("; %d calls, %d failing in a row; last error: %s", calls, failed_calls,
+                                                 last_error.message())));
     }
     last_round_ = view.round();
     group_world_size_ = view.participants_size();

@@ -6,9 +6,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <deque>
 #include <map>
+#include <mutex>
+#include <tuple>
 #include <memory>
 #include <optional>
 #include <string>
@@ -17,6 +22,7 @@
 #include "flashckpt/checkpointer.h"
 #include "flashckpt/config.h"
 #include "flashckpt/errors.h"
+#include "flashckpt/log.h"
 
 namespace py = pybind11;
 
@@ -99,6 +105,46 @@ TensorRef TensorRefFromTuple(const py::handle& item) {
   return r;
 }
 
+// The core's log lines on their way to Python's `logging`: the sink only
+// queues (any thread, no GIL), and flashckpt._logging's thread takes them and
+// hands them to the `flashckpt` logger. Never freed: core threads may log
+// until the process ends.
+struct LogQueue {
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<std::tuple<int, std::string, std::string>> lines;
+  uint64_t dropped = 0;
+};
+LogQueue* g_log_queue = new LogQueue;
+constexpr size_t kMaxQueuedLines = 10000;
+
+void QueueLogLine(LogLevel level, const std::string& prefix, const std::string& message) {
+  LogQueue* q = g_log_queue;
+  {
+    std::lock_guard<std::mutex> l(q->mu);
+    if (q->lines.size() >= kMaxQueuedLines) {
+      ++q->dropped;
+      return;
+    }
+    q->lines.emplace_back(static_cast<int>(level), prefix, message);
+  }
+  q->cv.notify_one();
+}
+
+// Up to `timeout_s` for lines; returns (lines, lines dropped since the last call).
+std::pair<std::vector<std::tuple<int, std::string, std::string>>, uint64_t> TakeLogLines(double timeout_s) {
+  LogQueue* q = g_log_queue;
+  std::unique_lock<std::mutex> l(q->mu);
+  q->cv.wait_for(l, std::chrono::microseconds(static_cast<int64_t>(timeout_s * 1e6)),
+                 [&] { return !q->lines.empty(); });
+  std::vector<std::tuple<int, std::string, std::string>> out(std::make_move_iterator(q->lines.begin()),
+                                                              std::make_move_iterator(q->lines.end()));
+  q->lines.clear();
+  uint64_t dropped = q->dropped;
+  q->dropped = 0;
+  return {std::move(out), dropped};
+}
+
 LoadOptions MakeLoadOptions(std::optional<int64_t> step, bool prefer_memory,
                             bool allow_fallback, bool verify) {
   LoadOptions o;
@@ -124,6 +170,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("load_device_plugin", &LoadDevicePlugin, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
         "Loads a device backend plugin (include/flashckpt/device_plugin.h); returns the device type it serves.");
   m.def("device_types", &DeviceTypes, "Device types with a loaded backend.");
+  m.def(
+      "route_log",
+      [](bool to_python) {
+        if (!to_python) {
+          SetLogSink(nullptr);
+          return;
+        }
+        SetLogSink(&QueueLogLine);
+      },
+      py::arg("to_python"), "Core log lines to take_log_lines() (True) or to stderr (False).");
+  m.def("take_log_lines", &TakeLogLines, py::arg("timeout"), py::call_guard<py::gil_scoped_release>(),
+        "Waits up to timeout seconds for routed log lines: ([(level, prefix, message)], dropped).");
+  m.def(
+      "after_fork_in_child",
+      [] {
+        // The parent's queue lock may have been held by a thread that does
+        // not exist here: a fresh queue, and stderr until routed again.
+        SetLogSink(nullptr);
+        g_log_queue = new LogQueue;
+      },
+      "Resets the log queue in a forked child.");
+  m.def(
+      "set_log_level", [](int level) { SetLogThreshold(static_cast<LogLevel>(std::clamp(level, 0, 3))); },
+      py::arg("level"), "The core's threshold: 0 debug, 1 info, 2 warn, 3 error.");
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
@@ -343,6 +413,7 @@ PYBIND11_MODULE(_C, m) {
           "Waits until every started persist finished; DeadlineExceededError after timeout seconds "
           "(default: the Checkpointer's wait_timeout), naming what is in flight and queued.")
       .def("close", &Checkpointer::close, py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("persist_failures", &Checkpointer::persist_failures)
       .def("unlink_memory", &Checkpointer::unlink_memory,
            py::call_guard<py::gil_scoped_release>())
       .def("memory_segment_path", &Checkpointer::memory_segment_path)

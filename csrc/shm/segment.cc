@@ -26,16 +26,19 @@ uint64_t SegmentBytes(int num_slots, uint64_t slot_capacity) {
                               (kSlotAlignment + AlignUp(slot_capacity, kSlotAlignment));
 }
 
-namespace {
+std::string HumanBytes(uint64_t b) {
+  if (b < (1ull << 30)) return absl::StrFormat("%.1f MiB", b / double(1ull << 20));
+  return absl::StrFormat("%.2f GiB", b / double(1ull << 30));
+}
 
-std::string Gib(uint64_t b) { return absl::StrFormat("%.2f GiB", b / double(1ull << 30)); }
+namespace {
 
 absl::Status ShmTooSmall(const std::string& path, uint64_t need, uint64_t free_bytes,
                          int num_slots, uint64_t capacity) {
   std::string dir = path.substr(0, path.rfind('/'));
   return absl::ResourceExhaustedError(absl::StrCat(
-      "shared memory at ", dir, " is too small for the snapshot slots: ", Gib(need),
-      " needed (", num_slots, " slots x ", Gib(capacity), "), ", Gib(free_bytes),
+      "shared memory at ", dir, " is too small for the snapshot slots: ", HumanBytes(need),
+      " needed (", num_slots, " slots x ", HumanBytes(capacity), "), ", HumanBytes(free_bytes),
       " free. Raise it (e.g. `mount -o remount,size=", (need * 2 >> 30) + 1, "G ", dir,
       "`, or `docker run --shm-size=", (need * 2 >> 30) + 1,
       "g`), lower num_slots, or point shm_dir elsewhere"));
@@ -45,7 +48,7 @@ absl::Status ShmTooSmall(const std::string& path, uint64_t need, uint64_t free_b
 
 absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Create(
     const std::string& path, int num_slots, uint64_t slot_capacity, int rank,
-    const std::string& directory) {
+    const std::string& directory, bool staged) {
   if (num_slots < 2) return absl::InvalidArgumentError("num_slots must be at least 2");
   slot_capacity = AlignUp(std::max<uint64_t>(slot_capacity, kSlotAlignment), kSlotAlignment);
   const uint64_t size = SegmentBytes(num_slots, slot_capacity);
@@ -55,7 +58,7 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Create(
   uint64_t free_bytes = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
   // An existing file of ours at this path gives its space back once replaced.
   struct stat old;
-  if (stat(path.c_str(), &old) == 0) free_bytes += static_cast<uint64_t>(old.st_blocks) * 512;
+  if (!staged && stat(path.c_str(), &old) == 0) free_bytes += static_cast<uint64_t>(old.st_blocks) * 512;
   if (free_bytes < size) return ShmTooSmall(path, size, free_bytes, num_slots, slot_capacity);
 
   // Build under a temporary name and rename, so an opener never sees a
@@ -111,12 +114,24 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Create(
   }
   std::atomic_thread_fence(std::memory_order_release);
   h->magic = kSegmentMagic;
-  if (::rename(tmp.c_str(), path.c_str()) != 0) {
-    int err = errno;
-    ::unlink(tmp.c_str());
-    return ErrnoStatus("rename shared-memory segment to", path, err);
-  }
+  seg->staged_path_ = tmp;
+  if (!staged) FCK_RETURN_IF_ERROR(seg->Install());
   return seg;
+}
+
+bool SharedSegment::StillLinked() const {
+  struct stat st;
+  return ::fstat(fd_, &st) != 0 || st.st_nlink > 0;
+}
+
+absl::Status SharedSegment::Install() {
+  if (staged_path_.empty()) return absl::OkStatus();
+  if (::rename(staged_path_.c_str(), path_.c_str()) != 0) {
+    int err = errno;
+    return ErrnoStatus("rename shared-memory segment to", path_, err);
+  }
+  staged_path_.clear();
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Open(const std::string& path) {
@@ -148,6 +163,7 @@ absl::StatusOr<std::unique_ptr<SharedSegment>> SharedSegment::Open(const std::st
 
 SharedSegment::~SharedSegment() {
   if (lock_taker_.joinable()) lock_taker_.join();
+  if (!staged_path_.empty()) ::unlink(staged_path_.c_str());  // never installed
   if (base_ != nullptr) ::munmap(base_, size_);
   if (fd_ >= 0) ::close(fd_);
 }
@@ -309,6 +325,15 @@ void SharedSegment::BeginWrite(int i) {
   s->state.store(kSlotWriting, std::memory_order_relaxed);
   s->durable.store(0, std::memory_order_relaxed);
   std::atomic_thread_fence(std::memory_order_release);
+}
+
+void SharedSegment::Retract(const SlotView& view) {
+  SlotHeader* s = slot(view.index);
+  uint64_t seq = view.seq;
+  if (!s->seq.compare_exchange_strong(seq, view.seq | 1, std::memory_order_acq_rel)) return;  // rewritten since
+  s->state.store(kSlotEmpty, std::memory_order_relaxed);
+  s->step = -1;
+  s->seq.store((view.seq | 1) + 1, std::memory_order_release);
 }
 
 void SharedSegment::Publish(int i, int64_t step, uint64_t generation, uint64_t data_bytes,

@@ -79,9 +79,17 @@ class SharedSegment {
   // needed and how to raise it, when the file system is too small.
   // Only the headers are allocated here; AllocateSlot() allocates a slot's
   // pages before it is first written (the space for all is checked up front).
+  //
+  // staged: the file stays under a temporary name, invisible to openers,
+  // until Install() renames it over `path` (a caller that must allocate
+  // before replacing the old segment); the destructor removes a staged file
+  // never installed. The space an existing file at `path` holds counts as
+  // free only when it is not staged (that file goes first).
   static absl::StatusOr<std::unique_ptr<SharedSegment>> Create(
       const std::string& path, int num_slots, uint64_t slot_capacity, int rank,
-      const std::string& directory);
+      const std::string& directory, bool staged = false);
+  // Makes a staged segment the one at its path (atomically replacing any).
+  absl::Status Install();
   // Opens an existing segment (left by a crashed process, or by the agent).
   static absl::StatusOr<std::unique_ptr<SharedSegment>> Open(const std::string& path);
 
@@ -102,6 +110,9 @@ class SharedSegment {
   void MapForReading(int i, uint64_t bytes, int threads = 2) const;
 
   const std::string& path() const { return path_; }
+  // False once the file was unlinked or replaced under us (another process
+  // removed it: systemd-logind's RemoveIPC=yes does so at a user's last logout).
+  bool StillLinked() const;
   int num_slots() const { return static_cast<int>(header()->num_slots); }
   uint64_t slot_capacity() const { return header()->slot_capacity; }
   uint64_t mapped_bytes() const { return size_; }
@@ -124,6 +135,10 @@ class SharedSegment {
   void Publish(int i, int64_t step, uint64_t generation, uint64_t data_bytes,
                uint64_t manifest_offset, uint64_t manifest_len, uint32_t manifest_crc);
 
+  // Drops the snapshot of `view` from slot i if the slot still holds it
+  // (a persister that refused it: no later load or restart may take it).
+  void Retract(const SlotView& view);
+
   static absl::Status Unlink(const std::string& path);
 
  private:
@@ -133,6 +148,7 @@ class SharedSegment {
   }
   std::atomic<bool> allocated_[64];
   std::string path_;
+  std::string staged_path_;  // where a staged segment lives until Install()
   int fd_ = -1;
   uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
@@ -141,6 +157,8 @@ class SharedSegment {
 
 uint64_t SegmentBytes(int num_slots, uint64_t slot_capacity);
 uint64_t AlignUp(uint64_t v, uint64_t a);
+// "512.0 MiB" under 1 GiB, else "2.50 GiB".
+std::string HumanBytes(uint64_t bytes);
 // Faults every page of [base, base + len) in for writing, contents kept
 // (MADV_POPULATE_WRITE; before Linux 5.14, a write per page).
 void PopulateWrite(uint8_t* base, uint64_t len);

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 
+#include <algorithm>
 #include <chrono>
 #include <set>
 #include <thread>
@@ -138,7 +139,11 @@ absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
   CrashPoint("commit: before COMMIT");
   FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(dir, "/", kCommitName), FrameRecord(RecordKind::kCommit, commit)));
   CrashPoint("commit: before latest");
-  FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(root, "/", kLatestName), absl::StrCat(step, "\n")));
+  // `latest` names the newest committed step: the highest step number (as
+  // load(), retention and `flashckpt ls` count), not the last one committed.
+  std::vector<int64_t> committed = CommittedSteps(root);
+  const int64_t newest = committed.empty() ? step : std::max(step, committed.front());
+  FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(root, "/", kLatestName), absl::StrCat(newest, "\n")));
   CrashPoint("commit: after latest");
   return absl::OkStatus();
 }

@@ -15,6 +15,7 @@
 #include <filesystem>
 
 #include "absl/strings/numbers.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "common/crc32c.h"
@@ -248,6 +249,26 @@ void CleanLeftovers(const std::string& root) {
     for (const auto& f : fs::directory_iterator(e.path(), ec))
       if (AbandonedTempFile(f)) fileops::Unlink(f.path().string());
   }
+}
+
+std::vector<int64_t> RemoveFailedSteps(const std::string& root) {
+  std::vector<int64_t> removed;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(root, ec)) {
+    auto step = ParseStepDirName(e.path().filename().string());
+    if (!step || ReadCommit(root, *step).ok()) continue;
+    bool only_markers = true, any = false;
+    std::error_code ec2;
+    for (const auto& f : fs::directory_iterator(e.path(), ec2)) {
+      const std::string n = f.path().filename().string();
+      any = true;
+      if (!(absl::StartsWith(n, "rank-") && absl::EndsWith(n, ".failed"))) only_markers = false;
+    }
+    if (ec2 || !only_markers || !any) continue;
+    if (RemoveTree(e.path().string()).ok()) removed.push_back(*step);
+  }
+  std::sort(removed.begin(), removed.end());
+  return removed;
 }
 
 void ApplyRetention(const std::string& root, int keep_last) {

@@ -59,6 +59,11 @@ absl::Status PrepareDirectory(const std::string& root);
 // Removes temp files and step directories without COMMIT that are older than
 // the newest committed step (leftovers of crashed saves).
 void CleanLeftovers(const std::string& root);
+// Removes step directories without COMMIT that hold nothing but failure
+// markers (rank-<r>.failed): the remains of persists that failed, which no
+// rank will complete. At the end of a job, when no rank waits on a marker.
+// Returns the steps removed.
+std::vector<int64_t> RemoveFailedSteps(const std::string& root);
 // Keeps the newest `keep_last` committed steps; deletes older steps.
 void ApplyRetention(const std::string& root, int keep_last);
 absl::Status RemoveTree(const std::string& path);

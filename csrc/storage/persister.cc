@@ -59,12 +59,43 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   }
 
   const std::string dir = StepDir(root, job.step);
+  // The same state saved again (only the manifest's creation time differs):
+  // durable as it is.
+  if (ReadCommit(root, job.step).ok()) {
+    absl::StatusOr<std::string> framed = seg->ManifestBytes(v);
+    pb::Manifest mine;
+    absl::StatusOr<pb::Manifest> theirs = ReadManifest(root, job.step, opt.rank);
+    if (framed.ok() && theirs.ok() && ParseRecord(*framed, RecordKind::kManifest, shm_path, &mine).ok()) {
+      mine.clear_created_unix_ns();
+      theirs->clear_created_unix_ns();
+      if (mine.SerializeAsString() == theirs->SerializeAsString()) {
+        h->durable.store(1, std::memory_order_release);
+        FCK_LOG(kInfo, "step ", job.step, " of rank ", opt.rank, " is committed already in ", root, " with this state");
+        PersistStats stats;
+        stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        return stats;
+      }
+    }
+  }
+  // Committed with other bytes: refused. A committed step is never
+  // overwritten: its COMMIT would have to go before the new data is durable,
+  // and a failure in between (a full disk, a power loss) would lose both.
+  // The refused snapshot leaves memory too, so that no load or restart takes
+  // bytes for the step other than the committed ones.
+  if (ReadCommit(root, job.step).ok()) {
+    seg->Retract(v);
+    return absl::FailedPreconditionError(absl::StrCat(
+        "persist step ", job.step, " refused: ", dir, " is committed with other contents and is kept (a committed "
+        "step is never overwritten, so that a failure while writing a replacement cannot lose it; saving the same "
+        "state again is fine). Save under a new step number, or remove ", dir, " first to replace it"));
+  }
   if (fileops::MakeDirs(dir) != 0)
     return Annotate(ErrnoStatus("create step directory", dir, errno), absl::StrCat("persist step ", job.step));
   const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
   const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
   const std::string durable_path = absl::StrCat(dir, "/", RankDurableName(opt.rank));
-  // A step saved again replaces its earlier, uncommitted attempt.
+  // A step saved again replaces its earlier, uncommitted attempt (a COMMIT
+  // here is torn or foreign: ReadCommit found none valid).
   fileops::Unlink(absl::StrCat(dir, "/", kCommitName));
   fileops::Unlink(durable_path);
 

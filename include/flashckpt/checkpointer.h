@@ -166,11 +166,18 @@ class Checkpointer {
   std::optional<int64_t> latest_step();       // newest committed step on storage
   std::optional<int64_t> latest_memory_step(); // newest complete step in shared memory
   std::vector<StepInfo> steps();
-  void wait_all();                            // every started persist finished (up to wait_timeout)
+  // Every started persist finished (up to wait_timeout). A persist that
+  // failed since the last report raises here (and at the next save(), which
+  // then snapshots nothing, and at close()) unless its handle's
+  // wait_durable() raised it already: no failed persist goes unnoticed.
+  void wait_all();
   // The same with its own deadline: Error(kDeadlineExceeded) naming what is
   // still in flight and queued.
   void wait_all(std::chrono::milliseconds timeout);
+  // Persists what is pending and releases the directory; raises an
+  // unreported persist failure after releasing everything.
   void close();
+  uint64_t persist_failures() const;          // persists that failed since open
   const CheckpointerOptions& options() const;
   std::string memory_segment_path() const;
   void unlink_memory();                       // drop the shared-memory segment now

@@ -5,9 +5,12 @@
 //   flashckpt::torch_adapter::save(ckpt, step, model, &optimizer).wait_snapshot();
 //   int64_t step = flashckpt::torch_adapter::load(ckpt, model, &optimizer);
 //
-// Adam and SGD state goes in as tensors (copied at memory speed); other
-// optimizers are serialized with torch::save into a blob. CUDA tensors are
-// copied after the work queued on the default stream.
+// The state of Adam, AdamW, SGD, RMSprop and Adagrad goes in as tensors
+// (copied at memory speed); other optimizers' state is serialized with
+// torch::save into a blob. Every param group's hyperparameters (lr, betas,
+// eps, weight decay, momentum, ...) are saved and restored for any optimizer.
+// With a CUDA build of libtorch, CUDA tensors are copied after the work
+// queued on the caller's current stream.
 #pragma once
 
 #include <torch/torch.h>
@@ -34,8 +37,11 @@ SaveHandle save(Checkpointer& ckpt, int64_t step, const torch::nn::Module& model
                 torch::optim::Optimizer* optimizer,
                 const std::map<std::string, std::string>& extra = {}, bool blocking = true);
 
-// Loads into the module's parameters and buffers (and the optimizer's state)
-// in place; returns the step. Keys, shapes and dtypes must match.
+// Loads into the module's parameters and buffers (and the optimizer's
+// hyperparameters and state) in place; returns the step. Every check runs
+// first: a missing, unexpected or mismatched key (shape, dtype), another
+// optimizer kind or other param groups raise Error(kInvalidArgument) listing
+// them all, and nothing has changed.
 int64_t load(Checkpointer& ckpt, torch::nn::Module& model, torch::optim::Optimizer* optimizer,
              std::map<std::string, std::string>* extra = nullptr, const LoadOptions& options = {});
 

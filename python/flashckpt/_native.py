@@ -43,6 +43,13 @@ def _candidates(root=None):
     yield from sorted(in_tree, key=_mtime, reverse=True)
 
 
+def _route_logs(ext):
+    if hasattr(ext, "route_log"):
+        from . import _logging
+
+        _logging.install(ext)
+
+
 def load():
     """The extension module; ImportError with build instructions when missing."""
     global _ext
@@ -52,6 +59,7 @@ def load():
         from . import _C  # type: ignore
 
         _ext = _C
+        _route_logs(_ext)
         return _ext
     except ImportError as e:
         first = e
@@ -65,6 +73,7 @@ def load():
             del sys.modules["flashckpt._C"]
             continue
         _ext = mod
+        _route_logs(_ext)
         return _ext
     raise ImportError(
         "flashckpt's compiled extension (flashckpt._C) is not built or not importable "

@@ -172,7 +172,22 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
         used_keys.add(f"{key}#{i}")
         return f"{key}#{i}"
 
+    # Containers on the path being walked: one seen again is a cycle, which
+    # would recurse forever (and pickle cannot keep it with tensors split out).
+    open_containers: Dict[int, tuple] = {}
+
     def walk(obj, path):
+        if isinstance(obj, (dict, list, tuple)):
+            first = open_containers.get(id(obj))
+            if first is not None:
+                raise ValueError(f"cannot save {_path_repr(path)}: the state contains a cycle (this container "
+                                 f"is {_path_repr(first)}, which contains it); save a structure without "
+                                 "references back to its own containers")
+            open_containers[id(obj)] = path
+            try:
+                return walk_container(obj, path)
+            finally:
+                del open_containers[id(obj)]
         if isinstance(obj, torch.Tensor):
             leaf = by_id.get(id(obj))
             if leaf is None:
@@ -182,6 +197,9 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
                 by_id[id(obj)] = leaf
                 leaves.append((leaf.key, obj))
             return leaf
+        return obj
+
+    def walk_container(obj, path):
         if isinstance(obj, dict):
             new = _copy_mapping(obj)
             for k, v in obj.items():
@@ -189,12 +207,10 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
             return new
         if isinstance(obj, list):
             return [walk(v, path + (i,)) for i, v in enumerate(obj)]
-        if isinstance(obj, tuple):
-            items = [walk(v, path + (i,)) for i, v in enumerate(obj)]
-            if hasattr(obj, "_fields"):  # namedtuple
-                return type(obj)(*items)
-            return tuple(items) if type(obj) is tuple else type(obj)(items)
-        return obj
+        items = [walk(v, path + (i,)) for i, v in enumerate(obj)]
+        if hasattr(obj, "_fields"):  # namedtuple
+            return type(obj)(*items)
+        return tuple(items) if type(obj) is tuple else type(obj)(items)
 
     structure = walk(state, ())
     flat = FlatState()

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from . import _native, _state
+from . import _logging, _native, _state
 from ._heartbeat import heartbeat
 from .errors import (DeadlineExceededError, FailedPreconditionError, InvalidArgumentError,
                      NotFoundError, PermissionDeniedError, StateDictMismatchError)
@@ -29,11 +29,36 @@ _all: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
 
 @atexit.register
 def _close_all_at_exit():
+    # A persist that failed and was never reported must not vanish with the
+    # interpreter: said at error level, with what is left on storage.
     for c in list(_all):
         try:
             c.close()
-        except Exception:
-            pass
+        except Exception as e:  # noqa: BLE001 - reported, not swallowed
+            _logging.logger.error(
+                "flashckpt: at exit, the Checkpointer on %r (rank %d) could not make every "
+                "snapshot durable: %s: %s", c.directory, c.rank, type(e).__name__, e)
+
+
+_MAX_STEP = 2**63 - 1
+
+
+def _check_step(step, what: str, optional: bool = False):
+    """A step is a plain non-negative integer (int or an integer tensor/NumPy
+    scalar); bool, float and out-of-range values are refused, naming them."""
+    if step is None and optional:
+        return None
+    if isinstance(step, bool) or not hasattr(step, "__index__"):
+        raise InvalidArgumentError(
+            f"{what}: step must be a non-negative integer, got {step!r} ({type(step).__name__})"
+            + ("; use int(step) if you mean it" if isinstance(step, float) and float(step).is_integer() else ""))
+    try:
+        value = step.__index__()
+    except TypeError as e:  # e.g. a float tensor
+        raise InvalidArgumentError(f"{what}: step must be a non-negative integer, got {step!r} ({e})") from None
+    if value < 0 or value > _MAX_STEP:
+        raise InvalidArgumentError(f"{what}: step must be within 0..2**63-1, got {value}")
+    return value
 
 
 def _dist():
@@ -216,6 +241,11 @@ class Checkpointer:
             self._core.unlink_memory()
 
     @property
+    def persist_failures(self) -> int:
+        """Persists that failed since this Checkpointer was opened."""
+        return self._core.persist_failures
+
+    @property
     def memory_segment_path(self) -> str:
         return self._core.memory_segment_path()
 
@@ -235,6 +265,7 @@ class Checkpointer:
         tensors change.
         """
         heartbeat()
+        step = _check_step(step, "save()")
         with self._lock:
             self._check_open()
             if self._pending is not None:
@@ -303,9 +334,17 @@ class Checkpointer:
         Under flashrun the node agents already agreed on it during the
         rendezvous and pass it as ``$FLASHCKPT_RESTORE_STEP``, which the first load
         without a step takes (later loads take the newest step again)."""
+        step = _check_step(step, "load()", optional=True)
         if step is None:
             agreed = self._core.take_restore_step()  # the first load only
             if agreed is not None:
+                if agreed not in self.steps():
+                    under = "flashrun" if os.environ.get("FLASHCKPT_AGENT_SOCKET") else "no flashrun"
+                    raise NotFoundError(
+                        f"FLASHCKPT_RESTORE_STEP={agreed} names a step that {self.directory!r} does not "
+                        f"hold for rank {self.rank} (loadable: {self.steps()[-5:] or 'none'}; {under}). "
+                        "flashrun sets this variable for its workers: outside flashrun, unset it "
+                        "(a value left in the environment by an earlier run?)")
                 return agreed
         dist = _dist()
         if dist is None or dist.get_world_size(self._group) == 1:

@@ -87,12 +87,10 @@ def cmd_ls(args) -> int:
         print(f"flashckpt ls: {d}: not a directory", file=sys.stderr)
         return 2
     steps = scan(d)
-    latest = None
-    try:
-        with open(os.path.join(d, "latest")) as f:
-            latest = int(f.read().strip())
-    except (OSError, ValueError):
-        pass
+    # The newest step is the highest committed step number, as load() and
+    # retention count (the `latest` file names the same step).
+    committed = [s["step"] for s in steps if s["committed"]]
+    latest = max(committed) if committed else None
     if not steps:
         print(f"{d}: no steps")
         return 0
@@ -196,6 +194,15 @@ def cmd_export(args) -> int:
     if not os.path.isdir(d):
         print(f"flashckpt export: {d}: not a directory", file=sys.stderr)
         return 2
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(out_dir):
+        print(f"flashckpt export: cannot write {args.out}: directory {out_dir} does not exist",
+              file=sys.stderr)
+        return 2
+    if os.path.isdir(args.out):
+        print(f"flashckpt export: cannot write {args.out}: it is a directory (give a file name)",
+              file=sys.stderr)
+        return 2
     listing = {s["step"]: s for s in scan(d)}
     world = (max(listing[args.step]["ranks"]) + 1) if args.step in listing and \
         listing[args.step]["ranks"] else max(args.rank + 1, 1)
@@ -204,7 +211,16 @@ def cmd_export(args) -> int:
         try:
             snap = c.load(args.step, prefer_memory=False, verify=True)
             state = _state.unflatten(snap, map_location="cpu")
-            torch.save(state, args.out)
+            tmp = f"{args.out}.tmp-{os.getpid()}"
+            try:
+                torch.save(state, tmp)
+                os.replace(tmp, args.out)  # never a half-written OUT.pt
+            except (OSError, RuntimeError) as e:
+                print(f"flashckpt export: cannot write {args.out}: {e}", file=sys.stderr)
+                return 1
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
         finally:
             c.close()
     except FlashCkptError as e:
@@ -242,7 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        rc = args.func(args)
+        sys.stdout.flush()
+        return rc
+    except BrokenPipeError:
+        # `flashckpt ls DIR | head`: the reader is gone; no traceback, and no
+        # second error when Python flushes stdout at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":
