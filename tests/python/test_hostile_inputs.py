@@ -231,7 +231,7 @@ def test_flashrun_backs_off_from_an_endpoint_that_accepts_and_closes(tmp_path, r
         stop.set()
         t.join(timeout=5)
         server.close()
-    assert out.returncode != 0
+    assert out.returncode == 1, out.returncode  # documented: the rendezvous could not complete
     assert f"127.0.0.1:{port}" in out.stderr and "calls" in out.stderr, out.stderr[-2000:]
     # Backing off from 50 ms to 2 s within 4 s: a handful of calls (each at most two
     # connections), not the thousands of a retry loop.
