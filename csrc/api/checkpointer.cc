@@ -1,6 +1,6 @@
-// Checkpointer: the save path (slot choice, copy, publish), the background
-// persister (io_uring write, rank record, commit, retention) and the loader
-// (memory first, storage second, crc-verified).
+// Checkpointer: the facade over its roles. The save path (slot choice, copy,
+// publish) and the segment's lifecycle live here; persisting is the
+// Persister's (storage/persister.h), loading the Loader's (api/loader.h).
 #include "flashckpt/checkpointer.h"
 
 #include <fcntl.h>
@@ -22,9 +22,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
-#include "agent.pb.h"
-#include "ipc/agent_protocol.h"
+#include "api/agent_client.h"
 #include "api/device_backend.h"
+#include "api/save_state.h"
+#include "api/loader.h"
 #include "api/public_commit_barrier.h"
 #include "common/crash_point.h"
 #include "common/crc32c.h"
@@ -41,79 +42,6 @@
 
 namespace flashckpt {
 namespace fs = std::filesystem;
-
-// ---------------------------------------------------------------------------
-// SaveState / SaveHandle
-
-class SaveState {
- public:
-  SaveState(int64_t step, std::chrono::milliseconds timeout) : step_(step), timeout_(timeout) {}
-  std::chrono::milliseconds timeout() const { return timeout_; }
-  int64_t step() const { return step_; }
-
-  void SnapshotDone(absl::Status s) {
-    { std::lock_guard<std::mutex> l(mu_); snapshot_done_ = true; snapshot_status_ = std::move(s); }
-    cv_.notify_all();
-  }
-  void DurableDone(absl::Status s, bool persisted) {
-    {
-      std::lock_guard<std::mutex> l(mu_);
-      if (!snapshot_done_) { snapshot_done_ = true; snapshot_status_ = s; }
-      durable_done_ = true;
-      durable_status_ = std::move(s);
-      persisted_ = persisted;
-    }
-    cv_.notify_all();
-  }
-  void WaitSnapshot() {
-    std::unique_lock<std::mutex> l(mu_);
-    if (!cv_.wait_for(l, timeout_, [&] { return snapshot_done_; }))
-      throw Error(ErrorCode::kDeadlineExceeded,
-                  absl::StrCat("snapshot of step ", step_, ": the device-to-host copies did not complete within ",
-                               timeout_.count() / 1000.0, " s (is the device hung?)"));
-    ThrowIfError(snapshot_status_);
-  }
-  bool WaitDurableFor(std::chrono::milliseconds timeout, bool throw_on_error) {
-    std::unique_lock<std::mutex> l(mu_);
-    if (!cv_.wait_for(l, timeout, [&] { return durable_done_; })) return false;
-    if (throw_on_error && !durable_status_.ok()) {
-      error_seen_ = true;  // the caller has it: save()/wait_all() need not raise it again
-      ThrowStatus(durable_status_);
-    }
-    return true;
-  }
-  // True once wait_durable() has raised this step's persist failure.
-  bool error_seen() {
-    std::lock_guard<std::mutex> l(mu_);
-    return error_seen_;
-  }
-  bool persisted() {
-    std::lock_guard<std::mutex> l(mu_);
-    return persisted_;
-  }
-
- private:
-  const int64_t step_;
-  const std::chrono::milliseconds timeout_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool snapshot_done_ = false, durable_done_ = false, persisted_ = false, error_seen_ = false;
-  absl::Status snapshot_status_, durable_status_;
-};
-
-int64_t SaveHandle::step() const { return state_ ? state_->step() : -1; }
-void SaveHandle::wait_snapshot() const { if (state_) state_->WaitSnapshot(); }
-void SaveHandle::wait_durable() const {
-  if (state_ && !state_->WaitDurableFor(state_->timeout(), true))
-    throw Error(ErrorCode::kDeadlineExceeded,
-                absl::StrCat("step ", state_->step(), " not durable after ", state_->timeout().count() / 1000.0,
-                             " s (still queued or persisting: is the disk or another rank stuck? "
-                             "CheckpointerOptions.wait_timeout sets this deadline)"));
-}
-bool SaveHandle::wait_durable_for(std::chrono::milliseconds t) const {
-  return !state_ || state_->WaitDurableFor(t, true);
-}
-bool SaveHandle::persisted() const { return state_ && state_->persisted(); }
 
 // ---------------------------------------------------------------------------
 
@@ -175,10 +103,10 @@ class Checkpointer::Impl {
   SaveHandle Save(int64_t step, const std::vector<TensorRef>& tensors, const std::vector<BlobRef>& blobs,
                   bool blocking);
   std::unique_ptr<LoadedSnapshot> Load(const LoadOptions& lo);
-  // Copies the newest (or requested) in-memory step straight into caller
-  // buffers, checksumming as it copies; NotFound when memory lacks the step.
-  absl::StatusOr<int64_t> LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
-                                             std::map<std::string, std::string>* blobs, const LoadOptions& lo);
+  int64_t LoadInto(const std::map<std::string, MutableTensorRef>& dest, std::map<std::string, std::string>* blobs,
+                   const LoadOptions& lo);
+  StepDescription Describe(const LoadOptions& lo);
+  std::vector<StepInfo> Steps() { return loader_->Steps(Segment()); }
   void WaitAll(std::chrono::milliseconds timeout);
   // Persists and closes; the persist failures nobody was told of yet.
   absl::Status Close();
@@ -202,7 +130,6 @@ class Checkpointer::Impl {
   // only, it is persisted now, as every other rank restoring the same step
   // does, so that it gets its COMMIT. Only the first load looks.
   void Restored(int64_t step, bool agreed);
-  CopyPool& CopyPoolForLoad() { return pool_; }
 
   CheckpointerOptions opt;
   std::string root;
@@ -230,20 +157,8 @@ class Checkpointer::Impl {
   void Unpin(int slot);
   absl::StatusOr<PersistStats> Persist(int64_t step, int slot);
   absl::Status PersistViaAgent(int64_t step, int slot);
-  absl::Status ConnectAgent();
-  absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromMemory(int64_t step, bool verify);
-  absl::StatusOr<std::unique_ptr<LoadedSnapshot>> LoadFromStorage(int64_t step, bool verify);
-  // The rank's manifest of committed `step`, checked against COMMIT.
-  struct StorageManifest {
-    pb::Manifest manifest;
-    std::string data_path;
-    uint64_t data_bytes = 0;
-  };
-  absl::StatusOr<StorageManifest> ReadStorageManifest(int64_t step);
- public:
-  StepDescription Describe(const LoadOptions& lo);
   // The step load() takes when none is given: the newest of memory and storage.
-  int64_t NewestStep(bool prefer_memory);
+  int64_t NewestStep(bool prefer_memory) { return ValueOrThrow(loader_->NewestStep(seg.get(), prefer_memory)); }
  private:
   void JoinReserve();
   // Loads read only published slots; they wait for the reserve thread only
@@ -264,11 +179,12 @@ class Checkpointer::Impl {
   void Init();  // the part of construction that may throw after the locks are taken
 
   CopyPool pool_;
+  std::unique_ptr<Loader> loader_;  // the loader role (memory and storage)
   std::shared_ptr<core::CommitBarrier> barrier_;
   std::unique_ptr<BulkIo> persist_io_;
   int dir_lock_fd_ = -1;
   std::thread dir_lock_taker_;  // takes the lock from a predecessor on its way out
-  int agent_fd_ = -1;        // connection to flashrun's checkpoint service, or -1
+  std::unique_ptr<AgentClient> agent_;  // flashrun's checkpoint service, when it persists
   bool agent_mode_ = false;  // the agent persists (even while reconnecting)
   std::string open_key_;
   uint64_t generation_ = 0;
@@ -397,9 +313,12 @@ void Checkpointer::Impl::Init() {
   io.chunk_bytes = opt.io_chunk_bytes;
   io.queue_depth = opt.io_queue_depth;
   persist_io_ = std::make_unique<BulkIo>(io);
+  loader_ = std::make_unique<Loader>(LoaderContext{root, shm_path, opt.rank, opt.world_size, io, &pool_});
 
   if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
-    absl::Status c = ConnectAgent();
+    agent_ = std::make_unique<AgentClient>(AgentHello{opt.agent_socket, opt.rank, opt.world_size, root, shm_path,
+                                                      opt.keep_last, opt.commit_timeout});
+    absl::Status c = agent_->Connect();
     if (!c.ok())
       throw Error(ErrorCode::kUnavailable,
                   absl::StrCat(c.message(), ": the flashrun agent is not reachable; "
@@ -804,60 +723,11 @@ absl::Status Checkpointer::Impl::WaitIdle(std::chrono::milliseconds timeout) {
   return persister_->Drain(std::max(left, std::chrono::milliseconds(0)));
 }
 
-absl::Status Checkpointer::Impl::ConnectAgent() {
-  if (agent_fd_ >= 0) ::close(agent_fd_);
-  agent_fd_ = -1;
-  FCK_ASSIGN_OR_RETURN(int fd, ConnectUnix(opt.agent_socket));
-  pb::AgentRequest req;
-  auto* h = req.mutable_hello();
-  h->set_rank(opt.rank);
-  h->set_world_size(opt.world_size);
-  h->set_directory(root);
-  h->set_shm_path(shm_path);
-  h->set_keep_last(opt.keep_last);
-  h->set_commit_timeout_ms(opt.commit_timeout.count());
-  h->set_pid(getpid());
-  absl::Status s = WriteFrame(fd, req);
-  if (!s.ok()) {
-    ::close(fd);
-    return Annotate(s, absl::StrCat("hello to the flashrun agent at ", opt.agent_socket));
-  }
-  agent_fd_ = fd;
-  return absl::OkStatus();
-}
-
 absl::Status Checkpointer::Impl::PersistViaAgent(int64_t step, int slot) {
   SlotView v;
   if (!seg->ReadSlot(slot, &v) || v.step != step)
     return absl::InternalError(absl::StrCat("slot ", slot, " no longer holds step ", step));
-  pb::AgentRequest req;
-  req.mutable_published()->set_step(step);
-  req.mutable_published()->set_slot(slot);
-  req.mutable_published()->set_generation(v.generation);
-  if (agent_fd_ < 0) FCK_RETURN_IF_ERROR(ConnectAgent());
-  absl::Status sent = WriteFrame(agent_fd_, req);
-  if (!sent.ok()) {
-    // The connection broke (an agent restart, or a reset): connect once more.
-    FCK_LOG(kWarn, "lost the connection to the flashrun agent at ", opt.agent_socket, " (", sent.message(),
-            "); reconnecting");
-    FCK_RETURN_IF_ERROR(ConnectAgent());
-    sent = WriteFrame(agent_fd_, req);
-  }
-  FCK_RETURN_IF_ERROR(Annotate(sent, absl::StrCat("flashrun agent at ", opt.agent_socket)));
-  for (;;) {
-    pb::AgentReply rep;
-    absl::Status s = ReadFrame(agent_fd_, &rep, opt.commit_timeout + std::chrono::seconds(60));
-    if (!s.ok()) {
-      if (s.code() == absl::StatusCode::kUnavailable) ConnectAgent().IgnoreError();  // for the next step
-      return Annotate(s, absl::StrCat("waiting for the flashrun agent at ", opt.agent_socket, " to persist step ",
-                                      step));
-    }
-    if (rep.step() != step) continue;
-    if (!rep.ok()) return absl::InternalError(absl::StrCat("the flashrun agent failed to persist step ", step,
-                                                           ": ", rep.error()));
-    if (!rep.persisted()) return absl::CancelledError("superseded");
-    return absl::OkStatus();
-  }
+  return agent_->Persist(step, slot, v.generation);
 }
 
 absl::StatusOr<PersistStats> Checkpointer::Impl::Persist(int64_t step, int slot) {
@@ -871,125 +741,6 @@ absl::StatusOr<PersistStats> Checkpointer::Impl::Persist(int64_t step, int slot)
   PersistContext ctx{root, opt.rank, opt.world_size, opt.keep_last, barrier_.get(), opt.commit_timeout,
                      persist_io_.get(), shm_path, nullptr};
   return PersistSlot(*seg, slot, step, ctx);
-}
-
-absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromMemory(int64_t step, bool verify) {
-  SlotView v;
-  if (!seg || !seg->Newest(&v, step))
-    return absl::NotFoundError(absl::StrCat("step ", step, " is not in shared memory"));
-  const uint8_t* data = seg->slot_data(v.index);
-  FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
-  pb::Manifest m;
-  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
-  bool prepared = false;
-  auto buffer = AllocateAligned(v.data_bytes, &prepared);
-  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
-  seg->MapForReading(v.index, v.data_bytes, pool_.threads());
-  std::vector<CopyTask> tasks;
-  auto* dst = static_cast<uint8_t*>(buffer.get());
-  for (const auto& e : m.tensors()) {
-    if (!e.storage_key().empty() || e.offset() + e.length() > v.data_bytes) { tasks.push_back({}); continue; }
-    tasks.push_back({dst + e.offset(), data + e.offset(), e.length()});
-  }
-  std::vector<uint32_t> crcs;
-  pool_.CopyAndChecksum(tasks, &crcs);
-  if (!seg->StillValid(v))
-    return absl::UnavailableError(absl::StrCat("slot of step ", step, " was overwritten while reading"));
-  if (!verify) crcs.clear();
-  if (prepared) FCK_LOG(kInfo, "step ", step, " copied into the load buffer prepared ahead");
-  return MakeLoadedSnapshot(m, std::move(buffer), v.data_bytes, Source::kMemory, verify, std::move(crcs), &pool_,
-                            absl::StrCat("shared-memory snapshot ", shm_path, " step ", step));
-}
-
-absl::StatusOr<Checkpointer::Impl::StorageManifest> Checkpointer::Impl::ReadStorageManifest(int64_t step) {
-  const std::string dir = StepDir(root, step);
-  auto commit = ReadCommit(root, step);
-  if (!commit.ok()) {
-    if (commit.status().code() == absl::StatusCode::kNotFound) {
-      auto all = CommittedSteps(root);
-      return absl::NotFoundError(absl::StrCat("step ", step, " in ", root, " has no COMMIT record (never completed); ",
-                                              all.empty() ? std::string("no step is committed")
-                                                          : absl::StrCat("committed steps: ", absl::StrJoin(all, ", "))));
-    }
-    return commit.status();
-  }
-  if (commit->world_size() != opt.world_size)
-    return absl::FailedPreconditionError(absl::StrCat(dir, " was saved with world size ", commit->world_size(),
-                                                      ", this Checkpointer has ", opt.world_size));
-  const std::string data_name = RankDataName(opt.rank), manifest_name = RankManifestName(opt.rank);
-  const pb::FileRecord* data_rec = nullptr;
-  const pb::FileRecord* manifest_rec = nullptr;
-  for (const auto& f : commit->files()) {
-    if (f.name() == data_name) data_rec = &f;
-    if (f.name() == manifest_name) manifest_rec = &f;
-  }
-  if (!data_rec || !manifest_rec)
-    return absl::DataLossError(absl::StrCat(dir, "/COMMIT does not list the files of rank ", opt.rank));
-  const std::string manifest_path = absl::StrCat(dir, "/", manifest_name);
-  FCK_ASSIGN_OR_RETURN(std::string framed, ReadSmallFile(manifest_path));
-  if (framed.size() != manifest_rec->size() || Crc32c(framed.data(), framed.size()) != manifest_rec->crc32c())
-    return absl::DataLossError(absl::StrCat(manifest_path, " does not match its COMMIT entry (size ", framed.size(),
-                                            ", expected ", manifest_rec->size(), ", or checksum)"));
-  StorageManifest out;
-  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &out.manifest));
-  out.data_path = absl::StrCat(dir, "/", data_name);
-  out.data_bytes = data_rec->size();
-  return out;
-}
-
-absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Checkpointer::Impl::LoadFromStorage(int64_t step, bool verify) {
-  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(step));
-  const pb::Manifest& m = sm.manifest;
-  const std::string& data_path = sm.data_path;
-  std::error_code ec;
-  uint64_t on_disk = fs::file_size(data_path, ec);
-  if (ec) return ErrnoStatus("open", data_path, ec.value());
-  if (on_disk != sm.data_bytes)
-    return absl::DataLossError(absl::StrCat(data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
-                                            sm.data_bytes, ": the file is truncated or replaced"));
-  bool prepared = false;
-  auto buffer = AllocateAligned(m.data_bytes(), &prepared);
-  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
-  IoOptions io;
-  io.use_io_uring = opt.use_io_uring;
-  io.use_direct_io = opt.use_direct_io;
-  io.chunk_bytes = opt.io_chunk_bytes;
-  io.queue_depth = opt.io_queue_depth;
-  BulkIo reader(io);
-  FCK_RETURN_IF_ERROR(reader.ReadFile(data_path, buffer.get(), m.data_bytes()).status());
-  if (prepared) FCK_LOG(kInfo, "step ", step, " read into the load buffer prepared ahead");
-  return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, &pool_, data_path);
-}
-
-int64_t Checkpointer::Impl::NewestStep(bool prefer_memory) {
-  std::optional<int64_t> committed = LatestCommitted(root);
-  SlotView mem;
-  if (prefer_memory && seg && seg->Newest(&mem) && (!committed || mem.step >= *committed)) return mem.step;
-  if (committed) return *committed;
-  throw Error(ErrorCode::kNotFound, absl::StrCat("no checkpoint to load: ", root,
-                                                 " has no committed step and shared memory holds none"));
-}
-
-StepDescription Checkpointer::Impl::Describe(const LoadOptions& lo) {
-  JoinReserveForLoad();
-  StepDescription d;
-  d.step = lo.step ? *lo.step : NewestStep(lo.prefer_memory);
-  pb::Manifest m;
-  SlotView v;
-  bool from_memory = false;
-  if (lo.prefer_memory && seg && seg->Newest(&v, d.step)) {
-    absl::StatusOr<std::string> framed = seg->ManifestBytes(v);
-    from_memory = framed.ok() && ParseRecord(*framed, RecordKind::kManifest, shm_path, &m).ok() && seg->StillValid(v);
-  }
-  if (from_memory) {
-    d.source = Source::kMemory;
-  } else {
-    m = ValueOrThrow(ReadStorageManifest(d.step)).manifest;
-    d.source = Source::kStorage;
-  }
-  for (const auto& e : m.tensors()) d.tensors.push_back(TensorInfoOf(e));
-  for (const auto& b : m.blobs()) d.blobs[b.key()] = b.data();
-  return d;
 }
 
 std::optional<int64_t> Checkpointer::Impl::TakeRestoreStep() {
@@ -1006,7 +757,7 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
   struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
   const int64_t step = lo.step ? *lo.step : NewestStep(lo.prefer_memory);
   if (lo.prefer_memory) {
-    auto r = LoadFromMemory(step, lo.verify);
+    auto r = loader_->FromMemory(seg.get(), step, lo.verify);
     if (r.ok()) {
       FCK_LOG(kInfo, "loaded step ", step, " from shared memory");
       Restored(step, /*agreed=*/lo.step.has_value());
@@ -1015,7 +766,7 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
     if (r.status().code() != absl::StatusCode::kNotFound)
       FCK_LOG(kWarn, "loading step ", step, " from memory failed (", r.status().message(), "); trying storage");
   }
-  auto r = LoadFromStorage(step, lo.verify);
+  auto r = loader_->FromStorage(step, lo.verify);
   inherited_.clear();  // committed already, or not restorable from memory
   if (r.ok()) {
     FCK_LOG(kInfo, "loaded step ", step, " from ", root);
@@ -1025,7 +776,7 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
     for (int64_t older : CommittedSteps(root)) {
       if (older >= step) continue;
       FCK_LOG(kWarn, "step ", step, " unusable (", r.status().message(), "); falling back to step ", older);
-      auto o = LoadFromStorage(older, lo.verify);
+      auto o = loader_->FromStorage(older, lo.verify);
       if (o.ok()) return std::move(*o);
     }
   }
@@ -1090,7 +841,7 @@ absl::Status Checkpointer::Impl::Close() {
   }
   if (dir_lock_taker_.joinable()) dir_lock_taker_.join();
   if (dir_lock_fd_ >= 0) { ::close(dir_lock_fd_); dir_lock_fd_ = -1; }
-  if (agent_fd_ >= 0) { ::close(agent_fd_); agent_fd_ = -1; }
+  if (agent_) agent_->Close();
   {
     std::lock_guard<std::mutex> l(g_open_mu);
     g_open.erase(open_key_);
@@ -1115,112 +866,36 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::load(const LoadOptions& options) {
 
 StepDescription Checkpointer::describe(const LoadOptions& options) { return impl_->Describe(options); }
 
-namespace {
-
-// Lists every key problem at once: missing, unexpected, mismatched.
-absl::Status CheckDestinations(const std::map<std::string, MutableTensorRef>& dest, const pb::Manifest& m) {
-  std::map<std::string, const pb::TensorEntry*> saved;
-  for (const auto& e : m.tensors()) saved[e.key()] = &e;
-  std::vector<std::string> missing, unexpected, mismatched;
-  for (const auto& [k, d] : dest) {
-    auto it = saved.find(k);
-    if (it == saved.end()) { missing.push_back(k); continue; }
-    const pb::TensorEntry& e = *it->second;
-    if (!e.storage_key().empty()) {
-      mismatched.push_back(absl::StrCat(k, " (a view of ", e.storage_key(), "; load it through that key)"));
-      continue;
-    }
-    std::vector<int64_t> shape(e.shape().begin(), e.shape().end());
-    if (shape != d.shape || e.dtype() != d.dtype || e.length() != d.nbytes)
-      mismatched.push_back(absl::StrCat(k, " (saved ", e.dtype(), " [", absl::StrJoin(shape, ","), "], target ",
-                                        d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
-  }
-  for (const auto& e : m.tensors())
-    if (!dest.count(e.key()) && e.storage_key().empty()) unexpected.push_back(e.key());
-  if (missing.empty() && unexpected.empty() && mismatched.empty()) return absl::OkStatus();
-  return absl::InvalidArgumentError(
-      absl::StrCat("cannot load step ", m.step(), " into the given buffers: missing keys [", absl::StrJoin(missing, ", "),
-                   "], unexpected keys [", absl::StrJoin(unexpected, ", "), "], mismatched [",
-                   absl::StrJoin(mismatched, "; "), "]"));
-}
-
-pb::Manifest ManifestOf(const LoadedSnapshot& snap) {
-  pb::Manifest m;
-  m.set_step(snap.step());
-  for (const auto& t : snap.tensors()) {
-    auto* e = m.add_tensors();
-    e->set_key(t.key);
-    e->set_dtype(t.dtype);
-    for (auto d : t.shape) e->add_shape(d);
-    e->set_length(t.nbytes);
-    e->set_storage_key(t.storage_key);
-  }
-  return m;
-}
-
-}  // namespace
-
-absl::StatusOr<int64_t> Checkpointer::Impl::LoadIntoFromMemory(const std::map<std::string, MutableTensorRef>& dest,
-                                                               std::map<std::string, std::string>* blobs,
-                                                               const LoadOptions& lo) {
+StepDescription Checkpointer::Impl::Describe(const LoadOptions& lo) {
   JoinReserveForLoad();
-  struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
-  SlotView v;
-  if (!seg || !seg->Newest(&v, lo.step.value_or(-1))) return absl::NotFoundError("not in memory");
-  auto committed = LatestCommitted(root);
-  if (!lo.step && committed && *committed > v.step) return absl::NotFoundError("storage is newer");
-  const uint8_t* data = seg->slot_data(v.index);
-  FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
-  pb::Manifest m;
-  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, shm_path, &m));
-  FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
-  seg->MapForReading(v.index, v.data_bytes, pool_.threads());
-  std::vector<CopyTask> tasks;
-  std::vector<const pb::TensorEntry*> entries;
-  for (const auto& e : m.tensors()) {
-    auto it = dest.find(e.key());
-    if (it == dest.end() || e.offset() + e.length() > v.data_bytes) continue;
-    tasks.push_back({it->second.data, data + e.offset(), e.length()});
-    entries.push_back(&e);
-  }
-  std::vector<uint32_t> crcs;
-  pool_.CopyAndChecksum(tasks, &crcs);
-  if (!seg->StillValid(v)) return absl::UnavailableError("slot was overwritten while reading");
-  for (size_t i = 0; lo.verify && i < entries.size(); ++i)
-    if (crcs[i] != entries[i]->crc32c())
-      return absl::DataLossError(absl::StrCat("shared-memory snapshot ", shm_path, " step ", v.step, ": tensor '",
-                                              entries[i]->key(), "' fails its crc32c check"));
-  if (blobs) {
-    blobs->clear();
-    for (const auto& b : m.blobs()) (*blobs)[b.key()] = b.data();
-  }
-  FCK_LOG(kInfo, "loaded step ", v.step, " from shared memory into caller buffers");
-  return v.step;
+  return ValueOrThrow(loader_->Describe(seg.get(), lo.step ? *lo.step : NewestStep(lo.prefer_memory), lo.prefer_memory));
 }
 
-int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
-                                std::map<std::string, std::string>* blobs, const LoadOptions& options) {
+int64_t Checkpointer::Impl::LoadInto(const std::map<std::string, MutableTensorRef>& dest,
+                                     std::map<std::string, std::string>* blobs, const LoadOptions& options) {
   LoadOptions lo = options;
-  if (!lo.step) lo.step = impl_->TakeRestoreStep();
+  if (!lo.step) lo.step = TakeRestoreStep();
   if (lo.prefer_memory) {
-    auto r = impl_->LoadIntoFromMemory(dest, blobs, lo);
+    JoinReserveForLoad();
+    absl::StatusOr<int64_t> r;
+    {
+      struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
+      r = loader_->IntoFromMemory(seg.get(), dest, blobs, lo);
+    }
     if (r.ok()) {
-      impl_->Restored(*r, /*agreed=*/lo.step.has_value());
+      Restored(*r, /*agreed=*/lo.step.has_value());
       return *r;
     }
     if (r.status().code() == absl::StatusCode::kInvalidArgument) ThrowStatus(r.status());
   }
-  auto snap = load(lo);
-  ThrowIfError(CheckDestinations(dest, ManifestOf(*snap)));
-  std::vector<CopyTask> tasks;
-  for (const auto& [k, d] : dest) {
-    const TensorInfo* t = snap->find(k);
-    tasks.push_back({d.data, t->data, t->nbytes});
-  }
-  std::vector<uint32_t> crcs;
-  impl_->CopyPoolForLoad().CopyAndChecksum(tasks, &crcs);
-  if (blobs) *blobs = snap->blobs();
+  auto snap = Load(lo);
+  ThrowIfError(loader_->CopyInto(*snap, dest, blobs));
   return snap->step();
+}
+
+int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
+                                std::map<std::string, std::string>* blobs, const LoadOptions& options) {
+  return impl_->LoadInto(dest, blobs, options);
 }
 
 std::optional<int64_t> Checkpointer::latest_step() { return LatestCommitted(impl_->root); }
@@ -1231,29 +906,7 @@ std::optional<int64_t> Checkpointer::latest_memory_step() {
   return std::nullopt;
 }
 
-std::vector<StepInfo> Checkpointer::steps() {
-  std::map<int64_t, StepInfo> by_step;
-  for (const auto& l : ListSteps(impl_->root)) {
-    StepInfo& s = by_step[l.step];
-    s.step = l.step;
-    s.committed = l.committed;
-    s.bytes = l.bytes;
-    s.world_size = l.world_size;
-  }
-  if (SharedSegment* seg = impl_->Segment()) {
-    for (int i = 0; i < seg->num_slots(); ++i) {
-      SlotView v;
-      if (!seg->ReadSlot(i, &v)) continue;
-      StepInfo& s = by_step[v.step];
-      s.step = v.step;
-      s.in_memory = true;
-      if (!s.committed) s.bytes = v.data_bytes;
-    }
-  }
-  std::vector<StepInfo> out;
-  for (auto& [k, v] : by_step) out.push_back(v);
-  return out;
-}
+std::vector<StepInfo> Checkpointer::steps() { return impl_->Steps(); }
 
 void Checkpointer::wait_all() { impl_->WaitAll(impl_->opt.wait_timeout); }
 void Checkpointer::wait_all(std::chrono::milliseconds timeout) { impl_->WaitAll(timeout); }

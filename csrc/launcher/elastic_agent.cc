@@ -418,6 +418,8 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       rendezvous->Shutdown();
       return 1;
     }
+    // A signal that came during the round or the hooks stops the job before any worker starts.
+    if (int sig = take_signal()) return exit_on_signal(sig);
     if (absl::Status s = group.Start(PlanWorkers(job, *round, restart_count, hooks)); !s.ok()) {
       Say(absl::StrFormat("error: starting workers: %s", s.message()));
       group.Stop(SIGKILL, std::chrono::seconds(0));

@@ -84,27 +84,6 @@ py::dict TensorInfoToDict(const TensorInfo& t, const void* base) {
   return d;
 }
 
-TensorRef TensorRefFromTuple(const py::handle& item) {
-  // (key, data_ptr, nbytes, dtype, shape, element_size, device, cuda_stream,
-  //  strides, storage_offset, storage_key[, device_type])
-  auto t = item.cast<py::tuple>();
-  if (t.size() != 11 && t.size() != 12) throw py::value_error("tensor record must have 11 or 12 fields");
-  TensorRef r;
-  r.key = t[0].cast<std::string>();
-  r.data = reinterpret_cast<const void*>(t[1].cast<uintptr_t>());
-  r.nbytes = t[2].cast<uint64_t>();
-  r.dtype = t[3].cast<std::string>();
-  r.shape = t[4].cast<std::vector<int64_t>>();
-  r.element_size = t[5].cast<uint32_t>();
-  r.device = t[6].cast<int>();
-  r.cuda_stream = reinterpret_cast<void*>(t[7].cast<uintptr_t>());
-  r.strides = t[8].cast<std::vector<int64_t>>();
-  r.storage_offset = t[9].cast<int64_t>();
-  r.storage_key = t[10].cast<std::string>();
-  if (t.size() == 12) r.device_type = t[11].cast<std::string>();
-  return r;
-}
-
 // The core's log lines on their way to Python's `logging`: the sink only
 // queues (any thread, no GIL), and flashckpt._logging's thread takes them and
 // hands them to the `flashckpt` logger. Never freed: core threads may log
@@ -202,6 +181,60 @@ PYBIND11_MODULE(_C, m) {
       RaiseError(e);
     }
   });
+
+  // What save() hands over per tensor, by name on both sides of the binding.
+  py::class_<TensorRef>(m, "TensorRecord")
+      .def(py::init([](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
+                       uint32_t element_size, int device, uintptr_t cuda_stream, std::vector<int64_t> strides,
+                       int64_t storage_offset, std::string storage_key, std::string device_type) {
+             TensorRef r;
+             r.key = std::move(key);
+             r.data = reinterpret_cast<const void*>(data);
+             r.nbytes = nbytes;
+             r.dtype = std::move(dtype);
+             r.shape = std::move(shape);
+             r.element_size = element_size;
+             r.device = device;
+             r.cuda_stream = reinterpret_cast<void*>(cuda_stream);
+             r.strides = std::move(strides);
+             r.storage_offset = storage_offset;
+             r.storage_key = std::move(storage_key);
+             r.device_type = std::move(device_type);
+             return r;
+           }),
+           py::kw_only(), py::arg("key"), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"),
+           py::arg("element_size"), py::arg("device") = -1, py::arg("cuda_stream") = 0,
+           py::arg("strides") = std::vector<int64_t>{}, py::arg("storage_offset") = 0, py::arg("storage_key") = "",
+           py::arg("device_type") = "")
+      .def_readonly("key", &TensorRef::key)
+      .def_property_readonly("data", [](const TensorRef& r) { return reinterpret_cast<uintptr_t>(r.data); })
+      .def_readonly("nbytes", &TensorRef::nbytes)
+      .def_readonly("dtype", &TensorRef::dtype)
+      .def_readonly("shape", &TensorRef::shape)
+      .def_readonly("element_size", &TensorRef::element_size)
+      .def_readonly("device", &TensorRef::device)
+      .def_readonly("strides", &TensorRef::strides)
+      .def_readonly("storage_offset", &TensorRef::storage_offset)
+      .def_readonly("storage_key", &TensorRef::storage_key)
+      .def_readonly("device_type", &TensorRef::device_type)
+      .def("__repr__", [](const TensorRef& r) {
+        return "<TensorRecord " + r.key + " " + r.dtype + " " + std::to_string(r.nbytes) + " bytes>";
+      });
+  // A load_into() destination: caller-owned host memory of a tensor.
+  py::class_<MutableTensorRef>(m, "LoadTarget")
+      .def(py::init([](uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape) {
+             MutableTensorRef r;
+             r.data = reinterpret_cast<void*>(data);
+             r.nbytes = nbytes;
+             r.dtype = std::move(dtype);
+             r.shape = std::move(shape);
+             return r;
+           }),
+           py::kw_only(), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"))
+      .def_property_readonly("data", [](const MutableTensorRef& r) { return reinterpret_cast<uintptr_t>(r.data); })
+      .def_readonly("nbytes", &MutableTensorRef::nbytes)
+      .def_readonly("dtype", &MutableTensorRef::dtype)
+      .def_readonly("shape", &MutableTensorRef::shape);
 
   py::class_<SaveHandle>(m, "SaveHandle")
       .def_property_readonly("step", &SaveHandle::step)
@@ -304,7 +337,7 @@ PYBIND11_MODULE(_C, m) {
              bool blocking) {
             std::vector<TensorRef> refs;
             refs.reserve(tensors.size());
-            for (const auto& item : tensors) refs.push_back(TensorRefFromTuple(item));
+            for (const auto& item : tensors) refs.push_back(item.cast<const TensorRef&>());
             std::vector<BlobRef> brefs;
             brefs.reserve(blobs.size());
             for (const auto& item : blobs) {
@@ -354,17 +387,9 @@ PYBIND11_MODULE(_C, m) {
           "load_into",
           [](Checkpointer& c, const py::dict& dest, std::optional<int64_t> step,
              bool prefer_memory, bool allow_fallback, bool verify) {
-            // dest: key -> (data_ptr, nbytes, dtype, shape)
+            // dest: key -> LoadTarget
             std::map<std::string, MutableTensorRef> refs;
-            for (const auto& [k, v] : dest) {
-              auto t = v.cast<py::tuple>();
-              MutableTensorRef r;
-              r.data = reinterpret_cast<void*>(t[0].cast<uintptr_t>());
-              r.nbytes = t[1].cast<uint64_t>();
-              r.dtype = t[2].cast<std::string>();
-              r.shape = t[3].cast<std::vector<int64_t>>();
-              refs.emplace(k.cast<std::string>(), std::move(r));
-            }
+            for (const auto& [k, v] : dest) refs.emplace(k.cast<std::string>(), v.cast<const MutableTensorRef&>());
             auto opt = MakeLoadOptions(step, prefer_memory, allow_fallback, verify);
             std::map<std::string, std::string> blobs;
             int64_t loaded;

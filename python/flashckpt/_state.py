@@ -28,6 +28,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from . import _native
+
 STRUCTURE_BLOB = "__flashckpt__/structure"
 STRUCTURE_VERSION = 1
 
@@ -57,7 +59,13 @@ def _path_repr(path: Tuple[Any, ...]) -> str:
 
 
 def _key_of(path: Tuple[Any, ...]) -> str:
-    return "/".join(str(p) for p in path) if path else "<root>"
+    key = "/".join(str(p) for p in path) if path else "<root>"
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"cannot save {_path_repr(path)}: its key cannot be encoded as UTF-8 ({e.reason} at "
+                         f"{e.start}, e.g. a lone surrogate from a file name); use keys that can") from None
+    return key
 
 
 def storage_of(t: torch.Tensor) -> Tuple[int, int]:
@@ -108,7 +116,7 @@ def _device_index(t: torch.Tensor) -> int:
 class FlatState:
     """What save() hands to the core."""
 
-    records: List[tuple] = field(default_factory=list)  # core TensorRef tuples
+    records: List[Any] = field(default_factory=list)  # _C.TensorRecord, one per tensor entry
     blobs: List[Tuple[str, bytes]] = field(default_factory=list)
     keepalive: List[torch.Tensor] = field(default_factory=list)  # temporaries and sources
     nbytes: int = 0
@@ -239,8 +247,10 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
 
     def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key=""):
         dev = _device_index(t)
-        flat.records.append((key, ptr, nbytes, str(t.dtype), list(shape), t.element_size(), dev,
-                             stream_of(t), list(strides), storage_offset, storage_key, t.device.type))
+        flat.records.append(_native.load().TensorRecord(
+            key=key, data=ptr, nbytes=nbytes, dtype=str(t.dtype), shape=list(shape),
+            element_size=t.element_size(), device=dev, cuda_stream=stream_of(t), strides=list(strides),
+            storage_offset=storage_offset, storage_key=storage_key, device_type=t.device.type))
         devices[key] = str(t.device)
         if not storage_key:
             flat.nbytes += nbytes

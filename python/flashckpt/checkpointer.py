@@ -556,10 +556,12 @@ class Checkpointer:
         for key, e in entries.items():  # the other entries: small, into new tensors
             if key not in dest:
                 dest[key] = torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"]))
-        records = {k: (t.data_ptr(), t.numel() * t.element_size(), str(t.dtype), list(t.shape))
+        target = _native.load().LoadTarget
+        records = {k: target(data=t.data_ptr(), nbytes=t.numel() * t.element_size(), dtype=str(t.dtype),
+                             shape=list(t.shape))
                    for k, t in dest.items()}
         loaded, _ = self._core.load_into(records, step=desc["step"], prefer_memory=True)
-        self.last_load = LoadInfo(loaded, "memory", sum(r[1] for r in records.values()),
+        self.last_load = LoadInfo(loaded, "memory", sum(r.nbytes for r in records.values()),
                                   time.perf_counter() - t0)
         return _state.restore_structure(meta, dest)
 

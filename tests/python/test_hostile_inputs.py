@@ -41,6 +41,8 @@ API_CASES = [
     ("save: cyclic state", lambda c: c.save(5, _cyclic()), ValueError,
      "cannot save state['model']['again'][0]: the state contains a cycle"),
     ("save: unpicklable value", lambda c: c.save(5, {"f": lambda: 1}), TypeError, "cannot save state['f']"),
+    ("save: key that is not UTF-8", lambda c: c.save(5, {"w": {"\udc80": torch.ones(2)}}), ValueError,
+     "cannot save state['w']['\\udc80']: its key cannot be encoded as UTF-8"),
     ("save: committed step with other contents", lambda c: c.save(1, {"w": torch.zeros(16)}).wait(),
      FailedPreconditionError, "persist step 1 refused"),
 ]
@@ -236,3 +238,23 @@ def test_flashrun_backs_off_from_an_endpoint_that_accepts_and_closes(tmp_path, r
     # Backing off from 50 ms to 2 s within 4 s: a handful of calls (each at most two
     # connections), not the thousands of a retry loop.
     assert 1 <= len(accepted) <= 60, (len(accepted), out.stderr[-2000:])
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["no-logs-asked-for", "with-r"])
+def test_flashrun_log_directory_honours_tmpdir_and_goes_unless_logs_were_asked_for(tmp_path, keep):
+    script = tmp_path / "ok.py"
+    script.write_text("print('hello from the worker')\n")
+    tmpdir = tmp_path / "tmp"
+    tmpdir.mkdir()
+    extra = ["-r", "3"] if keep else []
+    out = subprocess.run([_flashrun(), "--standalone"] + extra + [str(script)],
+                         env=dict(os.environ, TMPDIR=str(tmpdir)), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"logs in {tmpdir}/flashrun_" in out.stderr, out.stderr[-2000:]
+    left = os.listdir(tmpdir)
+    if keep:
+        assert len(left) == 1 and left[0].startswith("flashrun_"), left
+        logs = [os.path.join(dp, f) for dp, _, fs in os.walk(tmpdir / left[0]) for f in fs if f == "stdout.log"]
+        assert logs and "hello from the worker" in open(logs[0]).read()
+    else:
+        assert left == [], f"the log directory was left behind: {left}"

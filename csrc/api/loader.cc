@@ -1,0 +1,252 @@
+#include "api/loader.h"
+
+#include <filesystem>
+#include <map>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/crc32c.h"
+#include "common/log.h"
+#include "common/status.h"
+#include "snapshot/snapshot.h"
+#include "storage/layout.h"
+
+namespace flashckpt {
+namespace fs = std::filesystem;
+
+namespace {
+
+// Lists every key problem at once: missing, unexpected, mismatched.
+absl::Status CheckDestinations(const std::map<std::string, MutableTensorRef>& dest, const pb::Manifest& m) {
+  std::map<std::string, const pb::TensorEntry*> saved;
+  for (const auto& e : m.tensors()) saved[e.key()] = &e;
+  std::vector<std::string> missing, unexpected, mismatched;
+  for (const auto& [k, d] : dest) {
+    auto it = saved.find(k);
+    if (it == saved.end()) { missing.push_back(k); continue; }
+    const pb::TensorEntry& e = *it->second;
+    if (!e.storage_key().empty()) {
+      mismatched.push_back(absl::StrCat(k, " (a view of ", e.storage_key(), "; load it through that key)"));
+      continue;
+    }
+    std::vector<int64_t> shape(e.shape().begin(), e.shape().end());
+    if (shape != d.shape || e.dtype() != d.dtype || e.length() != d.nbytes)
+      mismatched.push_back(absl::StrCat(k, " (saved ", e.dtype(), " [", absl::StrJoin(shape, ","), "], target ",
+                                        d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
+  }
+  for (const auto& e : m.tensors())
+    if (!dest.count(e.key()) && e.storage_key().empty()) unexpected.push_back(e.key());
+  if (missing.empty() && unexpected.empty() && mismatched.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("cannot load step ", m.step(), " into the given buffers: missing keys [", absl::StrJoin(missing, ", "),
+                   "], unexpected keys [", absl::StrJoin(unexpected, ", "), "], mismatched [",
+                   absl::StrJoin(mismatched, "; "), "]"));
+}
+
+pb::Manifest ManifestOf(const LoadedSnapshot& snap) {
+  pb::Manifest m;
+  m.set_step(snap.step());
+  for (const auto& t : snap.tensors()) {
+    auto* e = m.add_tensors();
+    e->set_key(t.key);
+    e->set_dtype(t.dtype);
+    for (auto d : t.shape) e->add_shape(d);
+    e->set_length(t.nbytes);
+    e->set_storage_key(t.storage_key);
+  }
+  return m;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedSegment* seg, int64_t step,
+                                                                   bool verify) const {
+  SlotView v;
+  if (!seg || !seg->Newest(&v, step))
+    return absl::NotFoundError(absl::StrCat("step ", step, " is not in shared memory"));
+  const uint8_t* data = seg->slot_data(v.index);
+  FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
+  pb::Manifest m;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, c_.shm_path, &m));
+  bool prepared = false;
+  auto buffer = AllocateAligned(v.data_bytes, &prepared);
+  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
+  seg->MapForReading(v.index, v.data_bytes, c_.pool->threads());
+  std::vector<CopyTask> tasks;
+  auto* dst = static_cast<uint8_t*>(buffer.get());
+  for (const auto& e : m.tensors()) {
+    if (!e.storage_key().empty() || e.offset() + e.length() > v.data_bytes) { tasks.push_back({}); continue; }
+    tasks.push_back({dst + e.offset(), data + e.offset(), e.length()});
+  }
+  std::vector<uint32_t> crcs;
+  c_.pool->CopyAndChecksum(tasks, &crcs);
+  if (!seg->StillValid(v))
+    return absl::UnavailableError(absl::StrCat("slot of step ", step, " was overwritten while reading"));
+  if (!verify) crcs.clear();
+  if (prepared) FCK_LOG(kInfo, "step ", step, " copied into the load buffer prepared ahead");
+  return MakeLoadedSnapshot(m, std::move(buffer), v.data_bytes, Source::kMemory, verify, std::move(crcs), c_.pool,
+                            absl::StrCat("shared-memory snapshot ", c_.shm_path, " step ", step));
+}
+
+absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step) const {
+  const std::string& root = c_.root;
+  const std::string dir = StepDir(root, step);
+  auto commit = ReadCommit(root, step);
+  if (!commit.ok()) {
+    if (commit.status().code() == absl::StatusCode::kNotFound) {
+      auto all = CommittedSteps(root);
+      return absl::NotFoundError(absl::StrCat("step ", step, " in ", root, " has no COMMIT record (never completed); ",
+                                              all.empty() ? std::string("no step is committed")
+                                                          : absl::StrCat("committed steps: ", absl::StrJoin(all, ", "))));
+    }
+    return commit.status();
+  }
+  if (commit->world_size() != c_.world_size)
+    return absl::FailedPreconditionError(absl::StrCat(dir, " was saved with world size ", commit->world_size(),
+                                                      ", this Checkpointer has ", c_.world_size));
+  const std::string data_name = RankDataName(c_.rank), manifest_name = RankManifestName(c_.rank);
+  const pb::FileRecord* data_rec = nullptr;
+  const pb::FileRecord* manifest_rec = nullptr;
+  for (const auto& f : commit->files()) {
+    if (f.name() == data_name) data_rec = &f;
+    if (f.name() == manifest_name) manifest_rec = &f;
+  }
+  if (!data_rec || !manifest_rec)
+    return absl::DataLossError(absl::StrCat(dir, "/COMMIT does not list the files of rank ", c_.rank));
+  const std::string manifest_path = absl::StrCat(dir, "/", manifest_name);
+  FCK_ASSIGN_OR_RETURN(std::string framed, ReadSmallFile(manifest_path));
+  if (framed.size() != manifest_rec->size() || Crc32c(framed.data(), framed.size()) != manifest_rec->crc32c())
+    return absl::DataLossError(absl::StrCat(manifest_path, " does not match its COMMIT entry (size ", framed.size(),
+                                            ", expected ", manifest_rec->size(), ", or checksum)"));
+  StorageManifest out;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &out.manifest));
+  out.data_path = absl::StrCat(dir, "/", data_name);
+  out.data_bytes = data_rec->size();
+  return out;
+}
+
+absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromStorage(int64_t step, bool verify) const {
+  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(step));
+  const pb::Manifest& m = sm.manifest;
+  const std::string& data_path = sm.data_path;
+  std::error_code ec;
+  uint64_t on_disk = fs::file_size(data_path, ec);
+  if (ec) return ErrnoStatus("open", data_path, ec.value());
+  if (on_disk != sm.data_bytes)
+    return absl::DataLossError(absl::StrCat(data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
+                                            sm.data_bytes, ": the file is truncated or replaced"));
+  bool prepared = false;
+  auto buffer = AllocateAligned(m.data_bytes(), &prepared);
+  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
+  BulkIo reader(c_.io);
+  FCK_RETURN_IF_ERROR(reader.ReadFile(data_path, buffer.get(), m.data_bytes()).status());
+  if (prepared) FCK_LOG(kInfo, "step ", step, " read into the load buffer prepared ahead");
+  return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, c_.pool, data_path);
+}
+
+absl::StatusOr<int64_t> Loader::NewestStep(const SharedSegment* seg, bool prefer_memory) const {
+  std::optional<int64_t> committed = LatestCommitted(c_.root);
+  SlotView mem;
+  if (prefer_memory && seg && seg->Newest(&mem) && (!committed || mem.step >= *committed)) return mem.step;
+  if (committed) return *committed;
+  return absl::NotFoundError(absl::StrCat("no checkpoint to load: ", c_.root,
+                                          " has no committed step and shared memory holds none"));
+}
+
+absl::StatusOr<StepDescription> Loader::Describe(const SharedSegment* seg, int64_t step, bool prefer_memory) const {
+  StepDescription d;
+  d.step = step;
+  pb::Manifest m;
+  SlotView v;
+  bool from_memory = false;
+  if (prefer_memory && seg && seg->Newest(&v, d.step)) {
+    absl::StatusOr<std::string> framed = seg->ManifestBytes(v);
+    from_memory = framed.ok() && ParseRecord(*framed, RecordKind::kManifest, c_.shm_path, &m).ok() && seg->StillValid(v);
+  }
+  if (from_memory) {
+    d.source = Source::kMemory;
+  } else {
+    FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(d.step));
+    m = std::move(sm.manifest);
+    d.source = Source::kStorage;
+  }
+  for (const auto& e : m.tensors()) d.tensors.push_back(TensorInfoOf(e));
+  for (const auto& b : m.blobs()) d.blobs[b.key()] = b.data();
+  return d;
+}
+
+absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
+                                               const std::map<std::string, MutableTensorRef>& dest,
+                                               std::map<std::string, std::string>* blobs, const LoadOptions& lo) const {
+  SlotView v;
+  if (!seg || !seg->Newest(&v, lo.step.value_or(-1))) return absl::NotFoundError("not in memory");
+  auto committed = LatestCommitted(c_.root);
+  if (!lo.step && committed && *committed > v.step) return absl::NotFoundError("storage is newer");
+  const uint8_t* data = seg->slot_data(v.index);
+  FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
+  pb::Manifest m;
+  FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, c_.shm_path, &m));
+  FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
+  seg->MapForReading(v.index, v.data_bytes, c_.pool->threads());
+  std::vector<CopyTask> tasks;
+  std::vector<const pb::TensorEntry*> entries;
+  for (const auto& e : m.tensors()) {
+    auto it = dest.find(e.key());
+    if (it == dest.end() || e.offset() + e.length() > v.data_bytes) continue;
+    tasks.push_back({it->second.data, data + e.offset(), e.length()});
+    entries.push_back(&e);
+  }
+  std::vector<uint32_t> crcs;
+  c_.pool->CopyAndChecksum(tasks, &crcs);
+  if (!seg->StillValid(v)) return absl::UnavailableError("slot was overwritten while reading");
+  for (size_t i = 0; lo.verify && i < entries.size(); ++i)
+    if (crcs[i] != entries[i]->crc32c())
+      return absl::DataLossError(absl::StrCat("shared-memory snapshot ", c_.shm_path, " step ", v.step, ": tensor '",
+                                              entries[i]->key(), "' fails its crc32c check"));
+  if (blobs) {
+    blobs->clear();
+    for (const auto& b : m.blobs()) (*blobs)[b.key()] = b.data();
+  }
+  FCK_LOG(kInfo, "loaded step ", v.step, " from shared memory into caller buffers");
+  return v.step;
+}
+
+absl::Status Loader::CopyInto(const LoadedSnapshot& snap, const std::map<std::string, MutableTensorRef>& dest,
+                              std::map<std::string, std::string>* blobs) const {
+  FCK_RETURN_IF_ERROR(CheckDestinations(dest, ManifestOf(snap)));
+  std::vector<CopyTask> tasks;
+  for (const auto& [k, d] : dest) {
+    const TensorInfo* t = snap.find(k);
+    tasks.push_back({d.data, t->data, t->nbytes});
+  }
+  std::vector<uint32_t> crcs;
+  c_.pool->CopyAndChecksum(tasks, &crcs);
+  if (blobs) *blobs = snap.blobs();
+  return absl::OkStatus();
+}
+
+std::vector<StepInfo> Loader::Steps(const SharedSegment* seg) const {
+  std::map<int64_t, StepInfo> by_step;
+  for (const auto& l : ListSteps(c_.root)) {
+    StepInfo& s = by_step[l.step];
+    s.step = l.step;
+    s.committed = l.committed;
+    s.bytes = l.bytes;
+    s.world_size = l.world_size;
+  }
+  if (seg) {
+    for (int i = 0; i < seg->num_slots(); ++i) {
+      SlotView v;
+      if (!seg->ReadSlot(i, &v)) continue;
+      StepInfo& s = by_step[v.step];
+      s.step = v.step;
+      s.in_memory = true;
+      if (!s.committed) s.bytes = v.data_bytes;
+    }
+  }
+  std::vector<StepInfo> out;
+  for (auto& [k, v] : by_step) out.push_back(v);
+  return out;
+}
+
+}  // namespace flashckpt

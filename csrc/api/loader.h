@@ -1,0 +1,71 @@
+// The loader role of a Checkpointer: reads one rank's snapshot of a step from
+// shared memory (the newest slot holding it) or from storage (checked against
+// COMMIT), into a new buffer or straight into caller buffers, checksumming as
+// the bytes pass. It holds no state of its own beyond where to look: the
+// segment is passed in (it may be replaced by a growing save).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/parallel_copy.h"
+#include "flashckpt.pb.h"
+#include "flashckpt/types.h"
+#include "shm/segment.h"
+#include "storage/uring_io.h"
+
+namespace flashckpt {
+
+struct LoaderContext {
+  std::string root;       // the checkpoint directory
+  std::string shm_path;   // the rank's segment, for messages
+  int rank = 0;
+  int world_size = 1;
+  IoOptions io;           // storage reads
+  CopyPool* pool = nullptr;
+};
+
+class Loader {
+ public:
+  explicit Loader(LoaderContext c) : c_(std::move(c)) {}
+
+  // The newest slot of `seg` with `step`, copied into a new buffer.
+  // kNotFound when memory lacks the step (seg may be null).
+  absl::StatusOr<std::unique_ptr<LoadedSnapshot>> FromMemory(const SharedSegment* seg, int64_t step,
+                                                             bool verify) const;
+  // The committed step from storage.
+  absl::StatusOr<std::unique_ptr<LoadedSnapshot>> FromStorage(int64_t step, bool verify) const;
+  // The step load() takes when none is given: the highest of memory and
+  // storage (memory only when prefer_memory). kNotFound when there is none.
+  absl::StatusOr<int64_t> NewestStep(const SharedSegment* seg, bool prefer_memory) const;
+  // The manifest of `step` (memory first when prefer_memory), no tensor bytes read.
+  absl::StatusOr<StepDescription> Describe(const SharedSegment* seg, int64_t step, bool prefer_memory) const;
+  // Copies the newest (or lo.step) in-memory step straight into `dest`,
+  // checksumming as it copies. kNotFound when memory lacks it (or, without a
+  // step, storage is newer); kInvalidArgument listing every key problem
+  // before anything is written.
+  absl::StatusOr<int64_t> IntoFromMemory(const SharedSegment* seg, const std::map<std::string, MutableTensorRef>& dest,
+                                         std::map<std::string, std::string>* blobs, const LoadOptions& lo) const;
+  // Copies a loaded snapshot into `dest` (the same checks first).
+  absl::Status CopyInto(const LoadedSnapshot& snap, const std::map<std::string, MutableTensorRef>& dest,
+                        std::map<std::string, std::string>* blobs) const;
+  // Every step of storage and memory, ascending.
+  std::vector<StepInfo> Steps(const SharedSegment* seg) const;
+
+ private:
+  struct StorageManifest {
+    pb::Manifest manifest;
+    std::string data_path;
+    uint64_t data_bytes = 0;
+  };
+  // The rank's manifest of committed `step`, checked against COMMIT.
+  absl::StatusOr<StorageManifest> ReadStorageManifest(int64_t step) const;
+
+  LoaderContext c_;
+};
+
+}  // namespace flashckpt
