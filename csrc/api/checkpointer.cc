@@ -815,8 +815,10 @@ absl::Status Checkpointer::Impl::Close() {
   fin_cv_.notify_all();
   if (finisher_.joinable()) finisher_.join();
   if (persister_) persister_->Stop(/*abandon=*/false);
-  if (!agent_mode_ && opt.persist) {
+  if (!agent_mode_ && opt.persist && opt.world_size == 1) {
     // What failed persists left (step directories with failure markers only).
+    // Alone only: another rank may still wait on a marker to give its step up
+    // (flashrun removes them at the end of the job).
     std::vector<int64_t> removed = RemoveFailedSteps(root);
     if (!removed.empty())
       FCK_LOG(kInfo, "removed ", removed.size(), " step directories of failed persists from ", root);
