@@ -381,10 +381,14 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     if (::read(signal_fd, &info, sizeof(info)) == sizeof(info)) return static_cast<int>(info.ssi_signo);
     return 0;
   };
+  // The hooks' last word before an exit that is not a success: said, not returned.
+  auto before_exit = [&] {
+    if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
+  };
   auto exit_on_signal = [&](int sig) {
     Say(absl::StrFormat("received %s: stopping workers (SIGKILL after %.0f s)", SignalName(sig), o.shutdown_timeout_s));
     group.Stop(sig, shutdown_grace);
-    if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
+    before_exit();
     rendezvous->Leave();
     rendezvous->Shutdown();
     return 128 + sig;
@@ -511,7 +515,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
                             "loop: check the network and --rdzv-conf keep_alive_interval/keep_alive_max_attempt); "
                             "giving up", membership_rounds.size(), static_cast<int>(kMembershipWindow.count())));
         group.Stop(SIGTERM, shutdown_grace);
-        if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
+        before_exit();
         rendezvous->Leave();
         rendezvous->Shutdown();
         return 1;
@@ -533,7 +537,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       continue;
     }
     group.Stop(SIGTERM, shutdown_grace);
-    if (absl::Status d = hooks.BeforeExit(); !d.ok()) Say(absl::StrCat("error: ", d.message()));
+    before_exit();
     Say(absl::StrFormat("worker group failed (%s); no restarts left (--max-restarts %d)", DescribeFailures(failures),
                         o.max_restarts));
     std::fprintf(stderr, "%s", FormatFailureSummary(job.title_name, job.hostname, failures).c_str());

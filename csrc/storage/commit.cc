@@ -141,8 +141,9 @@ absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
   CrashPoint("commit: before latest");
   // `latest` names the newest committed step: the highest step number (as
   // load(), retention and `flashckpt ls` count), not the last one committed.
-  std::vector<int64_t> committed = CommittedSteps(root);
-  const int64_t newest = committed.empty() ? step : std::max(step, committed.front());
+  // It holds that already (this function keeps it so); the step it names is
+  // kept when it is higher and still committed.
+  const int64_t newest = std::max(step, NamedLatest(root).value_or(step));
   FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(root, "/", kLatestName), absl::StrCat(newest, "\n")));
   CrashPoint("commit: after latest");
   return absl::OkStatus();

@@ -161,15 +161,20 @@ std::vector<int64_t> CommittedSteps(const std::string& root) {
   return steps;
 }
 
-std::optional<int64_t> LatestCommitted(const std::string& root) {
+std::optional<int64_t> NamedLatest(const std::string& root) {
   auto latest = ReadSmallFile(absl::StrCat(root, "/", kLatestName), 64);
   int64_t step;
-  if (latest.ok() && absl::SimpleAtoi(absl::StripAsciiWhitespace(*latest), &step) &&
-      ReadCommit(root, step).ok()) {
+  if (latest.ok() && absl::SimpleAtoi(absl::StripAsciiWhitespace(*latest), &step) && ReadCommit(root, step).ok())
+    return step;
+  return std::nullopt;
+}
+
+std::optional<int64_t> LatestCommitted(const std::string& root) {
+  if (std::optional<int64_t> step = NamedLatest(root)) {
     // `latest` is replaced after COMMIT, so a newer COMMIT may exist if we
     // crashed in between: the scan below settles it cheaply.
     auto all = CommittedSteps(root);
-    if (!all.empty() && all.front() > step) return all.front();
+    if (!all.empty() && all.front() > *step) return all.front();
     return step;
   }
   auto all = CommittedSteps(root);

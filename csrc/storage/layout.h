@@ -48,6 +48,8 @@ struct StepListing {
 };
 // Every step directory, ascending.
 std::vector<StepListing> ListSteps(const std::string& root);
+// The step the `latest` file names, if it is committed (no scan).
+std::optional<int64_t> NamedLatest(const std::string& root);
 // The newest step with a valid COMMIT (`latest` first, then a scan).
 std::optional<int64_t> LatestCommitted(const std::string& root);
 // Committed steps, descending.

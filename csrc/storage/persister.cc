@@ -40,54 +40,43 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   CrashPoint("persist: pinned");
   struct Unpin { SlotHeader* h; ~Unpin() { h->pin_pid.store(0); } } unpin{h};
 
-  // Committed already (the agent persisting again a snapshot whose COMMIT it did
-  // not wait for, when a restart cut the wait short): nothing to write, and that
-  // COMMIT must stay. The manifest (every tensor's crc32c) tells whether the
-  // committed files are this very snapshot.
-  if (auto committed = ReadCommit(root, job.step); committed.ok()) {
-    absl::StatusOr<std::string> manifest = seg->ManifestBytes(v);
-    for (const auto& f : committed->files()) {
-      if (manifest.ok() && f.name() == RankManifestName(opt.rank) && f.size() == manifest->size() &&
-          f.crc32c() == Crc32c(manifest->data(), manifest->size())) {
-        h->durable.store(1, std::memory_order_release);
-        FCK_LOG(kInfo, "step ", job.step, " of rank ", opt.rank, " is committed already in ", root);
-        PersistStats stats;
-        stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        return stats;
-      }
-    }
-  }
-
+  // Committed already: nothing to write, and that COMMIT must stay. Either
+  // this very snapshot (the agent persisting again a snapshot whose COMMIT it
+  // did not wait for, when a restart cut the wait short: the manifest bytes
+  // match COMMIT's entry), or the same state saved again (the manifests differ
+  // only in their creation time). Any other contents are refused: a committed
+  // step is never overwritten, since its COMMIT would have to go before the new
+  // data is durable and a failure in between (a full disk, a power loss) would
+  // lose both. The refused snapshot leaves memory too, so that no load or
+  // restart takes bytes for the step other than the committed ones.
   const std::string dir = StepDir(root, job.step);
-  // The same state saved again (only the manifest's creation time differs):
-  // durable as it is.
-  if (ReadCommit(root, job.step).ok()) {
+  if (auto committed = ReadCommit(root, job.step); committed.ok()) {
     absl::StatusOr<std::string> framed = seg->ManifestBytes(v);
-    pb::Manifest mine;
-    absl::StatusOr<pb::Manifest> theirs = ReadManifest(root, job.step, opt.rank);
-    if (framed.ok() && theirs.ok() && ParseRecord(*framed, RecordKind::kManifest, shm_path, &mine).ok()) {
-      mine.clear_created_unix_ns();
-      theirs->clear_created_unix_ns();
-      if (mine.SerializeAsString() == theirs->SerializeAsString()) {
-        h->durable.store(1, std::memory_order_release);
-        FCK_LOG(kInfo, "step ", job.step, " of rank ", opt.rank, " is committed already in ", root, " with this state");
-        PersistStats stats;
-        stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        return stats;
+    bool same = false;
+    for (const auto& f : committed->files())
+      same = same || (framed.ok() && f.name() == RankManifestName(opt.rank) && f.size() == framed->size() &&
+                      f.crc32c() == Crc32c(framed->data(), framed->size()));
+    if (!same && framed.ok()) {
+      pb::Manifest mine;
+      absl::StatusOr<pb::Manifest> theirs = ReadManifest(root, job.step, opt.rank);
+      if (theirs.ok() && ParseRecord(*framed, RecordKind::kManifest, shm_path, &mine).ok()) {
+        mine.clear_created_unix_ns();
+        theirs->clear_created_unix_ns();
+        same = mine.SerializeAsString() == theirs->SerializeAsString();
       }
     }
-  }
-  // Committed with other bytes: refused. A committed step is never
-  // overwritten: its COMMIT would have to go before the new data is durable,
-  // and a failure in between (a full disk, a power loss) would lose both.
-  // The refused snapshot leaves memory too, so that no load or restart takes
-  // bytes for the step other than the committed ones.
-  if (ReadCommit(root, job.step).ok()) {
-    seg->Retract(v);
-    return absl::FailedPreconditionError(absl::StrCat(
-        "persist step ", job.step, " refused: ", dir, " is committed with other contents and is kept (a committed "
-        "step is never overwritten, so that a failure while writing a replacement cannot lose it; saving the same "
-        "state again is fine). Save under a new step number, or remove ", dir, " first to replace it"));
+    if (!same) {
+      seg->Retract(v);
+      return absl::FailedPreconditionError(absl::StrCat(
+          "persist step ", job.step, " refused: ", dir, " is committed with other contents and is kept (a committed "
+          "step is never overwritten, so that a failure while writing a replacement cannot lose it; saving the same "
+          "state again is fine). Save under a new step number, or remove ", dir, " first to replace it"));
+    }
+    h->durable.store(1, std::memory_order_release);
+    FCK_LOG(kInfo, "step ", job.step, " of rank ", opt.rank, " is committed already in ", root);
+    PersistStats stats;
+    stats.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return stats;
   }
   if (fileops::MakeDirs(dir) != 0)
     return Annotate(ErrnoStatus("create step directory", dir, errno), absl::StrCat("persist step ", job.step));

@@ -245,9 +245,11 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
             return cuda_stream_of(t.device)
         return torch.cuda.current_stream(t.device).cuda_stream
 
+    tensor_record = _native.load().TensorRecord
+
     def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key=""):
         dev = _device_index(t)
-        flat.records.append(_native.load().TensorRecord(
+        flat.records.append(tensor_record(
             key=key, data=ptr, nbytes=nbytes, dtype=str(t.dtype), shape=list(shape),
             element_size=t.element_size(), device=dev, cuda_stream=stream_of(t), strides=list(strides),
             storage_offset=storage_offset, storage_key=storage_key, device_type=t.device.type))

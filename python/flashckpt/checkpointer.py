@@ -275,8 +275,8 @@ class Checkpointer:
             keepalive = flat.keepalive
             if not blocking:
                 keepalive = keepalive + _collect_tensors(state)
-            h = self._core.save(int(step), flat.records, flat.blobs, blocking=blocking)
-            handle = SaveHandle(h, keepalive if not blocking else [], flat.nbytes, int(step),
+            h = self._core.save(step, flat.records, flat.blobs, blocking=blocking)
+            handle = SaveHandle(h, keepalive if not blocking else [], flat.nbytes, step,
                                 blocking)
             if not blocking:
                 self._pending = handle

@@ -109,6 +109,14 @@ class Net(torch.nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+def _train(model, opt, x, steps=1):
+    """`steps` Adam steps of a squared-output loss on `x`."""
+    for _ in range(steps):
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+
+
 def test_load_into_strict_lists_every_difference(tmp_path):
     with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
         src = Net(extra=True)
@@ -133,10 +141,7 @@ def test_load_into_copies_from_memory_into_the_models_own_tensors_and_training_g
     src = Net()
     opt = torch.optim.Adam(src.parameters(), lr=0.1)
     x = torch.randn(16, 4)
-    for _ in range(3):
-        opt.zero_grad()
-        src(x).pow(2).mean().backward()
-        opt.step()
+    _train(src, opt, x, 3)
     with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
         ckpt.save(3, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
         target = Net()  # the slot's bytes are copied straight into its own parameters
@@ -150,10 +155,7 @@ def test_load_into_copies_from_memory_into_the_models_own_tensors_and_training_g
     for p, q in zip(src.parameters(), target.parameters()):
         assert torch.equal(p, q) and q.requires_grad
     for o, m in ((opt, src), (opt2, target)):  # two more steps: the same parameters, bit for bit
-        for _ in range(2):
-            o.zero_grad()
-            m(x).pow(2).mean().backward()
-            o.step()
+        _train(m, o, x, 2)
     for p, q in zip(src.parameters(), target.parameters()):
         assert torch.equal(p, q)
 
@@ -275,9 +277,7 @@ def test_load_into_restores_optimizer_hyperparameters_and_state_without_touching
     src = Net()
     opt = torch.optim.Adam(src.parameters(), lr=0.01, betas=(0.8, 0.9), weight_decay=0.1)
     x = torch.randn(8, 4)
-    opt.zero_grad()
-    src(x).pow(2).mean().backward()
-    opt.step()
+    _train(src, opt, x)
     with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
         ckpt.save(1, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
         target = Net()
@@ -298,15 +298,10 @@ def test_load_into_fills_existing_optimizer_state_in_place(tmp_path):
     src = Net()
     opt = torch.optim.Adam(src.parameters(), lr=0.05)
     x = torch.randn(8, 4)
-    for _ in range(2):
-        opt.zero_grad()
-        src(x).pow(2).mean().backward()
-        opt.step()
+    _train(src, opt, x, 2)
     target = Net()
     opt2 = torch.optim.Adam(target.parameters(), lr=0.05)
-    opt2.zero_grad()
-    target(x).pow(2).mean().backward()
-    opt2.step()  # its state exists now: it is filled, not replaced
+    _train(target, opt2, x)  # its state exists now: it is filled, not replaced
     state_ptrs = {id(p): opt2.state[p]["exp_avg"].data_ptr() for p in target.parameters()}
     with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
         ckpt.save(2, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)

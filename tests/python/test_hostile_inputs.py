@@ -16,6 +16,9 @@ import flashckpt
 from flashckpt.errors import (FailedPreconditionError, InvalidArgumentError, NotFoundError)
 from flashckpt_testutil import PYTHON, REPO, child_env
 
+sys.path.insert(0, os.path.join(REPO, "tests", "e2e", "scripts"))
+from flashrun_harness import flashrun_binary  # noqa: E402  (skips when flashrun is not built)
+
 SAVED = {"w": torch.arange(16, dtype=torch.float32), "meta": {"epoch": 3}}
 
 
@@ -175,18 +178,9 @@ FLASHRUN_CASES = [
 ]
 
 
-def _flashrun():
-    path = os.environ.get("FLASHRUN_BIN") or os.path.join(os.environ.get("FLASHCKPT_BUILD_DIR",
-                                                                          os.path.join(REPO, "build")),
-                                                           "bin", "flashrun")
-    if not os.path.exists(path):
-        pytest.skip(f"flashrun is not built ({path})")
-    return path
-
-
 @pytest.mark.parametrize("args,text", FLASHRUN_CASES, ids=[" ".join(c[0]) for c in FLASHRUN_CASES])
 def test_flashrun_argument_is_refused_before_anything_starts(tmp_path, args, text):
-    out = subprocess.run([_flashrun(), "--standalone"] + args + [os.path.join(tmp_path, "never_run.py")],
+    out = subprocess.run([flashrun_binary(), "--standalone"] + args + [os.path.join(tmp_path, "never_run.py")],
                          env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True, timeout=30)
     assert out.returncode == 2, (args, out.returncode, out.stderr[-2000:])
     assert "flashrun: error:" in out.stderr and text in out.stderr, (args, out.stderr[-2000:])
@@ -226,7 +220,7 @@ def test_flashrun_backs_off_from_an_endpoint_that_accepts_and_closes(tmp_path, r
     never = tmp_path / "never_run.py"
     never.write_text("raise SystemExit('the rendezvous must not complete')\n")
     try:
-        out = subprocess.run([_flashrun(), "--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
+        out = subprocess.run([flashrun_binary(), "--nnodes", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                               f"127.0.0.1:{port}", "--rdzv-conf", "join_timeout=4,is_host=false", str(never)],
                              env=dict(os.environ, TMPDIR=str(tmp_path)), capture_output=True, text=True, timeout=60)
     finally:
@@ -247,7 +241,7 @@ def test_flashrun_log_directory_honours_tmpdir_and_goes_unless_logs_were_asked_f
     tmpdir = tmp_path / "tmp"
     tmpdir.mkdir()
     extra = ["-r", "3"] if keep else []
-    out = subprocess.run([_flashrun(), "--standalone"] + extra + [str(script)],
+    out = subprocess.run([flashrun_binary(), "--standalone"] + extra + [str(script)],
                          env=dict(os.environ, TMPDIR=str(tmpdir)), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert f"logs in {tmpdir}/flashrun_" in out.stderr, out.stderr[-2000:]
