@@ -103,7 +103,7 @@ class Checkpointer::Impl {
   SaveHandle Save(int64_t step, const std::vector<TensorRef>& tensors, const std::vector<BlobRef>& blobs,
                   bool blocking);
   std::unique_ptr<LoadedSnapshot> Load(const LoadOptions& lo);
-  int64_t LoadInto(const std::map<std::string, MutableTensorRef>& dest, std::map<std::string, std::string>* blobs,
+  int64_t LoadInto(const std::map<std::string, MutableTensorRef>& dest, std::map<std::string, std::string>* blobs, Source* source,
                    const LoadOptions& lo);
   StepDescription Describe(const LoadOptions& lo);
   std::vector<StepInfo> Steps() { return loader_->Steps(Segment()); }
@@ -874,7 +874,10 @@ StepDescription Checkpointer::Impl::Describe(const LoadOptions& lo) {
 }
 
 int64_t Checkpointer::Impl::LoadInto(const std::map<std::string, MutableTensorRef>& dest,
-                                     std::map<std::string, std::string>* blobs, const LoadOptions& options) {
+                                     std::map<std::string, std::string>* blobs, Source* source,
+                                     const LoadOptions& options) {
+  Source ignored;
+  if (!source) source = &ignored;
   LoadOptions lo = options;
   if (!lo.step) lo.step = TakeRestoreStep();
   if (lo.prefer_memory) {
@@ -886,18 +889,37 @@ int64_t Checkpointer::Impl::LoadInto(const std::map<std::string, MutableTensorRe
     }
     if (r.ok()) {
       Restored(*r, /*agreed=*/lo.step.has_value());
+      *source = Source::kMemory;
       return *r;
     }
     if (r.status().code() == absl::StatusCode::kInvalidArgument) ThrowStatus(r.status());
+    if (r.status().code() != absl::StatusCode::kNotFound)
+      FCK_LOG(kWarn, "loading from memory failed (", r.status().message(), "); trying storage");
   }
-  auto snap = Load(lo);
-  ThrowIfError(loader_->CopyInto(*snap, dest, blobs));
-  return snap->step();
+  // From storage straight into the buffers: no buffer of the state's size.
+  const int64_t step = lo.step ? *lo.step : ValueOrThrow(loader_->NewestStep(nullptr, /*prefer_memory=*/false));
+  auto r = loader_->IntoFromStorage(step, dest, blobs, lo.verify);
+  if (!r.ok() && lo.allow_fallback && r.status().code() == absl::StatusCode::kDataLoss) {
+    for (int64_t older : CommittedSteps(root)) {
+      if (older >= step) continue;
+      FCK_LOG(kWarn, "step ", step, " unusable (", r.status().message(), "); falling back to step ", older);
+      auto o = loader_->IntoFromStorage(older, dest, blobs, lo.verify);
+      if (o.ok() || o.status().code() != absl::StatusCode::kDataLoss) {
+        r = o;
+        break;
+      }
+    }
+  }
+  ThrowIfError(r.status());
+  inherited_.clear();  // committed already, or not restorable from memory
+  *source = Source::kStorage;
+  return *r;
 }
 
 int64_t Checkpointer::load_into(const std::map<std::string, MutableTensorRef>& dest,
-                                std::map<std::string, std::string>* blobs, const LoadOptions& options) {
-  return impl_->LoadInto(dest, blobs, options);
+                                std::map<std::string, std::string>* blobs, const LoadOptions& options,
+                                Source* source) {
+  return impl_->LoadInto(dest, blobs, source, options);
 }
 
 std::optional<int64_t> Checkpointer::latest_step() { return LatestCommitted(impl_->root); }

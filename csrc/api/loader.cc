@@ -1,9 +1,12 @@
 #include "api/loader.h"
 
+#include <algorithm>
+#include <chrono>
 #include <filesystem>
 #include <map>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "common/crc32c.h"
 #include "common/log.h"
@@ -59,6 +62,20 @@ pb::Manifest ManifestOf(const LoadedSnapshot& snap) {
 
 }  // namespace
 
+absl::Status Loader::CopyOut(const SharedSegment& seg, const SlotView& v, const std::vector<CopyTask>& tasks,
+                             std::vector<uint32_t>* crcs) const {
+  if (seg.slot_touched_here(v.index)) {
+    c_.pool->CopyAndChecksum(tasks, crcs);
+    return absl::OkStatus();
+  }
+  // A slot this process never touched (a fresh process restoring): read
+  // through the file, not through page faults on a fresh mapping.
+  int err = c_.pool->FillAndChecksum(
+      tasks, [&](void* dst, const void* src, size_t n) { return seg.ReadMapped(src, dst, n); }, crcs);
+  if (err != 0) return ErrnoStatus(absl::StrCat("pread step ", v.step, " of shared-memory segment"), seg.path(), err);
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedSegment* seg, int64_t step,
                                                                    bool verify) const {
   SlotView v;
@@ -71,7 +88,6 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedS
   bool prepared = false;
   auto buffer = AllocateAligned(v.data_bytes, &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
-  seg->MapForReading(v.index, v.data_bytes, c_.pool->threads());
   std::vector<CopyTask> tasks;
   auto* dst = static_cast<uint8_t*>(buffer.get());
   for (const auto& e : m.tensors()) {
@@ -79,7 +95,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedS
     tasks.push_back({dst + e.offset(), data + e.offset(), e.length()});
   }
   std::vector<uint32_t> crcs;
-  c_.pool->CopyAndChecksum(tasks, &crcs);
+  FCK_RETURN_IF_ERROR(CopyOut(*seg, v, tasks, &crcs));
   if (!seg->StillValid(v))
     return absl::UnavailableError(absl::StrCat("slot of step ", step, " was overwritten while reading"));
   if (!verify) crcs.clear();
@@ -125,16 +141,24 @@ absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step
   return out;
 }
 
-absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromStorage(int64_t step, bool verify) const {
+absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifestAndSize(int64_t step) const {
   FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(step));
+  std::error_code ec;
+  uint64_t on_disk = fs::file_size(sm.data_path, ec);
+  if (ec) return ErrnoStatus("open", sm.data_path, ec.value());
+  if (on_disk != sm.data_bytes)
+    return absl::DataLossError(absl::StrCat(sm.data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
+                                            sm.data_bytes, ": the file is truncated or replaced"));
+  if (sm.manifest.data_bytes() > sm.data_bytes)
+    return absl::DataLossError(absl::StrCat(sm.data_path, " has ", sm.data_bytes, " bytes, its manifest needs ",
+                                            sm.manifest.data_bytes()));
+  return sm;
+}
+
+absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromStorage(int64_t step, bool verify) const {
+  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifestAndSize(step));
   const pb::Manifest& m = sm.manifest;
   const std::string& data_path = sm.data_path;
-  std::error_code ec;
-  uint64_t on_disk = fs::file_size(data_path, ec);
-  if (ec) return ErrnoStatus("open", data_path, ec.value());
-  if (on_disk != sm.data_bytes)
-    return absl::DataLossError(absl::StrCat(data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
-                                            sm.data_bytes, ": the file is truncated or replaced"));
   bool prepared = false;
   auto buffer = AllocateAligned(m.data_bytes(), &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
@@ -187,7 +211,6 @@ absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, c_.shm_path, &m));
   FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
-  seg->MapForReading(v.index, v.data_bytes, c_.pool->threads());
   std::vector<CopyTask> tasks;
   std::vector<const pb::TensorEntry*> entries;
   for (const auto& e : m.tensors()) {
@@ -197,7 +220,7 @@ absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
     entries.push_back(&e);
   }
   std::vector<uint32_t> crcs;
-  c_.pool->CopyAndChecksum(tasks, &crcs);
+  FCK_RETURN_IF_ERROR(CopyOut(*seg, v, tasks, &crcs));
   if (!seg->StillValid(v)) return absl::UnavailableError("slot was overwritten while reading");
   for (size_t i = 0; lo.verify && i < entries.size(); ++i)
     if (crcs[i] != entries[i]->crc32c())
@@ -209,6 +232,63 @@ absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
   }
   FCK_LOG(kInfo, "loaded step ", v.step, " from shared memory into caller buffers");
   return v.step;
+}
+
+absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
+                                                std::map<std::string, std::string>* blobs, bool verify) const {
+  auto t0 = std::chrono::steady_clock::now();
+  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifestAndSize(step));
+  const pb::Manifest& m = sm.manifest;
+  FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
+  struct Piece {
+    uint64_t off = 0, len = 0;
+    uint8_t* dst = nullptr;
+    const pb::TensorEntry* entry = nullptr;
+    uint32_t crc = 0;
+  };
+  std::vector<Piece> pieces;
+  uint64_t end = 0;
+  for (const auto& e : m.tensors()) {
+    auto it = dest.find(e.key());
+    if (it == dest.end()) continue;
+    if (e.offset() + e.length() > m.data_bytes())
+      return absl::DataLossError(absl::StrCat(sm.data_path, ": tensor '", e.key(), "' lies past the data (offset ",
+                                              e.offset(), ", ", e.length(), " bytes of ", m.data_bytes(), ")"));
+    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0});
+    end = std::max(end, e.offset() + e.length());
+  }
+  std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.off < b.off; });
+  for (size_t i = 1; i < pieces.size(); ++i)
+    if (pieces[i - 1].off + pieces[i - 1].len > pieces[i].off)
+      return absl::DataLossError(absl::StrCat(sm.data_path, ": tensors '", pieces[i - 1].entry->key(), "' and '",
+                                              pieces[i].entry->key(), "' overlap in the manifest"));
+  size_t first = 0;  // the first piece not yet whole
+  auto sink = [&](uint64_t off, const uint8_t* data, uint64_t n) {
+    const uint64_t stop = off + n;
+    for (size_t i = first; i < pieces.size() && pieces[i].off < stop; ++i) {
+      Piece& p = pieces[i];
+      uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
+      if (a < b) p.crc = CopyWithCrc32c(p.dst + (a - p.off), data + (a - off), b - a, p.crc);
+      if (i == first && p.off + p.len <= stop) ++first;
+    }
+    return absl::OkStatus();
+  };
+  BulkIo reader(c_.io);
+  FCK_ASSIGN_OR_RETURN(IoResult io, reader.ReadFileStreaming(sm.data_path, end, sink));
+  for (const Piece& p : pieces)
+    if (verify && p.crc != p.entry->crc32c())
+      return absl::DataLossError(absl::StrCat(sm.data_path, " step ", step, ": tensor '", p.entry->key(),
+                                              "' fails its crc32c check (the buffers given hold partly loaded "
+                                              "bytes: load another step into them)"));
+  if (blobs) {
+    blobs->clear();
+    for (const auto& b : m.blobs()) (*blobs)[b.key()] = b.data();
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  FCK_LOG(kInfo, "loaded step ", step, " from ", c_.root, " into caller buffers: ", HumanBytes(io.bytes), " in ",
+          absl::StrFormat("%.2f", secs), " s", io.used_io_uring ? ", io_uring" : ", pread",
+          io.used_direct_io ? " O_DIRECT" : "");
+  return step;
 }
 
 absl::Status Loader::CopyInto(const LoadedSnapshot& snap, const std::map<std::string, MutableTensorRef>& dest,

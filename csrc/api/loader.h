@@ -50,6 +50,11 @@ class Loader {
   // before anything is written.
   absl::StatusOr<int64_t> IntoFromMemory(const SharedSegment* seg, const std::map<std::string, MutableTensorRef>& dest,
                                          std::map<std::string, std::string>* blobs, const LoadOptions& lo) const;
+  // Reads committed `step` from storage straight into `dest` (a few chunk
+  // buffers in between, no buffer of the state's size), checksumming as it
+  // copies; the same checks first, before anything is written.
+  absl::StatusOr<int64_t> IntoFromStorage(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
+                                          std::map<std::string, std::string>* blobs, bool verify) const;
   // Copies a loaded snapshot into `dest` (the same checks first).
   absl::Status CopyInto(const LoadedSnapshot& snap, const std::map<std::string, MutableTensorRef>& dest,
                         std::map<std::string, std::string>* blobs) const;
@@ -64,6 +69,12 @@ class Loader {
   };
   // The rank's manifest of committed `step`, checked against COMMIT.
   absl::StatusOr<StorageManifest> ReadStorageManifest(int64_t step) const;
+  // ReadStorageManifest, and the data file's size checked against COMMIT.
+  absl::StatusOr<StorageManifest> ReadStorageManifestAndSize(int64_t step) const;
+  // Copies tasks out of slot v with their crcs: through the mapping when this
+  // process touched the slot, else through the segment's file (no page faults).
+  absl::Status CopyOut(const SharedSegment& seg, const SlotView& v, const std::vector<CopyTask>& tasks,
+                       std::vector<uint32_t>* crcs) const;
 
   LoaderContext c_;
 };

@@ -1,6 +1,7 @@
 #include "common/parallel_copy.h"
 
 #include <algorithm>
+#include <memory>
 
 #include "common/crc32c.h"
 
@@ -65,7 +66,8 @@ void CopyPool::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
   job_n_ = 0;
 }
 
-void CopyPool::CopyAndChecksum(const std::vector<CopyTask>& tasks, std::vector<uint32_t>* crcs) {
+void CopyPool::Chunked(const std::vector<CopyTask>& tasks, std::vector<uint32_t>* crcs,
+                       const std::function<uint32_t(const CopyTask&, size_t, size_t)>& chunk) {
   struct Chunk { size_t task; size_t off; size_t n; };
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < tasks.size(); ++t) {
@@ -77,19 +79,48 @@ void CopyPool::CopyAndChecksum(const std::vector<CopyTask>& tasks, std::vector<u
   std::vector<uint32_t> chunk_crc(chunks.size(), 0);
   ParallelFor(chunks.size(), [&](size_t i) {
     const Chunk& c = chunks[i];
-    const CopyTask& t = tasks[c.task];
-    const auto* src = static_cast<const uint8_t*>(t.src) + c.off;
-    if (t.dst != nullptr) {
-      chunk_crc[i] = CopyWithCrc32c(static_cast<uint8_t*>(t.dst) + c.off, src, c.n);
-    } else {
-      chunk_crc[i] = Crc32c(src, c.n);
-    }
+    chunk_crc[i] = c.n == 0 ? 0 : chunk(tasks[c.task], c.off, c.n);
   });
   crcs->assign(tasks.size(), 0);
   for (size_t i = 0; i < chunks.size(); ++i) {
     const Chunk& c = chunks[i];
     (*crcs)[c.task] = c.off == 0 ? chunk_crc[i] : Crc32cCombine((*crcs)[c.task], chunk_crc[i], c.n);
   }
+}
+
+void CopyPool::CopyAndChecksum(const std::vector<CopyTask>& tasks, std::vector<uint32_t>* crcs) {
+  Chunked(tasks, crcs, [](const CopyTask& t, size_t off, size_t n) {
+    const auto* src = static_cast<const uint8_t*>(t.src) + off;
+    return t.dst != nullptr ? CopyWithCrc32c(static_cast<uint8_t*>(t.dst) + off, src, n) : Crc32c(src, n);
+  });
+}
+
+int CopyPool::FillAndChecksum(const std::vector<CopyTask>& tasks, const Fill& fill, std::vector<uint32_t>* crcs) {
+  // Each piece lands in a small per-thread bounce buffer (its pages mapped
+  // once, in cache), then is copied into dst with its crc by this process's
+  // own stores: a kernel copy straight into dst would walk the caller's pages
+  // from kernel mode, which under shadow paging costs an exit per 4 KiB page
+  // the kernel has not touched (2 GiB into a model: 2.6 s instead of 0.3 s).
+  constexpr size_t kPiece = 512u << 10;  // measured best of 64 KiB to 1 MiB
+  std::atomic<int> failed{0};
+  Chunked(tasks, crcs, [&](const CopyTask& t, size_t off, size_t n) {
+    static thread_local std::unique_ptr<uint8_t[]> buffer;
+    if (!buffer) buffer.reset(new uint8_t[kPiece]);
+    uint8_t* bounce = buffer.get();
+    uint32_t crc = 0;
+    for (size_t done = 0; done < n && failed.load(std::memory_order_relaxed) == 0;) {
+      size_t k = std::min(kPiece, n - done);
+      if (int err = fill(bounce, static_cast<const uint8_t*>(t.src) + off + done, k)) {
+        int none = 0;
+        failed.compare_exchange_strong(none, err);
+        break;
+      }
+      crc = CopyWithCrc32c(static_cast<uint8_t*>(t.dst) + off + done, bounce, k, crc);
+      done += k;
+    }
+    return crc;
+  });
+  return failed.load();
 }
 
 }  // namespace flashckpt

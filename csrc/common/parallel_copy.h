@@ -31,6 +31,12 @@ class CopyPool {
 
   // Copies (or only checksums) every task; crcs[i] is the crc32c of task i.
   void CopyAndChecksum(const std::vector<CopyTask>& tasks, std::vector<uint32_t>* crcs);
+  // Like CopyAndChecksum, but the bytes at src are fetched through `fill` (a
+  // pread of the file that src maps, say) into a small per-thread buffer, then
+  // copied into dst with their crc. fill(buf, src, n) returns 0 or an errno;
+  // the first errno is returned (0: all copied).
+  using Fill = std::function<int(void* dst, const void* src, size_t n)>;
+  int FillAndChecksum(const std::vector<CopyTask>& tasks, const Fill& fill, std::vector<uint32_t>* crcs);
   // Runs fn(i) for i in [0, n) on all threads; returns when all finished.
   void ParallelFor(size_t n, const std::function<void(size_t)>& fn);
 
@@ -38,6 +44,10 @@ class CopyPool {
 
  private:
   void WorkerLoop();
+  // Cuts tasks into chunks of kChunkBytes, runs chunk(task, offset, n) -> crc
+  // on every thread and combines the crcs per task.
+  void Chunked(const std::vector<CopyTask>& tasks, std::vector<uint32_t>* crcs,
+               const std::function<uint32_t(const CopyTask&, size_t, size_t)>& chunk);
 
   std::vector<std::thread> workers_;
   std::mutex mu_;

@@ -393,13 +393,14 @@ PYBIND11_MODULE(_C, m) {
             auto opt = MakeLoadOptions(step, prefer_memory, allow_fallback, verify);
             std::map<std::string, std::string> blobs;
             int64_t loaded;
+            Source source = Source::kMemory;
             {
               py::gil_scoped_release nogil;
-              loaded = c.load_into(refs, &blobs, opt);
+              loaded = c.load_into(refs, &blobs, opt, &source);
             }
             py::dict out;
             for (const auto& [k, v] : blobs) out[py::str(k)] = py::bytes(v);
-            return py::make_tuple(loaded, out);
+            return py::make_tuple(loaded, out, source == Source::kMemory ? "memory" : "storage");
           },
           py::arg("dest"), py::arg("step") = py::none(), py::arg("prefer_memory") = true,
           py::arg("allow_fallback") = false, py::arg("verify") = true)

@@ -220,6 +220,21 @@ void SharedSegment::MapForReading(int i, uint64_t bytes, int threads) const {
   for (auto& h : helpers) h.join();
 }
 
+int SharedSegment::ReadMapped(const void* src, void* dst, size_t n) const {
+  const auto* s = static_cast<const uint8_t*>(src);
+  if (s < base_ || s + n > base_ + size_) return EFAULT;
+  auto off = static_cast<off_t>(s - base_);
+  auto* d = static_cast<uint8_t*>(dst);
+  while (n > 0) {
+    ssize_t k = ::pread(fd_, d, n, off);
+    if (k < 0 && errno == EINTR) continue;
+    if (k < 0) return errno;
+    if (k == 0) return EIO;  // the file is shorter than its mapping: truncated under us
+    d += k; off += k; n -= static_cast<size_t>(k);
+  }
+  return 0;
+}
+
 absl::Status SharedSegment::AllocateSlot(int i, int threads) {
   if (slot_allocated(i)) return absl::OkStatus();
   const uint64_t begin = kSlotAlignment + i * header()->slot_stride + kSlotAlignment;
@@ -325,6 +340,7 @@ void SharedSegment::BeginWrite(int i) {
   s->state.store(kSlotWriting, std::memory_order_relaxed);
   s->durable.store(0, std::memory_order_relaxed);
   std::atomic_thread_fence(std::memory_order_release);
+  written_here_[i].store(true, std::memory_order_release);
 }
 
 void SharedSegment::Retract(const SlotView& view) {

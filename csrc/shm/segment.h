@@ -108,6 +108,17 @@ class SharedSegment {
   // Maps the first `bytes` of slot i's data for reading (MADV_POPULATE_READ),
   // on `threads` threads, before a load copies them out.
   void MapForReading(int i, uint64_t bytes, int threads = 2) const;
+  // Copies n bytes at `src`, an address inside this mapping, into dst with
+  // pread on the segment's file. The kernel reads the pages through its own
+  // mapping, so a process that never touched them (a fresh one restoring)
+  // pays no page-table fill per 4 KiB page; under shadow paging each such fill
+  // is a hypervisor exit (2 GiB through a fresh mapping: 1.2 s here; through
+  // pread: 0.3 s). Returns 0 or an errno.
+  int ReadMapped(const void* src, void* dst, size_t n) const;
+  // True when reading slot i through the mapping is the cheap way: this
+  // process wrote the slot (populating the pages is not enough: under shadow
+  // paging the first user access to each page still exits to the hypervisor).
+  bool slot_touched_here(int i) const { return written_here_[i].load(std::memory_order_acquire); }
 
   const std::string& path() const { return path_; }
   // False once the file was unlinked or replaced under us (another process
@@ -145,8 +156,10 @@ class SharedSegment {
   SharedSegment(std::string path, int fd, uint8_t* base, uint64_t size)
       : path_(std::move(path)), fd_(fd), base_(base), size_(size) {
     for (auto& a : allocated_) a.store(false);
+    for (auto& a : written_here_) a.store(false);
   }
   std::atomic<bool> allocated_[64];
+  std::atomic<bool> written_here_[64];
   std::string path_;
   std::string staged_path_;  // where a staged segment lives until Install()
   int fd_ = -1;

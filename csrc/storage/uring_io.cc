@@ -123,6 +123,23 @@ absl::StatusOr<int> OpenMaybeDirect(const std::string& path, int flags, bool dir
   return fd;
 }
 
+// Opens path for a read of its first len bytes (direct I/O when asked and
+// possible); a file shorter than that is named as truncated.
+absl::StatusOr<int> OpenForReading(const std::string& path, uint64_t len, bool direct, bool* got_direct) {
+  FCK_ASSIGN_OR_RETURN(int fd, OpenMaybeDirect(path, O_RDONLY, direct, got_direct));
+  struct stat st;
+  if (fstat(fd, &st) != 0) {
+    int err = errno;
+    ::close(fd);
+    return ErrnoStatus("fstat", path, err);
+  }
+  if (static_cast<uint64_t>(st.st_size) < len) {
+    ::close(fd);
+    return absl::DataLossError(absl::StrCat(path, " is truncated: ", st.st_size, " bytes, expected ", len));
+  }
+  return fd;
+}
+
 struct Request {
   uint64_t offset = 0;  // file offset of the next byte
   uint64_t left = 0;
@@ -131,6 +148,31 @@ struct Request {
 };
 
 }  // namespace
+
+// Submits what is queued, waits for at least one completion and hands every
+// completion there is to on_cqe(tag, res).
+static absl::Status Reap(io_uring* ring, const std::string& path, const std::function<void(uint64_t, int)>& on_cqe) {
+  int rc = io_uring_submit_and_wait(ring, 1);
+  if (rc < 0 && rc != -EINTR) return ErrnoStatus("io_uring_submit", path, -rc);
+  io_uring_cqe* cqe;
+  unsigned head, seen = 0;
+  io_uring_for_each_cqe(ring, head, cqe) {
+    ++seen;
+    on_cqe(io_uring_cqe_get_data64(cqe), cqe->res);
+  }
+  io_uring_cq_advance(ring, seen);
+  return absl::OkStatus();
+}
+
+// Waits out every request still in flight (before their buffers go away).
+static void Drain(io_uring* ring, int* inflight) {
+  while (*inflight > 0) {
+    io_uring_cqe* c;
+    if (io_uring_submit_and_wait(ring, 1) < 0 || io_uring_peek_cqe(ring, &c) != 0) break;
+    io_uring_cqe_seen(ring, c);
+    --*inflight;
+  }
+}
 
 // Runs one sequential transfer over [0, total) with up to queue_depth
 // requests in flight; `write` picks the direction.
@@ -189,51 +231,39 @@ static absl::Status Transfer(io_uring* ring, const std::vector<iovec>* fixed,
       if (!s.ok()) { failure = s; break; }
     }
     if (inflight == 0) break;
-    int rc = io_uring_submit_and_wait(ring, 1);
-    if (rc < 0 && rc != -EINTR) {
-      failure = ErrnoStatus("io_uring_submit", path, -rc);
-      break;
-    }
-    io_uring_cqe* cqe;
-    unsigned head, seen = 0;
-    io_uring_for_each_cqe(ring, head, cqe) {
-      ++seen;
-      size_t idx = static_cast<size_t>(io_uring_cqe_get_data64(cqe));
+    absl::Status reaped = Reap(ring, path, [&](uint64_t tag, int res) {
+      size_t idx = static_cast<size_t>(tag);
       Request& r = reqs[idx];
       r.busy = false;
       --inflight;
-      int res = cqe->res;
       if (write && res > 0 && fileops::Intercepted())
         res = static_cast<int>(fileops::Completed(path, r.offset, res));  // a short write, injected
       if (res == -EAGAIN || res == -EINTR) {
         if (failure.ok()) failure = prep(idx);  // resubmit the same range
-        continue;
+        return;
       }
       if (res < 0) {
         if (failure.ok()) failure = ErrnoStatus(write ? "write" : "read", path, -res, static_cast<int64_t>(r.offset));
-        continue;
+        return;
       }
       if (res == 0 && !write) {
         r.left = 0;  // end of file (a padded tail past EOF)
-        continue;
+        return;
       }
       uint64_t done = std::min<uint64_t>(static_cast<uint64_t>(res), r.left);
       r.offset += done;
       r.buf += done;
       r.left -= done;
       if (r.left > 0 && failure.ok()) failure = prep(idx);  // short transfer: the rest
+    });
+    if (!reaped.ok()) {
+      failure = reaped;
+      break;
     }
-    io_uring_cq_advance(ring, seen);
-    if (!failure.ok() && inflight > 0) {
-      // Drain what is still in flight before returning the buffers.
-      while (inflight > 0) {
-        io_uring_cqe* c;
-        if (io_uring_wait_cqe(ring, &c) != 0) break;
-        io_uring_cqe_seen(ring, c);
-        --inflight;
-      }
+    if (!failure.ok()) {
+      Drain(ring, &inflight);  // before returning the buffers
+      break;
     }
-    if (!failure.ok()) break;
   }
   return failure;
 }
@@ -297,15 +327,9 @@ absl::StatusOr<IoResult> BulkIo::WriteFile(const std::string& path, const void* 
 absl::StatusOr<IoResult> BulkIo::ReadFile(const std::string& path, void* buf, uint64_t len) {
   auto t0 = std::chrono::steady_clock::now();
   IoResult result;
-  bool direct = false;
   Fd f;
-  FCK_ASSIGN_OR_RETURN(f.fd, OpenMaybeDirect(path, O_RDONLY, options_.use_direct_io, &direct));
-  struct stat st;
-  if (fstat(f.fd, &st) != 0) return ErrnoStatus("fstat", path, errno);
-  if (static_cast<uint64_t>(st.st_size) < len)
-    return absl::DataLossError(absl::StrCat(path, " is truncated: ", st.st_size,
-                                            " bytes, expected ", len));
-  result.used_direct_io = direct;
+  FCK_ASSIGN_OR_RETURN(f.fd, OpenForReading(path, len, options_.use_direct_io, &result.used_direct_io));
+  const bool direct = result.used_direct_io;
   const uint64_t padded = direct ? AlignUp(len, kDirectAlign) : len;
   auto* p = static_cast<uint8_t*>(buf);
   absl::Status s;
@@ -327,6 +351,105 @@ absl::StatusOr<IoResult> BulkIo::ReadFile(const std::string& path, void* buf, ui
     }
   }
   FCK_RETURN_IF_ERROR(s);
+  result.bytes = len;
+  result.seconds = Since(t0);
+  return result;
+}
+
+absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink) {
+  auto t0 = std::chrono::steady_clock::now();
+  IoResult result;
+  Fd f;
+  FCK_ASSIGN_OR_RETURN(f.fd, OpenForReading(path, len, options_.use_direct_io, &result.used_direct_io));
+  const bool direct = result.used_direct_io;
+  const uint64_t chunk = options_.chunk_bytes;
+  const uint64_t chunks = (len + chunk - 1) / chunk;
+  const int depth = static_cast<int>(std::min<uint64_t>(static_cast<uint64_t>(options_.queue_depth), std::max<uint64_t>(chunks, 1)));
+  // One buffer per read in flight; chunk k lives in buffer k % depth until the sink took it.
+  std::shared_ptr<void> pool = AllocateAligned(chunk * static_cast<uint64_t>(depth));
+  if (!pool) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate read buffers for ", path));
+  auto* base = static_cast<uint8_t*>(pool.get());
+  auto buffer = [&](uint64_t k) { return base + (k % static_cast<uint64_t>(depth)) * chunk; };
+  // Bytes of chunk k to read: direct I/O reads whole 4 KiB blocks, the padded tail past EOF is cut by the kernel.
+  auto span = [&](uint64_t k) {
+    uint64_t n = std::min(chunk, len - k * chunk);
+    return direct ? AlignUp(n, kDirectAlign) : n;
+  };
+  auto deliver = [&](uint64_t k) { return sink(k * chunk, buffer(k), std::min(chunk, len - k * chunk)); };
+  const bool uring = ring_ && ring_->ok;
+  if (!uring) {
+    for (uint64_t k = 0; k < chunks; ++k) {
+      for (uint64_t got = 0, want = span(k); got < want;) {
+        ssize_t r = ::pread(f.fd, buffer(k) + got, want - got, static_cast<off_t>(k * chunk + got));
+        if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
+        if (r < 0) return ErrnoStatus("read", path, errno, static_cast<int64_t>(k * chunk + got));
+        if (r == 0) {
+          if (k * chunk + got < len) return absl::DataLossError(absl::StrCat(path, " ended at byte ", k * chunk + got, " while reading"));
+          break;
+        }
+        got += static_cast<uint64_t>(r);
+      }
+      FCK_RETURN_IF_ERROR(deliver(k));
+    }
+  } else {
+    result.used_io_uring = true;
+    io_uring* ring = &ring_->ring;
+    iovec whole{base, static_cast<size_t>(chunk * static_cast<uint64_t>(depth))};
+    const bool fixed = whole.iov_len <= kMaxRegisteredPiece && io_uring_register_buffers(ring, &whole, 1) == 0;
+    struct Unregister { io_uring* r; bool on; ~Unregister() { if (on) io_uring_unregister_buffers(r); } } unreg{ring, fixed};
+    std::vector<uint64_t> got(chunks, 0);  // bytes landed per chunk
+    std::vector<bool> done(chunks, false);
+    uint64_t submitted = 0, delivered = 0;
+    int inflight = 0;
+    absl::Status failure;
+    auto prep = [&](uint64_t k) -> absl::Status {
+      io_uring_sqe* sqe = io_uring_get_sqe(ring);
+      if (sqe == nullptr) return absl::InternalError("io_uring submission queue full");
+      auto n = static_cast<unsigned>(span(k) - got[k]);
+      uint8_t* dst = buffer(k) + got[k];
+      if (fixed) io_uring_prep_read_fixed(sqe, f.fd, dst, n, k * chunk + got[k], 0);
+      else io_uring_prep_read(sqe, f.fd, dst, n, k * chunk + got[k]);
+      io_uring_sqe_set_data64(sqe, k);
+      ++inflight;
+      return absl::OkStatus();
+    };
+    while (delivered < chunks && failure.ok()) {
+      while (submitted < chunks && submitted < delivered + static_cast<uint64_t>(depth) && failure.ok()) {
+        if (IoFaultHook hook = g_fault_hook.load()) failure = hook(path, submitted * chunk);
+        if (!failure.ok()) break;
+        CrashPoint("load: read chunk");
+        failure = prep(submitted++);
+      }
+      if (!failure.ok()) break;
+      // Hand over every chunk that is whole, in order; each frees a buffer for the next read.
+      if (done[delivered]) {
+        failure = deliver(delivered++);
+        continue;
+      }
+      absl::Status reaped = Reap(ring, path, [&](uint64_t k, int res) {
+        --inflight;
+        if (res == -EAGAIN || res == -EINTR) {
+          if (failure.ok()) failure = prep(k);
+          return;
+        }
+        if (res < 0) {
+          if (failure.ok()) failure = ErrnoStatus("read", path, -res, static_cast<int64_t>(k * chunk + got[k]));
+          return;
+        }
+        got[k] += static_cast<uint64_t>(res);
+        if (res == 0 || got[k] >= span(k)) {
+          if (k * chunk + got[k] < std::min(len, (k + 1) * chunk) && failure.ok())
+            failure = absl::DataLossError(absl::StrCat(path, " ended at byte ", k * chunk + got[k], " while reading"));
+          done[k] = true;
+        } else if (failure.ok()) {
+          failure = prep(k);  // short read: the rest
+        }
+      });
+      if (failure.ok()) failure = reaped;
+    }
+    Drain(ring, &inflight);  // nothing in flight may still write into the buffers freed below
+    FCK_RETURN_IF_ERROR(failure);
+  }
   result.bytes = len;
   result.seconds = Since(t0);
   return result;

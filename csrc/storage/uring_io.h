@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -49,6 +50,13 @@ class BulkIo {
   // Reads exactly len bytes of path into buf (4096-aligned, len rounded up
   // to 4096 writable).
   absl::StatusOr<IoResult> ReadFile(const std::string& path, void* buf, uint64_t len);
+  // Reads the first len bytes of path through a few chunk-sized buffers of its
+  // own (registered with io_uring, O_DIRECT when allowed), several reads in
+  // flight, and hands every chunk to sink(offset, data, n) in file order while
+  // the next ones are read. No buffer of the file's size. A non-OK status from
+  // sink stops the read and is returned.
+  using ChunkSink = std::function<absl::Status(uint64_t offset, const uint8_t* data, uint64_t n)>;
+  absl::StatusOr<IoResult> ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink);
 
  private:
   class Ring;

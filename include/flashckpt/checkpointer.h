@@ -155,10 +155,13 @@ class Checkpointer {
   // the step and prefer_memory, else from committed storage. Reads no tensor
   // bytes; a front end plans a load_into() with it.
   StepDescription describe(const LoadOptions& options = {});
-  // Loads into caller buffers; every key must match in shape, dtype and size.
+  // Loads into caller buffers; every key must match in shape, dtype and size
+  // (checked before a byte is written). From the memory slot, else from
+  // storage straight into the buffers. Returns the step; `source` (optional)
+  // says where it came from.
   int64_t load_into(const std::map<std::string, MutableTensorRef>& dest,
                     std::map<std::string, std::string>* blobs = nullptr,
-                    const LoadOptions& options = {});
+                    const LoadOptions& options = {}, Source* source = nullptr);
 
   // The restore step (CheckpointerOptions::restore_step), once: later calls
   // return nullopt. For a front end that picks the step itself.

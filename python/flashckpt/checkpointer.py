@@ -474,21 +474,21 @@ class Checkpointer:
         return result
 
     def _load_in_place(self, step, model, optimizer, model_key, optimizer_key):
-        """Copies ``step`` from the memory slot straight into the model's own tensors and
-        the optimizer's state (created once where it does not exist yet), checksumming as
-        it copies: no fresh buffer of the state's size, no page faults on the way.
+        """Copies ``step`` from the memory slot, or from storage, straight into the
+        model's own tensors and the optimizer's state (created once where it does not
+        exist yet), checksumming as it copies: no fresh buffer of the state's size.
 
         Returns the restored structure (the model and optimizer entries holding those
-        very tensors), or None when the step is not held in memory or its layout asks
-        for the general path (views, non-CPU or mismatched targets, keys that differ:
-        the general path then reports them). Every check runs before a byte is copied.
+        very tensors), or None when the step's layout asks for the general path (views,
+        non-CPU or mismatched targets, keys that differ: the general path then reports
+        them). Every check runs before a byte is copied.
         """
         if model is None and optimizer is None:
             return None
         t0 = time.perf_counter()
         desc = self._core.describe(step, prefer_memory=True)
         raw = desc["blobs"].get(_state.STRUCTURE_BLOB)
-        if desc["source"] != "memory" or raw is None:
+        if raw is None:
             return None
         meta = pickle.loads(raw)
         state = meta.get("state")
@@ -560,8 +560,8 @@ class Checkpointer:
         records = {k: target(data=t.data_ptr(), nbytes=t.numel() * t.element_size(), dtype=str(t.dtype),
                              shape=list(t.shape))
                    for k, t in dest.items()}
-        loaded, _ = self._core.load_into(records, step=desc["step"], prefer_memory=True)
-        self.last_load = LoadInfo(loaded, "memory", sum(r.nbytes for r in records.values()),
+        loaded, _, source = self._core.load_into(records, step=desc["step"], prefer_memory=True)
+        self.last_load = LoadInfo(loaded, source, sum(r.nbytes for r in records.values()),
                                   time.perf_counter() - t0)
         return _state.restore_structure(meta, dest)
 

@@ -1,5 +1,8 @@
 #include "common/crc32c.h"
 
+#include <atomic>
+#include <cerrno>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -76,6 +79,51 @@ TEST(CopyPool, ChunkedCopyMatchesPerTaskCrc) {
     EXPECT_EQ(srcs[i], dsts[i]);
     EXPECT_EQ(crcs[i], Reference(srcs[i].data(), srcs[i].size()));
   }
+}
+
+// The read-through path (fresh processes reading a segment): every byte goes
+// through `fill` and a bounce buffer, across piece and chunk boundaries; the
+// crcs are the per-task crcs; a failing fill stops the copy with its errno.
+TEST(CopyPool, FillAndChecksumMatchesCopyAndReportsTheFirstError) {
+  CopyPool pool(2);
+  std::mt19937 rng(5);
+  std::vector<uint8_t> file(CopyPool::kChunkBytes * 2 + (700u << 10) + 3);
+  for (auto& b : file) b = static_cast<uint8_t>(rng());
+  // Tasks over disjoint ranges of `file`, as tensors over a slot.
+  const std::vector<std::pair<size_t, size_t>> ranges = {
+      {0, 0}, {0, 13}, {13, CopyPool::kChunkBytes + (512u << 10) + 1}, {CopyPool::kChunkBytes * 2, (700u << 10) + 3}};
+  std::vector<std::vector<uint8_t>> dsts;
+  std::vector<CopyTask> tasks;
+  for (auto [off, n] : ranges) {
+    dsts.emplace_back(n, 0xEE);
+    tasks.push_back({dsts.back().data(), file.data() + off, n});
+  }
+  std::atomic<size_t> filled{0};
+  auto pread_like = [&](void* buf, const void* src, size_t n) {
+    const auto* s = static_cast<const uint8_t*>(src);
+    EXPECT_TRUE(s >= file.data() && s + n <= file.data() + file.size());
+    std::memcpy(buf, s, n);
+    filled += n;
+    return 0;
+  };
+  std::vector<uint32_t> crcs;
+  ASSERT_EQ(pool.FillAndChecksum(tasks, pread_like, &crcs), 0);
+  size_t total = 0;
+  for (size_t i = 0; i < ranges.size(); ++i) {
+    auto [off, n] = ranges[i];
+    total += n;
+    EXPECT_EQ(0, std::memcmp(dsts[i].data(), file.data() + off, n)) << i;
+    EXPECT_EQ(crcs[i], Reference(file.data() + off, n)) << i;
+  }
+  EXPECT_EQ(filled.load(), total);
+
+  std::atomic<int> calls{0};
+  auto failing = [&](void* buf, const void* src, size_t n) {
+    if (++calls == 3) return EIO;
+    std::memcpy(buf, src, n);
+    return 0;
+  };
+  EXPECT_EQ(pool.FillAndChecksum(tasks, failing, &crcs), EIO);
 }
 
 }  // namespace

@@ -7,7 +7,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
+#include <cstring>
 #include <random>
 #include <thread>
 
@@ -43,6 +45,37 @@ TEST(SharedSegment, TooSmallIsAClearErrorNotSigbus) {
     }
   }
   EXPECT_EQ(system(("umount " + mnt).c_str()), 0);
+}
+
+// A process that did not write a slot reads it through the segment's file
+// (pread), not through fresh page faults: the bytes are the slot's, and a file
+// truncated under the reader is an error, not a SIGBUS.
+TEST(SharedSegment, ReaderThatDidNotWriteReadsThroughTheFile) {
+  ScratchDirs dirs;
+  const std::string path = (dirs.shm / "seg").string();
+  auto writer = SharedSegment::Create(path, 2, 1 << 20, 0, dirs.ckpt);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  SharedSegment& w = **writer;
+  ASSERT_TRUE(w.LockForWriting().ok());
+  ASSERT_TRUE(w.AllocateSlot(1).ok());
+  EXPECT_FALSE(w.slot_touched_here(1)) << "allocating is not writing";
+  w.BeginWrite(1);
+  std::mt19937 rng(9);
+  for (uint64_t i = 0; i < (1 << 20); ++i) w.slot_data(1)[i] = static_cast<uint8_t>(rng());
+  EXPECT_TRUE(w.slot_touched_here(1));
+
+  auto reader = SharedSegment::Open(path);
+  ASSERT_TRUE(reader.ok()) << reader.status();
+  const SharedSegment& r = **reader;
+  EXPECT_FALSE(r.slot_touched_here(1));
+  std::vector<uint8_t> got(300000, 0);
+  ASSERT_EQ(r.ReadMapped(r.slot_data(1) + 12345, got.data(), got.size()), 0);
+  EXPECT_EQ(0, std::memcmp(got.data(), w.slot_data(1) + 12345, got.size()));
+  std::vector<uint8_t> elsewhere(10);
+  EXPECT_EQ(r.ReadMapped(elsewhere.data(), got.data(), 10), EFAULT) << "an address outside the mapping";
+  EXPECT_EQ(r.ReadMapped(r.slot_data(1), got.data(), r.mapped_bytes()), EFAULT) << "a range past its end";
+  ASSERT_EQ(::truncate(path.c_str(), 8192), 0);
+  EXPECT_EQ(r.ReadMapped(r.slot_data(1), got.data(), got.size()), EIO);
 }
 
 TEST(SharedSegment, SigkilledWriterNeverLeavesAHalfSnapshot) {

@@ -314,6 +314,39 @@ def test_load_into_fills_existing_optimizer_state_in_place(tmp_path):
         assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
 
 
+def test_load_into_from_storage_fills_the_models_own_tensors(tmp_path):
+    """With the snapshot gone from memory, load_into reads storage straight into the
+    existing parameters and optimizer state (their memory kept), crc-checked; a
+    corrupted data file is an error naming the file and the tensor."""
+    torch.manual_seed(3)
+    src = Net(hidden=64)
+    opt = torch.optim.Adam(src.parameters(), lr=0.05)
+    x = torch.randn(8, 4)
+    _train(src, opt, x, 2)
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.save(7, {"model": src.state_dict(), "optim": opt.state_dict()}).wait(timeout=60)
+        ckpt.unlink_memory()
+    target = Net(hidden=64)
+    opt2 = torch.optim.Adam(target.parameters(), lr=0.05)
+    _train(target, opt2, x)
+    ptrs = {id(q): (q.data_ptr(), opt2.state[q]["exp_avg"].data_ptr()) for q in target.parameters()}
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        ckpt.load_into(target, opt2)
+        assert (ckpt.last_load.step, ckpt.last_load.source) == (7, "storage")
+    for p, q in zip(src.parameters(), target.parameters()):
+        assert (q.data_ptr(), opt2.state[q]["exp_avg"].data_ptr()) == ptrs[id(q)]
+        assert torch.equal(p, q)
+        assert torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+    data = next((tmp_path / "c" / "step-7").glob("rank-0*.data"))
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0x10
+    data.write_bytes(bytes(raw))
+    with flashckpt.Checkpointer(tmp_path / "c") as ckpt:
+        with pytest.raises(errors.CorruptionError, match="crc32c") as e:
+            ckpt.load_into(target, opt2, step=7)
+        assert str(data) in str(e.value)
+
+
 def test_a_mismatched_optimizer_fails_load_into_before_the_model_changes(tmp_path):
     src = Net()
     opt = torch.optim.Adam(src.parameters())
