@@ -207,6 +207,8 @@ class Checkpointer::Impl {
   // Backends the segment is registered with (page-locked for their DMA).
   std::set<DeviceBackend*> registered_;
   void UnregisterDevices();
+  // Page-locks the segment for backend b, once per segment.
+  absl::Status RegisterSegment(DeviceBackend* b);
 };
 
 Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.copy_threads) {
@@ -313,7 +315,8 @@ void Checkpointer::Impl::Init() {
   io.chunk_bytes = opt.io_chunk_bytes;
   io.queue_depth = opt.io_queue_depth;
   persist_io_ = std::make_unique<BulkIo>(io);
-  loader_ = std::make_unique<Loader>(LoaderContext{root, shm_path, opt.rank, opt.world_size, io, &pool_});
+  loader_ = std::make_unique<Loader>(LoaderContext{root, shm_path, opt.rank, opt.world_size, io, &pool_,
+                                                   [this](DeviceBackend* b) { return RegisterSegment(b); }});
 
   if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
     agent_ = std::make_unique<AgentClient>(AgentHello{opt.agent_socket, opt.rank, opt.world_size, root, shm_path,
@@ -505,14 +508,8 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   }
   SavePlan plan = ValueOrThrow(PlanSave(tensors, blobs, kSlotAlignment));
   ThrowIfError(Annotate(EnsureSegment(plan.slot_bytes_needed()), absl::StrCat("save of step ", step)));
-  for (DeviceBackend* b : backend_of) {
-    if (!b || !registered_.insert(b).second) continue;
-    absl::Status r = b->RegisterHost(seg->header(), seg->mapped_bytes());
-    if (!r.ok()) {
-      registered_.erase(b);
-      ThrowStatus(Annotate(r, absl::StrCat("save of step ", step, ": registering ", shm_path)));
-    }
-  }
+  for (DeviceBackend* b : backend_of)
+    if (b) ThrowIfError(Annotate(RegisterSegment(b), absl::StrCat("save of step ", step)));
 
 
 
@@ -631,6 +628,17 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   }
   Submit(std::move(pending));
   return SaveHandle(state);
+}
+
+absl::Status Checkpointer::Impl::RegisterSegment(DeviceBackend* b) {
+  if (!seg) return absl::FailedPreconditionError("no shared-memory segment to register");
+  if (!registered_.insert(b).second) return absl::OkStatus();
+  absl::Status r = b->RegisterHost(seg->header(), seg->mapped_bytes());
+  if (!r.ok()) {
+    registered_.erase(b);
+    return Annotate(r, absl::StrCat("registering ", shm_path, " with the ", b->device_type(), " backend"));
+  }
+  return absl::OkStatus();
 }
 
 void Checkpointer::Impl::UnregisterDevices() {
@@ -878,6 +886,7 @@ int64_t Checkpointer::Impl::LoadInto(const std::map<std::string, MutableTensorRe
                                      const LoadOptions& options) {
   Source ignored;
   if (!source) source = &ignored;
+  ThrowIfError(loader_->CheckDevices(dest));
   LoadOptions lo = options;
   if (!lo.step) lo.step = TakeRestoreStep();
   if (lo.prefer_memory) {
@@ -947,5 +956,7 @@ std::string LoadDevicePlugin(const std::string& path) {
 }
 
 std::vector<std::string> DeviceTypes() { return DeviceBackend::Types(); }
+
+bool HasDeviceBackend(const std::string& device_type) { return DeviceBackend::For(device_type).ok(); }
 
 }  // namespace flashckpt

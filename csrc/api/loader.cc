@@ -4,6 +4,8 @@
 #include <chrono>
 #include <filesystem>
 #include <map>
+#include <set>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -46,21 +48,71 @@ absl::Status CheckDestinations(const std::map<std::string, MutableTensorRef>& de
                    absl::StrJoin(mismatched, "; "), "]"));
 }
 
-pb::Manifest ManifestOf(const LoadedSnapshot& snap) {
-  pb::Manifest m;
-  m.set_step(snap.step());
-  for (const auto& t : snap.tensors()) {
-    auto* e = m.add_tensors();
-    e->set_key(t.key);
-    e->set_dtype(t.dtype);
-    for (auto d : t.shape) e->add_shape(d);
-    e->set_length(t.nbytes);
-    e->set_storage_key(t.storage_key);
+// The host-to-device copies of one load, batched per backend, device and
+// stream. Backends are resolved (an unknown type named with its key) before a
+// byte is written; the destructor waits for whatever was queued.
+class DeviceUploads {
+ public:
+  DeviceUploads() = default;
+  DeviceUploads(const DeviceUploads&) = delete;
+  DeviceUploads& operator=(const DeviceUploads&) = delete;
+  ~DeviceUploads() { Wait().IgnoreError(); }
+
+  // The backends of every device destination, or the first that has none.
+  static absl::StatusOr<std::set<DeviceBackend*>> Resolve(const std::map<std::string, MutableTensorRef>& dest) {
+    std::set<DeviceBackend*> out;
+    for (const auto& [k, d] : dest) {
+      if (!d.on_device()) continue;
+      absl::StatusOr<DeviceBackend*> b = DeviceBackend::For(d.device_type);
+      if (!b.ok()) return Annotate(b.status(), absl::StrCat("load into tensor '", k, "'"));
+      out.insert(*b);
+    }
+    return out;
   }
-  return m;
-}
+  void Add(const MutableTensorRef& d, const void* src, size_t n) {
+    DeviceBackend* b = *DeviceBackend::For(d.device_type);  // resolved above
+    for (Batch& x : batches_)
+      if (x.backend == b && x.device == d.device && x.stream == d.stream) {
+        x.copies.push_back({d.data, src, n});
+        return;
+      }
+    batches_.push_back({b, d.device, d.stream, {{d.data, src, n}}, nullptr});
+  }
+  absl::Status Start() {
+    for (Batch& x : batches_) {
+      if (x.done || x.copies.empty()) continue;
+      FCK_ASSIGN_OR_RETURN(x.done, x.backend->CopyToDeviceAsync(x.device, x.stream, x.copies));
+    }
+    return absl::OkStatus();
+  }
+  // Waits for every queued batch; the first error is returned. Then empty.
+  absl::Status Wait() {
+    absl::Status first;
+    for (Batch& x : batches_)
+      if (x.done) {
+        absl::Status w = x.backend->Wait(std::exchange(x.done, nullptr));
+        if (first.ok()) first = w;
+      }
+    batches_.clear();
+    return first;
+  }
+
+ private:
+  struct Batch {
+    DeviceBackend* backend;
+    int device;
+    void* stream;
+    std::vector<DeviceBackend::Copy> copies;
+    void* done;
+  };
+  std::vector<Batch> batches_;
+};
 
 }  // namespace
+
+absl::Status Loader::CheckDevices(const std::map<std::string, MutableTensorRef>& dest) const {
+  return DeviceUploads::Resolve(dest).status();
+}
 
 absl::Status Loader::CopyOut(const SharedSegment& seg, const SlotView& v, const std::vector<CopyTask>& tasks,
                              std::vector<uint32_t>* crcs) const {
@@ -211,16 +263,30 @@ absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, c_.shm_path, &m));
   FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
+  FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
+  for (DeviceBackend* b : backends) {
+    if (!c_.register_segment) return absl::InternalError("device load without a segment registration");
+    FCK_RETURN_IF_ERROR(c_.register_segment(b));
+  }
+  // Device tensors: host-to-device straight from the pinned slot, queued first;
+  // their crcs are taken from the slot on the host meanwhile (no copy there).
+  DeviceUploads uploads;
   std::vector<CopyTask> tasks;
   std::vector<const pb::TensorEntry*> entries;
   for (const auto& e : m.tensors()) {
     auto it = dest.find(e.key());
     if (it == dest.end() || e.offset() + e.length() > v.data_bytes) continue;
-    tasks.push_back({it->second.data, data + e.offset(), e.length()});
+    const bool device = it->second.on_device();
+    if (device) uploads.Add(it->second, data + e.offset(), e.length());
+    tasks.push_back({device ? nullptr : it->second.data, data + e.offset(), e.length()});
     entries.push_back(&e);
   }
+  FCK_RETURN_IF_ERROR(uploads.Start());
   std::vector<uint32_t> crcs;
-  FCK_RETURN_IF_ERROR(CopyOut(*seg, v, tasks, &crcs));
+  absl::Status copied = CopyOut(*seg, v, tasks, &crcs);
+  absl::Status uploaded = uploads.Wait();
+  FCK_RETURN_IF_ERROR(copied);
+  FCK_RETURN_IF_ERROR(uploaded);
   if (!seg->StillValid(v)) return absl::UnavailableError("slot was overwritten while reading");
   for (size_t i = 0; lo.verify && i < entries.size(); ++i)
     if (crcs[i] != entries[i]->crc32c())
@@ -245,7 +311,9 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
     uint8_t* dst = nullptr;
     const pb::TensorEntry* entry = nullptr;
     uint32_t crc = 0;
+    const MutableTensorRef* target = nullptr;
   };
+  FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
   std::vector<Piece> pieces;
   uint64_t end = 0;
   for (const auto& e : m.tensors()) {
@@ -254,7 +322,7 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
     if (e.offset() + e.length() > m.data_bytes())
       return absl::DataLossError(absl::StrCat(sm.data_path, ": tensor '", e.key(), "' lies past the data (offset ",
                                               e.offset(), ", ", e.length(), " bytes of ", m.data_bytes(), ")"));
-    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0});
+    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0, &it->second});
     end = std::max(end, e.offset() + e.length());
   }
   std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.off < b.off; });
@@ -265,16 +333,44 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
   size_t first = 0;  // the first piece not yet whole
   auto sink = [&](uint64_t off, const uint8_t* data, uint64_t n) {
     const uint64_t stop = off + n;
+    // Device pieces go host-to-device from the (registered) read buffer,
+    // which is reused once this returns: queued first, waited for last.
+    DeviceUploads uploads;
     for (size_t i = first; i < pieces.size() && pieces[i].off < stop; ++i) {
       Piece& p = pieces[i];
       uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
-      if (a < b) p.crc = CopyWithCrc32c(p.dst + (a - p.off), data + (a - off), b - a, p.crc);
+      if (a < b && p.target->on_device()) {
+        MutableTensorRef part = *p.target;
+        part.data = p.dst + (a - p.off);
+        uploads.Add(part, data + (a - off), b - a);
+      }
+    }
+    FCK_RETURN_IF_ERROR(uploads.Start());
+    for (size_t i = first; i < pieces.size() && pieces[i].off < stop; ++i) {
+      Piece& p = pieces[i];
+      uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
+      if (a < b)
+        p.crc = p.target->on_device() ? Crc32c(data + (a - off), b - a, p.crc)
+                                      : CopyWithCrc32c(p.dst + (a - p.off), data + (a - off), b - a, p.crc);
       if (i == first && p.off + p.len <= stop) ++first;
+    }
+    return uploads.Wait();
+  };
+  // The read buffers are page-locked for the device backends while they are used.
+  std::vector<DeviceBackend*> registered;
+  BulkIo::BufferHooks hooks;
+  hooks.acquired = [&](void* base, size_t len) -> absl::Status {
+    for (DeviceBackend* b : backends) {
+      FCK_RETURN_IF_ERROR(b->RegisterHost(base, len));
+      registered.push_back(b);
     }
     return absl::OkStatus();
   };
+  hooks.releasing = [&](void* base) {
+    for (DeviceBackend* b : registered) b->UnregisterHost(base).IgnoreError();
+  };
   BulkIo reader(c_.io);
-  FCK_ASSIGN_OR_RETURN(IoResult io, reader.ReadFileStreaming(sm.data_path, end, sink));
+  FCK_ASSIGN_OR_RETURN(IoResult io, reader.ReadFileStreaming(sm.data_path, end, sink, hooks));
   for (const Piece& p : pieces)
     if (verify && p.crc != p.entry->crc32c())
       return absl::DataLossError(absl::StrCat(sm.data_path, " step ", step, ": tensor '", p.entry->key(),
@@ -289,20 +385,6 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
           absl::StrFormat("%.2f", secs), " s", io.used_io_uring ? ", io_uring" : ", pread",
           io.used_direct_io ? " O_DIRECT" : "");
   return step;
-}
-
-absl::Status Loader::CopyInto(const LoadedSnapshot& snap, const std::map<std::string, MutableTensorRef>& dest,
-                              std::map<std::string, std::string>* blobs) const {
-  FCK_RETURN_IF_ERROR(CheckDestinations(dest, ManifestOf(snap)));
-  std::vector<CopyTask> tasks;
-  for (const auto& [k, d] : dest) {
-    const TensorInfo* t = snap.find(k);
-    tasks.push_back({d.data, t->data, t->nbytes});
-  }
-  std::vector<uint32_t> crcs;
-  c_.pool->CopyAndChecksum(tasks, &crcs);
-  if (blobs) *blobs = snap.blobs();
-  return absl::OkStatus();
 }
 
 std::vector<StepInfo> Loader::Steps(const SharedSegment* seg) const {

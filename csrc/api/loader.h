@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -15,6 +16,7 @@
 #include "common/parallel_copy.h"
 #include "flashckpt.pb.h"
 #include "flashckpt/types.h"
+#include "api/device_backend.h"
 #include "shm/segment.h"
 #include "storage/uring_io.h"
 
@@ -27,6 +29,10 @@ struct LoaderContext {
   int world_size = 1;
   IoOptions io;           // storage reads
   CopyPool* pool = nullptr;
+  // Registers the segment's mapping with a device backend (once; the
+  // Checkpointer keeps it registered for its saves). Device loads from memory
+  // copy host-to-device straight from the slot, so it must be page-locked.
+  std::function<absl::Status(DeviceBackend*)> register_segment;
 };
 
 class Loader {
@@ -55,9 +61,8 @@ class Loader {
   // copies; the same checks first, before anything is written.
   absl::StatusOr<int64_t> IntoFromStorage(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
                                           std::map<std::string, std::string>* blobs, bool verify) const;
-  // Copies a loaded snapshot into `dest` (the same checks first).
-  absl::Status CopyInto(const LoadedSnapshot& snap, const std::map<std::string, MutableTensorRef>& dest,
-                        std::map<std::string, std::string>* blobs) const;
+  // Every device destination has a backend (else an error naming key and type).
+  absl::Status CheckDevices(const std::map<std::string, MutableTensorRef>& dest) const;
   // Every step of storage and memory, ascending.
   std::vector<StepInfo> Steps(const SharedSegment* seg) const;
 

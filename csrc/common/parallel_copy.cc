@@ -115,7 +115,8 @@ int CopyPool::FillAndChecksum(const std::vector<CopyTask>& tasks, const Fill& fi
         failed.compare_exchange_strong(none, err);
         break;
       }
-      crc = CopyWithCrc32c(static_cast<uint8_t*>(t.dst) + off + done, bounce, k, crc);
+      crc = t.dst != nullptr ? CopyWithCrc32c(static_cast<uint8_t*>(t.dst) + off + done, bounce, k, crc)
+                             : Crc32c(bounce, k, crc);
       done += k;
     }
     return crc;

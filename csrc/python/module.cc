@@ -149,6 +149,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("load_device_plugin", &LoadDevicePlugin, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
         "Loads a device backend plugin (include/flashckpt/device_plugin.h); returns the device type it serves.");
   m.def("device_types", &DeviceTypes, "Device types with a loaded backend.");
+  m.def("has_device_backend", &HasDeviceBackend, py::arg("device_type"), py::call_guard<py::gil_scoped_release>(),
+        "True when tensors of that device type have a backend (CUDA's is loaded on first use).");
   m.def(
       "route_log",
       [](bool to_python) {
@@ -222,15 +224,22 @@ PYBIND11_MODULE(_C, m) {
       });
   // A load_into() destination: caller-owned host memory of a tensor.
   py::class_<MutableTensorRef>(m, "LoadTarget")
-      .def(py::init([](uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape) {
+      .def(py::init([](uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
+                       std::string device_type, int device, uintptr_t stream) {
              MutableTensorRef r;
              r.data = reinterpret_cast<void*>(data);
              r.nbytes = nbytes;
              r.dtype = std::move(dtype);
              r.shape = std::move(shape);
+             r.device_type = std::move(device_type);
+             r.device = device;
+             r.stream = reinterpret_cast<void*>(stream);
              return r;
            }),
-           py::kw_only(), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"))
+           py::kw_only(), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"),
+           py::arg("device_type") = "cpu", py::arg("device") = -1, py::arg("stream") = 0)
+      .def_readonly("device_type", &MutableTensorRef::device_type)
+      .def_readonly("device", &MutableTensorRef::device)
       .def_property_readonly("data", [](const MutableTensorRef& r) { return reinterpret_cast<uintptr_t>(r.data); })
       .def_readonly("nbytes", &MutableTensorRef::nbytes)
       .def_readonly("dtype", &MutableTensorRef::dtype)

@@ -356,7 +356,8 @@ absl::StatusOr<IoResult> BulkIo::ReadFile(const std::string& path, void* buf, ui
   return result;
 }
 
-absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink) {
+absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink,
+                                                   const BufferHooks& hooks) {
   auto t0 = std::chrono::steady_clock::now();
   IoResult result;
   Fd f;
@@ -369,6 +370,14 @@ absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint
   std::shared_ptr<void> pool = AllocateAligned(chunk * static_cast<uint64_t>(depth));
   if (!pool) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate read buffers for ", path));
   auto* base = static_cast<uint8_t*>(pool.get());
+  struct Release {
+    const BufferHooks& h;
+    void* base;
+    ~Release() {
+      if (h.releasing) h.releasing(base);
+    }
+  } release{hooks, base};  // destroyed before `pool`: declared after it
+  if (hooks.acquired) FCK_RETURN_IF_ERROR(hooks.acquired(base, chunk * static_cast<uint64_t>(depth)));
   auto buffer = [&](uint64_t k) { return base + (k % static_cast<uint64_t>(depth)) * chunk; };
   // Bytes of chunk k to read: direct I/O reads whole 4 KiB blocks, the padded tail past EOF is cut by the kernel.
   auto span = [&](uint64_t k) {

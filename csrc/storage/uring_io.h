@@ -55,8 +55,16 @@ class BulkIo {
   // flight, and hands every chunk to sink(offset, data, n) in file order while
   // the next ones are read. No buffer of the file's size. A non-OK status from
   // sink stops the read and is returned.
+  // hooks.acquired(base, len) is called with the buffers before the first
+  // read (to page-lock them for a device backend, say), hooks.releasing(base)
+  // before they are freed, on every path (also when acquired failed half-way).
   using ChunkSink = std::function<absl::Status(uint64_t offset, const uint8_t* data, uint64_t n)>;
-  absl::StatusOr<IoResult> ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink);
+  struct BufferHooks {
+    std::function<absl::Status(void* base, size_t len)> acquired;
+    std::function<void(void* base)> releasing;
+  };
+  absl::StatusOr<IoResult> ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink,
+                                             const BufferHooks& hooks = {});
 
  private:
   class Ring;

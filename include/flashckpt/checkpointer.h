@@ -197,5 +197,7 @@ class Checkpointer {
 std::string LoadDevicePlugin(const std::string& path);
 // Device types with a loaded backend.
 std::vector<std::string> DeviceTypes();
+// True when tensors of `device_type` have a backend (loading CUDA's on first use).
+bool HasDeviceBackend(const std::string& device_type);
 
 }  // namespace flashckpt

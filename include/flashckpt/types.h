@@ -41,12 +41,19 @@ struct BlobRef {
   std::string data;
 };
 
-// A destination for load_into(): a caller-owned host buffer.
+// A destination for load_into(): a caller-owned buffer in host memory, or
+// (device_type other than "" and "cpu") in device memory of that type's
+// backend, filled host-to-device from the pinned slot or pinned read buffers
+// and ordered after the caller's `stream` on `device`.
 struct MutableTensorRef {
   void* data = nullptr;
   uint64_t nbytes = 0;
   std::string dtype;
   std::vector<int64_t> shape;
+  std::string device_type;
+  int device = -1;
+  void* stream = nullptr;
+  bool on_device() const { return !device_type.empty() && device_type != "cpu"; }
 };
 
 enum class Source { kMemory, kStorage };

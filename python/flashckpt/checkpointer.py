@@ -409,9 +409,7 @@ class Checkpointer:
             self._check_open()
             self.fence()
             step = self._agree_step(step)  # the one collective of this call, on every rank
-            in_place = None
-            if map_location is None or torch.device(map_location).type == "cpu":
-                in_place = self._load_in_place(step, model, optimizer, model_key, optimizer_key)
+            in_place = self._load_in_place(step, model, optimizer, model_key, optimizer_key, map_location)
             state = in_place if in_place is not None else self._load_agreed(step, map_location)
         result = LoadResult(step=self.last_load.step, state=state)
         if not isinstance(state, dict):
@@ -473,15 +471,18 @@ class Checkpointer:
             set_rng_state(state[rng_key])
         return result
 
-    def _load_in_place(self, step, model, optimizer, model_key, optimizer_key):
+    def _load_in_place(self, step, model, optimizer, model_key, optimizer_key, map_location=None):
         """Copies ``step`` from the memory slot, or from storage, straight into the
         model's own tensors and the optimizer's state (created once where it does not
         exist yet), checksumming as it copies: no fresh buffer of the state's size.
 
-        Returns the restored structure (the model and optimizer entries holding those
-        very tensors), or None when the step's layout asks for the general path (views,
-        non-CPU or mismatched targets, keys that differ: the general path then reports
-        them). Every check runs before a byte is copied.
+        Tensors on an accelerator are filled host-to-device by that device type's
+        backend, from the pinned slot or pinned read buffers, ordered after the
+        current stream. Returns the restored structure (the model and optimizer entries
+        holding those very tensors), or None when the step's layout asks for the
+        general path (views, mismatched targets, a device type without a backend, keys
+        that differ: the general path then reports them). Every check runs before a
+        byte is copied.
         """
         if model is None and optimizer is None:
             return None
@@ -495,14 +496,19 @@ class Checkpointer:
         if meta.get("version", 0) > _state.STRUCTURE_VERSION or not isinstance(state, dict):
             return None
         aliases = meta.get("aliases", {})  # tensors over the same bytes (tied weights): one entry
-        if any(d.split(":")[0] != "cpu" for d in meta.get("devices", {}).values()):
-            return None
         entries = {e["key"]: e for e in desc["tensors"]}
         if any(e["storage_key"] or e["strides"] for e in entries.values()):
             return None
+        native = _native.load()
+        backed = {"cpu": True}
+
+        def has_backend(device: torch.device) -> bool:
+            if device.type not in backed:
+                backed[device.type] = bool(native.has_device_backend(device.type))
+            return backed[device.type]
 
         def fits(t, e) -> bool:
-            return (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
+            return (isinstance(t, torch.Tensor) and has_backend(t.device) and t.is_contiguous()
                     and str(t.dtype) == e["dtype"] and list(t.shape) == list(e["shape"]))
 
         dest: Dict[str, torch.Tensor] = {}
@@ -548,26 +554,44 @@ class Checkpointer:
                         if e is None:
                             return None
                         t = current.get(name)
-                        # State a fresh process does not have yet is created once, then filled.
+                        # State a fresh process does not have yet is created once, then
+                        # filled: on the parameter's device ("step" on the CPU, as torch
+                        # keeps it unless the group is capturable or fused).
                         if not fits(t, e):
-                            t = torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"]))
+                            on = torch.device("cpu") if name == "step" else param.device
+                            t = torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"]), device=on)
                         if not target(leaf, t):
                             return None
+        claimed = set(dest)
         for key, e in entries.items():  # the other entries: small, into new tensors
             if key not in dest:
                 dest[key] = torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"]))
-        target = _native.load().LoadTarget
+        target = native.LoadTarget
         records = {k: target(data=t.data_ptr(), nbytes=t.numel() * t.element_size(), dtype=str(t.dtype),
-                             shape=list(t.shape))
+                             shape=list(t.shape), device_type=t.device.type, device=_state._device_index(t),
+                             stream=_current_stream(t.device))
                    for k, t in dest.items()}
         loaded, _, source = self._core.load_into(records, step=desc["step"], prefer_memory=True)
         self.last_load = LoadInfo(loaded, source, sum(r.nbytes for r in records.values()),
                                   time.perf_counter() - t0)
+        if map_location is not None and torch.device(map_location).type != "cpu":
+            # The entries outside the model and optimizer land on the CPU; place them
+            # where the general path would have.
+            for key, e in entries.items():
+                if dest[key].device.type == "cpu" and key not in claimed:
+                    dest[key] = dest[key].to(map_location)
         return _state.restore_structure(meta, dest)
 
     def __repr__(self):
         return (f"<flashckpt.Checkpointer {self.directory!r} rank={self.rank}/"
                 f"{self.world_size}{' closed' if self._closed else ''}>")
+
+
+def _current_stream(device: torch.device) -> int:
+    """The handle of the current stream on ``device`` (0: none, or the CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0
 
 
 def _loads_plainly(model: torch.nn.Module) -> bool:
