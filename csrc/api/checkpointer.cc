@@ -1,6 +1,8 @@
-// Checkpointer: the facade over its roles. The save path (slot choice, copy,
-// publish) and the segment's lifecycle live here; persisting is the
-// Persister's (storage/persister.h), loading the Loader's (api/loader.h).
+// Checkpointer: the facade over its roles. The snapshot writer
+// (api/snapshot_writer.h) holds the segment and writes slots; persisting is
+// the Persister's (storage/persister.h), loading the Loader's (api/loader.h).
+// Here: options and the directory lock, save order (the finisher of
+// non-blocking saves), persist failures, the restore step and close.
 #include "flashckpt/checkpointer.h"
 
 #include <fcntl.h>
@@ -25,6 +27,7 @@
 #include "api/agent_client.h"
 #include "api/device_backend.h"
 #include "api/save_state.h"
+#include "api/snapshot_writer.h"
 #include "api/loader.h"
 #include "api/public_commit_barrier.h"
 #include "common/crash_point.h"
@@ -55,18 +58,6 @@ std::string AbsolutePath(const std::string& p) {
 
 std::string SegmentName(const std::string& root, const std::string& run_id, int rank) {
   return absl::StrFormat("flashckpt-%s-%08x-r%d", run_id, Crc32c(root.data(), root.size()), rank);
-}
-
-// A slot pinned by a persister (this process, or flashrun's agent) must not
-// be overwritten; a pin left by a process that died is void.
-bool PinHeld(SlotHeader* h) {
-  uint32_t pid = h->pin_pid.load(std::memory_order_acquire);
-  if (pid == 0) return false;
-  if (::kill(static_cast<pid_t>(pid), 0) != 0 && errno == ESRCH) {
-    h->pin_pid.compare_exchange_strong(pid, 0);
-    return false;
-  }
-  return true;
 }
 
 // The device type whose backend copies `t`; "" for host memory (and for
@@ -121,10 +112,7 @@ class Checkpointer::Impl {
   std::optional<int64_t> TakeRestoreStep();
   // The segment, once a background creation of it (reserve_bytes) is done;
   // null when there is none. Every reader of `seg` outside the save path.
-  SharedSegment* Segment() {
-    JoinReserveForLoad();
-    return seg.get();
-  }
+  SharedSegment* Segment() { return writer_ ? writer_->segment() : nullptr; }
   // After the first load, of `step` from memory: if the step was agreed
   // (given, or the restore step) and an earlier process left it in memory
   // only, it is persisted now, as every other rank restoring the same step
@@ -134,18 +122,12 @@ class Checkpointer::Impl {
   CheckpointerOptions opt;
   std::string root;
   std::string shm_path;
-  std::unique_ptr<SharedSegment> seg;
   bool closed = false;
 
  private:
   std::optional<int64_t> restore_pending_;  // opt.restore_step until a load takes it
   // Steps an earlier process left in memory, not durable (until the first load).
   std::set<int64_t> inherited_;
-  absl::Status EnsureSegment(uint64_t needed);
-  // all_slots: allocate every slot now (reserve); else only slot 0, the
-  // others on the reserve thread, so a first save pays for one slot only.
-  absl::Status CreateSegment(uint64_t capacity, bool all_slots = true);
-  int ChooseSlot(std::unique_lock<std::mutex>& l);
   // Finishes non-blocking snapshots in save order (device copies waited for,
   // checksummed, published), then hands them to the persister.
   void FinisherLoop();
@@ -153,32 +135,22 @@ class Checkpointer::Impl {
   void Submit(PendingSnapshot p);
   // Waits until the finisher and the persister are idle.
   absl::Status WaitIdle(std::chrono::milliseconds timeout);
-  void Pin(int slot);
-  void Unpin(int slot);
   absl::StatusOr<PersistStats> Persist(int64_t step, int slot);
   absl::Status PersistViaAgent(int64_t step, int slot);
   // The step load() takes when none is given: the newest of memory and storage.
-  int64_t NewestStep(bool prefer_memory) { return ValueOrThrow(loader_->NewestStep(seg.get(), prefer_memory)); }
+  int64_t NewestStep(bool prefer_memory) { return ValueOrThrow(loader_->NewestStep(Segment(), prefer_memory)); }
  private:
-  void JoinReserve();
-  // Loads read only published slots; they wait for the reserve thread only
-  // when it is still creating the segment itself.
-  void JoinReserveForLoad() {
-    if (reserve_creates_segment_) JoinReserve();
-  }
-  void PrefaultAfterLoad() {
-    if (!prefault_after_load_ || !seg) return;
-    prefault_after_load_ = false;
-    JoinReserve();
-    SharedSegment* s = seg.get();
-    const int threads = pool_.threads();
-    reserve_thread_ = std::thread([this, s, threads] { reserve_status_ = s->AllocateAll(threads); });
-  }
-  bool reserve_creates_segment_ = false;
-  bool prefault_after_load_ = false;
+  // Slots of the first load are mapped in the background after it (see SnapshotWriter::AfterLoad).
+  struct AfterLoad {
+    Impl* i;
+    ~AfterLoad() {
+      if (i->writer_) i->writer_->AfterLoad();
+    }
+  };
   void Init();  // the part of construction that may throw after the locks are taken
 
   CopyPool pool_;
+  std::unique_ptr<SnapshotWriter> writer_;  // the snapshot writer role (segment, slots, copy, publish)
   std::unique_ptr<Loader> loader_;  // the loader role (memory and storage)
   std::shared_ptr<core::CommitBarrier> barrier_;
   std::unique_ptr<BulkIo> persist_io_;
@@ -187,14 +159,7 @@ class Checkpointer::Impl {
   std::unique_ptr<AgentClient> agent_;  // flashrun's checkpoint service, when it persists
   bool agent_mode_ = false;  // the agent persists (even while reconnecting)
   std::string open_key_;
-  uint64_t generation_ = 0;
   uint64_t saves_ = 0;
-  std::thread reserve_thread_;
-  absl::Status reserve_status_;
-
-  // Slot choice waits on this for a pin to go (pins live in the segment).
-  std::mutex slot_mu_;
-  std::condition_variable slot_cv_;
   std::mutex fin_mu_;
   std::condition_variable fin_cv_;
   std::deque<PendingSnapshot> finishing_;
@@ -204,11 +169,6 @@ class Checkpointer::Impl {
   std::mutex fail_mu_;
   std::vector<std::pair<std::shared_ptr<SaveState>, absl::Status>> unreported_;
   uint64_t persist_failures_ = 0;
-  // Backends the segment is registered with (page-locked for their DMA).
-  std::set<DeviceBackend*> registered_;
-  void UnregisterDevices();
-  // Page-locks the segment for backend b, once per segment.
-  absl::Status RegisterSegment(DeviceBackend* b);
 };
 
 Checkpointer::Impl::Impl(CheckpointerOptions o) : opt(std::move(o)), pool_(o.copy_threads) {
@@ -279,34 +239,17 @@ void Checkpointer::Impl::Init() {
                                : std::make_shared<FileCommitBarrier>(root);
   shm_path = absl::StrCat(opt.shm_dir, "/", SegmentName(root, opt.run_id, opt.rank));
 
-  if (opt.reuse_memory && ::access(shm_path.c_str(), F_OK) == 0) {
-    auto s = SharedSegment::Open(shm_path);
-    if (s.ok() && static_cast<int>((*s)->num_slots()) == opt.num_slots && (*s)->LockForWriting().ok()) {
-      seg = std::move(*s);
-      for (int i = 0; i < seg->num_slots(); ++i) {
-        SlotView v;
-        if (seg->ReadSlot(i, &v)) generation_ = std::max(generation_, v.generation);
-      }
-      SlotView newest;
-      if (seg->Newest(&newest))
-        FCK_LOG(kInfo, "found shared-memory snapshot of step ", newest.step, " in ", shm_path,
-                newest.durable ? " (persisted)" : " (not yet persisted)");
-    } else if (!s.ok()) {
-      FCK_LOG(kWarn, "ignoring shared-memory segment ", shm_path, ": ", s.status().message());
-    }
-  }
+  writer_ = std::make_unique<SnapshotWriter>(
+      SnapshotWriterOptions{shm_path, root, opt.num_slots, opt.rank, opt.world_size, opt.commit_timeout, &pool_});
+  const bool reopened = opt.reuse_memory && writer_->Reopen();
+  SharedSegment* seg = writer_->published_segment();
   if (opt.reserve_bytes > 0 && (!seg || seg->slot_capacity() < opt.reserve_bytes)) {
-    if (opt.reserve_in_background) {
-      reserve_creates_segment_ = true;
-      reserve_thread_ = std::thread([this] { reserve_status_ = CreateSegment(opt.reserve_bytes); });
-    } else {
-      ThrowIfError(CreateSegment(opt.reserve_bytes));
-    }
-  } else if (seg && opt.reserve_in_background) {
+    ThrowIfError(writer_->Reserve(opt.reserve_bytes, opt.reserve_in_background));
+  } else if (reopened && opt.reserve_in_background) {
     // A segment left by an earlier process: its slots are mapped in the
     // background only after the restore (load) is done, so that mapping them
     // does not compete with the load on the restart's critical path.
-    prefault_after_load_ = true;
+    writer_->PrefaultAfterFirstLoad();
   }
 
   IoOptions io;
@@ -316,7 +259,7 @@ void Checkpointer::Impl::Init() {
   io.queue_depth = opt.io_queue_depth;
   persist_io_ = std::make_unique<BulkIo>(io);
   loader_ = std::make_unique<Loader>(LoaderContext{root, shm_path, opt.rank, opt.world_size, io, &pool_,
-                                                   [this](DeviceBackend* b) { return RegisterSegment(b); }});
+                                                   [this](DeviceBackend* b) { return writer_->RegisterWith(b); }});
 
   if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
     agent_ = std::make_unique<AgentClient>(AgentHello{opt.agent_socket, opt.rank, opt.world_size, root, shm_path,
@@ -353,7 +296,8 @@ void Checkpointer::Impl::Init() {
   // so it waits for the step the job agrees to restore (the first load with
   // a step, see Restored).
   // (A segment being created in the background holds nothing yet.)
-  if (!reserve_creates_segment_ && seg && opt.persist && !agent_mode_) {
+  seg = writer_->published_segment();
+  if (!writer_->creating_in_background() && seg && opt.persist && !agent_mode_) {
     auto committed = LatestCommitted(root);
     for (int i = 0; i < seg->num_slots(); ++i) {
       SlotView v;
@@ -368,125 +312,18 @@ void Checkpointer::Impl::Restored(int64_t step, bool agreed) {
   const bool inherited = agreed && inherited_.count(step) > 0;
   inherited_.clear();  // once: the first load decides
   SlotView v;
+  SharedSegment* seg = writer_->published_segment();
   if (!inherited || !seg || !seg->Newest(&v, step) || v.durable || ReadCommit(root, step).ok()) return;
   FCK_LOG(kInfo, "persisting step ", step, " left in shared memory by an earlier process");
   auto st = std::make_shared<SaveState>(step, opt.wait_timeout);
   st->SnapshotDone(absl::OkStatus());
-  Pin(v.index);
+  writer_->Pin(v.index);
   Submit(PendingSnapshot{v.index, step, true, st, {}, {}});
 }
 
 Checkpointer::Impl::~Impl() {
   absl::Status st = Close();
   if (!st.ok()) FCK_LOG(kError, "checkpointer on ", root, " closed with a failed persist: ", st.message());
-}
-
-void Checkpointer::Impl::JoinReserve() {
-  if (reserve_thread_.joinable()) reserve_thread_.join();
-}
-
-absl::Status Checkpointer::Impl::CreateSegment(uint64_t capacity, bool all_slots) {
-  // Room to grow a little without re-creating the segment.
-  capacity = AlignUp(capacity + capacity / 64 + (1u << 20), 2u << 20);
-  // Growing: a snapshot the old slots hold in memory only (not durable) is
-  // kept until the new slots exist, so a save that cannot grow them (too
-  // little shared memory) leaves it loadable. Durable ones make room first.
-  int64_t only_in_memory = -1;
-  if (seg) {
-    for (int i = 0; i < seg->num_slots(); ++i) {
-      SlotView v;
-      if (seg->ReadSlot(i, &v) && !v.durable) only_in_memory = std::max(only_in_memory, v.step);
-    }
-    if (only_in_memory < 0) {
-      FCK_LOG(kInfo, "growing shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
-              capacity >> 20, " MiB; the older in-memory snapshots are on storage");
-      UnregisterDevices();
-      seg.reset();
-      SharedSegment::Unlink(shm_path).IgnoreError();
-    }
-  }
-  const bool beside = seg != nullptr;
-  auto t0 = std::chrono::steady_clock::now();
-  auto created = SharedSegment::Create(shm_path, opt.num_slots, capacity, opt.rank, root, /*staged=*/beside);
-  if (!created.ok() && beside)
-    return Annotate(created.status(), absl::StrCat("growing the slots to ", HumanBytes(capacity), " each while step ",
-                                                   only_in_memory, ", in memory only (persist=False or not yet "
-                                                   "durable), is kept: nothing was dropped"));
-  FCK_RETURN_IF_ERROR(created.status());
-  std::unique_ptr<SharedSegment> s = std::move(*created);
-  FCK_RETURN_IF_ERROR(s->LockForWriting());
-  const int threads = pool_.threads();
-  absl::Status allocated = all_slots ? s->AllocateAll(threads) : s->AllocateSlot(0, threads);
-  if (!allocated.ok() && beside)
-    return Annotate(allocated, absl::StrCat("growing the slots while step ", only_in_memory,
-                                            " (in memory only) is kept: nothing was dropped"));
-  FCK_RETURN_IF_ERROR(allocated);
-  if (beside) {
-    FCK_LOG(kInfo, "grew shared-memory slots of ", shm_path, " from ", seg->slot_capacity() >> 20, " MiB to ",
-            capacity >> 20, " MiB; older in-memory snapshots (newest: step ", only_in_memory, ") are dropped");
-    UnregisterDevices();
-    seg.reset();
-  }
-  FCK_RETURN_IF_ERROR(s->Install());
-  FCK_LOG(kDebug, "allocated ", all_slots ? opt.num_slots : 1, " slots of ", capacity >> 20, " MiB in ", shm_path,
-          " in ", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), " s");
-  seg = std::move(s);
-  if (!all_slots) {
-    SharedSegment* raw = seg.get();
-    reserve_thread_ = std::thread([this, raw, threads] { reserve_status_ = raw->AllocateAll(threads); });
-  }
-  return absl::OkStatus();
-}
-
-absl::Status Checkpointer::Impl::EnsureSegment(uint64_t needed) {
-  JoinReserve();
-  if (seg && !seg->StillLinked()) {
-    // Someone removed our segment: its snapshots are invisible to the agent
-    // and to a restarted worker. A new one takes the next save.
-    FCK_LOG(kError, "shared-memory segment ", shm_path, " was removed by another process while in use (systemd-logind "
-            "does this with RemoveIPC=yes when the user's last session ends: set RemoveIPC=no in "
-            "/etc/systemd/logind.conf, or run as a system user); its in-memory snapshots are lost. Creating it again");
-    UnregisterDevices();
-    seg.reset();
-  }
-  if (!reserve_status_.ok()) {
-    absl::Status s = reserve_status_;
-    reserve_status_ = absl::OkStatus();
-    if (!seg) return s;
-  }
-  if (seg && seg->slot_capacity() >= needed) return absl::OkStatus();
-  // Growing replaces the segment: wait until nothing reads the old one.
-  FCK_RETURN_IF_ERROR(Annotate(WaitIdle(opt.wait_timeout),
-                               absl::StrCat("growing the shared-memory slots of ", shm_path, " to ", needed >> 20,
-                                            " MiB must wait for the pending persists")));
-  return CreateSegment(needed, /*all_slots=*/false);
-}
-
-int Checkpointer::Impl::ChooseSlot(std::unique_lock<std::mutex>& l) {
-  const auto start = std::chrono::steady_clock::now();
-  auto last_log = start - std::chrono::hours(1);
-  for (;;) {
-    SlotView newest;
-    int newest_index = seg->Newest(&newest) ? newest.index : -1;
-    int best = -1;
-    uint64_t best_gen = UINT64_MAX;
-    for (int i = 0; i < seg->num_slots(); ++i) {
-      if (i == newest_index || PinHeld(seg->slot(i))) continue;
-      SlotView v;
-      uint64_t gen = seg->ReadSlot(i, &v) ? v.generation : 0;
-      if (gen < best_gen) { best = i; best_gen = gen; }
-    }
-    if (best >= 0) return best;
-    // Every other slot is being persisted: the disk is slower than the save rate.
-    auto now = std::chrono::steady_clock::now();
-    if (now - start > opt.commit_timeout) return -1;
-    if (now - last_log > std::chrono::seconds(10)) {
-      FCK_LOG(kWarn, "all ", seg->num_slots(), " snapshot slots are busy (persisting is slower than saving); "
-              "waiting. More slots (num_slots) or a larger persist_every avoid this wait");
-      last_log = now;
-    }
-    slot_cv_.wait_for(l, std::chrono::milliseconds(20));
-  }
 }
 
 SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& tensors,
@@ -507,114 +344,33 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
     backend_of[i] = *b;
   }
   SavePlan plan = ValueOrThrow(PlanSave(tensors, blobs, kSlotAlignment));
-  ThrowIfError(Annotate(EnsureSegment(plan.slot_bytes_needed()), absl::StrCat("save of step ", step)));
+  const std::string what = absl::StrCat("save of step ", step);
+  ThrowIfError(Annotate(writer_->EnsureCapacity(plan.slot_bytes_needed(), [this] { return WaitIdle(opt.wait_timeout); }),
+                        what));
   for (DeviceBackend* b : backend_of)
-    if (b) ThrowIfError(Annotate(RegisterSegment(b), absl::StrCat("save of step ", step)));
-
-
-
-  int slot;
-  {
-    std::unique_lock<std::mutex> l(slot_mu_);
-    slot = ChooseSlot(l);
-    if (slot < 0)
-      throw Error(ErrorCode::kDeadlineExceeded,
-                  absl::StrCat("save of step ", step, ": no free snapshot slot in ", shm_path, " for ",
-                               std::chrono::duration_cast<std::chrono::seconds>(opt.commit_timeout).count(),
-                               " s: every other slot is still being persisted (is the disk or another rank stuck?)"));
-    Pin(slot);
-  }
-  if (!seg->slot_allocated(slot)) {
-    // Still being allocated in the background (or a segment reopened after a crash).
-    JoinReserve();
-    absl::Status st = seg->AllocateSlot(slot, pool_.threads());
-    if (!st.ok()) {
-      Unpin(slot);
-      ThrowStatus(Annotate(st, absl::StrCat("save of step ", step)));
-    }
-  }
+    if (b) ThrowIfError(Annotate(writer_->RegisterWith(b), what));
+  absl::StatusOr<SnapshotWriter::Written> written = writer_->Write(step, tensors, blobs, backend_of, plan);
+  if (!written.ok()) ThrowStatus(Annotate(written.status(), what));
+  SnapshotWriter::Written& w = *written;
   auto state = std::make_shared<SaveState>(step, opt.wait_timeout);
-  uint8_t* data = seg->slot_data(slot);
-  seg->BeginWrite(slot);
-  CrashPoint("save: slot open");
-
-  // Device copies first (they run on the device's copy engine meanwhile),
-  // one batch per (backend, device).
-  std::vector<std::pair<DeviceBackend*, void*>> events;
-  std::map<std::pair<DeviceBackend*, int>, std::vector<DeviceBackend::Copy>> by_device;
-  std::map<std::pair<DeviceBackend*, int>, void*> stream_of;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    if (!backend_of[i]) continue;
-    const auto& t = tensors[i];
-    by_device[{backend_of[i], t.device}].push_back({data + plan.offsets[i], t.data, t.nbytes});
-    stream_of[{backend_of[i], t.device}] = t.cuda_stream;
-  }
-  auto fail = [&](const absl::Status& s) {
-    Unpin(slot);
-    ThrowStatus(Annotate(s, absl::StrCat("save of step ", step)));
-  };
-  for (auto& [where, copies] : by_device) {
-    auto ev = where.first->CopyToHostAsync(where.second, stream_of[where], copies);
-    if (!ev.ok()) {
-      for (auto [b, e] : events) b->Wait(e).IgnoreError();
-      fail(ev.status());
-    }
-    events.emplace_back(where.first, *ev);
-  }
-  // Host tensors: parallel copy with crc as the bytes pass.
-  std::vector<CopyTask> tasks(tensors.size());
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    const auto& t = tensors[i];
-    if (backend_of[i] || !t.storage_key.empty()) continue;
-    tasks[i] = {data + plan.offsets[i], t.data, t.nbytes};
-  }
-  std::vector<uint32_t> crcs;
-  pool_.CopyAndChecksum(tasks, &crcs);
-
-  const uint64_t gen = ++generation_;
-  const int rank = opt.rank, world = opt.world_size;
-  SharedSegment* s = seg.get();
-  // Checksums device bytes, writes the manifest, publishes the slot.
-  auto finish = [s, slot, data, step, gen, rank, world, tensors, blobs, plan, crcs, backend_of,
-                 this]() mutable -> absl::Status {
-    std::vector<CopyTask> dev_tasks;
-    std::vector<size_t> dev_index;
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      if (!backend_of[i]) continue;
-      dev_tasks.push_back({nullptr, data + plan.offsets[i], tensors[i].nbytes});
-      dev_index.push_back(i);
-    }
-    if (!dev_tasks.empty()) {
-      std::vector<uint32_t> dev_crcs;
-      pool_.CopyAndChecksum(dev_tasks, &dev_crcs);
-      for (size_t k = 0; k < dev_index.size(); ++k) crcs[dev_index[k]] = dev_crcs[k];
-    }
-    pb::Manifest m = BuildManifest(step, rank, world, kSlotAlignment, tensors, blobs, plan, crcs);
-    std::string bytes = FrameRecord(RecordKind::kManifest, m);
-    if (plan.data_bytes + bytes.size() > s->slot_capacity())
-      return absl::InternalError(absl::StrCat("manifest of ", bytes.size(), " bytes exceeds the slot"));
-    std::memcpy(data + plan.data_bytes, bytes.data(), bytes.size());
-    CrashPoint("save: before publish");
-    s->Publish(slot, step, gen, plan.data_bytes, plan.data_bytes, bytes.size(),
-               Crc32c(bytes.data(), bytes.size()));
-    return absl::OkStatus();
-  };
-
   const bool persist = opt.persist && (saves_++ % static_cast<uint64_t>(opt.persist_every) == 0);
-  PendingSnapshot pending{slot, step, persist, state, events, nullptr};
-  if (events.empty() || blocking) {
-    absl::Status waited;
-    for (auto [b, e] : events) {
-      absl::Status st = b->Wait(e);
-      if (waited.ok()) waited = st;
+  PendingSnapshot pending{w.slot, step, persist, state, w.device_events, nullptr};
+  if (w.device_events.empty() || blocking) {
+    // Published now: the device copies waited for, the slot finished.
+    absl::Status st;
+    for (auto [b, e] : w.device_events) {
+      absl::Status waited = b->Wait(e);
+      if (st.ok()) st = waited;
     }
-    if (!waited.ok()) fail(waited);
     pending.device_events.clear();
-    absl::Status st = finish();
-    if (!st.ok()) fail(st);
+    if (st.ok()) st = w.finish();
+    if (!st.ok()) {
+      writer_->Unpin(w.slot);
+      ThrowStatus(Annotate(st, what));
+    }
     state->SnapshotDone(absl::OkStatus());
   } else {
-    pending.finish_snapshot = std::move(finish);
+    pending.finish_snapshot = std::move(w.finish);  // on the finisher thread, in save order
   }
   {
     // Published snapshots go to the persister in save order: behind any
@@ -630,39 +386,11 @@ SaveHandle Checkpointer::Impl::Save(int64_t step, const std::vector<TensorRef>& 
   return SaveHandle(state);
 }
 
-absl::Status Checkpointer::Impl::RegisterSegment(DeviceBackend* b) {
-  if (!seg) return absl::FailedPreconditionError("no shared-memory segment to register");
-  if (!registered_.insert(b).second) return absl::OkStatus();
-  absl::Status r = b->RegisterHost(seg->header(), seg->mapped_bytes());
-  if (!r.ok()) {
-    registered_.erase(b);
-    return Annotate(r, absl::StrCat("registering ", shm_path, " with the ", b->device_type(), " backend"));
-  }
-  return absl::OkStatus();
-}
-
-void Checkpointer::Impl::UnregisterDevices() {
-  for (DeviceBackend* b : registered_) b->UnregisterHost(seg->header()).IgnoreError();
-  registered_.clear();
-}
-
-void Checkpointer::Impl::Pin(int slot) {
-  seg->slot(slot)->pin_pid.store(static_cast<uint32_t>(::getpid()), std::memory_order_release);
-}
-
-void Checkpointer::Impl::Unpin(int slot) {
-  // Only our own pin: the agent may hold the slot under its pid by now.
-  uint32_t me = static_cast<uint32_t>(::getpid());
-  if (seg) seg->slot(slot)->pin_pid.compare_exchange_strong(me, 0);
-  std::lock_guard<std::mutex> l(slot_mu_);
-  slot_cv_.notify_all();
-}
-
 void Checkpointer::Impl::Submit(PendingSnapshot p) {
   if (!p.persist) {
     // Kept in memory only.
     p.state->DurableDone(absl::OkStatus(), false);
-    Unpin(p.slot);
+    writer_->Unpin(p.slot);
     return;
   }
   const int slot = p.slot;
@@ -679,7 +407,7 @@ void Checkpointer::Impl::Submit(PendingSnapshot p) {
       }
       state->DurableDone(o.status, o.durable());
     }
-    Unpin(slot);
+    writer_->Unpin(slot);
   });
 }
 
@@ -708,7 +436,7 @@ void Checkpointer::Impl::FinisherLoop() {
       Submit(std::move(p));
     } else {
       p.state->DurableDone(st, false);
-      Unpin(p.slot);
+      writer_->Unpin(p.slot);
     }
     {
       std::lock_guard<std::mutex> l(fin_mu_);
@@ -733,7 +461,7 @@ absl::Status Checkpointer::Impl::WaitIdle(std::chrono::milliseconds timeout) {
 
 absl::Status Checkpointer::Impl::PersistViaAgent(int64_t step, int slot) {
   SlotView v;
-  if (!seg->ReadSlot(slot, &v) || v.step != step)
+  if (!writer_->published_segment()->ReadSlot(slot, &v) || v.step != step)
     return absl::InternalError(absl::StrCat("slot ", slot, " no longer holds step ", step));
   return agent_->Persist(step, slot, v.generation);
 }
@@ -748,7 +476,7 @@ absl::StatusOr<PersistStats> Checkpointer::Impl::Persist(int64_t step, int slot)
   }
   PersistContext ctx{root, opt.rank, opt.world_size, opt.keep_last, barrier_.get(), opt.commit_timeout,
                      persist_io_.get(), shm_path, nullptr};
-  return PersistSlot(*seg, slot, step, ctx);
+  return PersistSlot(*writer_->published_segment(), slot, step, ctx);
 }
 
 std::optional<int64_t> Checkpointer::Impl::TakeRestoreStep() {
@@ -761,11 +489,11 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::Impl::Load(const LoadOptions& opti
   // The step the job agreed on (every rank can get it) applies to the first load only.
   LoadOptions lo = options;
   if (!lo.step) lo.step = TakeRestoreStep();
-  JoinReserveForLoad();
-  struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
+  SharedSegment* seg = Segment();
+  AfterLoad after{this};
   const int64_t step = lo.step ? *lo.step : NewestStep(lo.prefer_memory);
   if (lo.prefer_memory) {
-    auto r = loader_->FromMemory(seg.get(), step, lo.verify);
+    auto r = loader_->FromMemory(seg, step, lo.verify);
     if (r.ok()) {
       FCK_LOG(kInfo, "loaded step ", step, " from shared memory");
       Restored(step, /*agreed=*/lo.step.has_value());
@@ -815,7 +543,7 @@ absl::Status Checkpointer::Impl::TakePersistFailure() {
 absl::Status Checkpointer::Impl::Close() {
   if (closed) return absl::OkStatus();
   closed = true;
-  JoinReserve();
+  if (writer_) writer_->segment();  // a segment still being created in the background
   {
     std::lock_guard<std::mutex> l(fin_mu_);
     fin_stop_ = true;
@@ -831,8 +559,7 @@ absl::Status Checkpointer::Impl::Close() {
     if (!removed.empty())
       FCK_LOG(kInfo, "removed ", removed.size(), " step directories of failed persists from ", root);
   }
-  if (seg) {
-    UnregisterDevices();
+  if (SharedSegment* seg = writer_ ? writer_->published_segment() : nullptr) {
     SlotView v;
     bool newest_durable = !seg->Newest(&v) || v.durable;
     if (!newest_durable) {
@@ -847,8 +574,8 @@ absl::Status Checkpointer::Impl::Close() {
     } else if (!newest_durable) {
       FCK_LOG(kInfo, "keeping ", shm_path, ": its step ", v.step, " is not persisted yet");
     }
-    seg.reset();
   }
+  if (writer_) writer_->Close();
   if (dir_lock_taker_.joinable()) dir_lock_taker_.join();
   if (dir_lock_fd_ >= 0) { ::close(dir_lock_fd_); dir_lock_fd_ = -1; }
   if (agent_) agent_->Close();
@@ -877,8 +604,7 @@ std::unique_ptr<LoadedSnapshot> Checkpointer::load(const LoadOptions& options) {
 StepDescription Checkpointer::describe(const LoadOptions& options) { return impl_->Describe(options); }
 
 StepDescription Checkpointer::Impl::Describe(const LoadOptions& lo) {
-  JoinReserveForLoad();
-  return ValueOrThrow(loader_->Describe(seg.get(), lo.step ? *lo.step : NewestStep(lo.prefer_memory), lo.prefer_memory));
+  return ValueOrThrow(loader_->Describe(Segment(), lo.step ? *lo.step : NewestStep(lo.prefer_memory), lo.prefer_memory));
 }
 
 int64_t Checkpointer::Impl::LoadInto(const std::map<std::string, MutableTensorRef>& dest,
@@ -890,11 +616,10 @@ int64_t Checkpointer::Impl::LoadInto(const std::map<std::string, MutableTensorRe
   LoadOptions lo = options;
   if (!lo.step) lo.step = TakeRestoreStep();
   if (lo.prefer_memory) {
-    JoinReserveForLoad();
     absl::StatusOr<int64_t> r;
     {
-      struct After { Impl* i; ~After() { i->PrefaultAfterLoad(); } } after{this};
-      r = loader_->IntoFromMemory(seg.get(), dest, blobs, lo);
+      AfterLoad after{this};
+      r = loader_->IntoFromMemory(Segment(), dest, blobs, lo);
     }
     if (r.ok()) {
       Restored(*r, /*agreed=*/lo.step.has_value());

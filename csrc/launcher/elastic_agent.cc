@@ -309,11 +309,15 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     return 1;
   }
 
-  // A Unix socket path holds at most 107 bytes: a deep log directory gets one in /tmp.
+  // A Unix socket path holds at most 107 bytes: a deep log directory gets one
+  // in $TMPDIR (else /tmp), removed by the service at exit.
   job.agent_socket = (job.run_log_dir / "agent.sock").string();
-  if (job.agent_socket.size() > 100)
-    job.agent_socket = absl::StrFormat("/tmp/flashrun-%d-%08x.sock", ::getpid(),
-                                       static_cast<uint32_t>(std::hash<std::string>{}(job.agent_socket)));
+  if (job.agent_socket.size() > 100) {
+    const char* tmpdir = std::getenv("TMPDIR");
+    const uint32_t tag = static_cast<uint32_t>(std::hash<std::string>{}(job.agent_socket));
+    job.agent_socket = absl::StrFormat("%s/flashrun-%d-%08x.sock", tmpdir && *tmpdir ? tmpdir : "/tmp", ::getpid(), tag);
+    if (job.agent_socket.size() > 100) job.agent_socket = absl::StrFormat("/tmp/flashrun-%d-%08x.sock", ::getpid(), tag);
+  }
   if (absl::Status s = hooks.OnJobStart(job.agent_socket, job.run_log_dir.string(),
                                          o.node_name.empty() ? job.hostname : o.node_name);
       !s.ok()) {

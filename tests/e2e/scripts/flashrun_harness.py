@@ -1,9 +1,12 @@
 """Shared helpers for the flashrun end-to-end tests: finding the binary, free
 ports, and running launchers with deadlines and no process left behind."""
+import glob
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 
 import pytest
@@ -43,15 +46,21 @@ def pid_alive(pid):
 
 
 class Launchers:
-    """Starts launchers in their own sessions and kills whatever is left at the end."""
+    """Starts launchers in their own sessions and kills whatever is left at the end.
+
+    Every launcher gets a private TMPDIR, removed at the end with what a
+    SIGKILLed launcher could not remove itself (its log directory made without
+    --log-dir, its agent socket; torchrun's torchelastic_* directories)."""
 
     def __init__(self):
         self.procs = []
         self.extra_pids = []
+        self.tmpdir = tempfile.mkdtemp(prefix="fck-e2e-", dir="/tmp")
 
     def start(self, args, env=None, **kw):
         full_env = dict(os.environ)
         full_env.setdefault("PYTHON_EXEC", PYTHON)
+        full_env["TMPDIR"] = self.tmpdir
         full_env.pop("FLASHRUN_PYTHON_INTERPRETER", None)
         if env:
             full_env.update(env)
@@ -90,6 +99,10 @@ class Launchers:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        for p in self.procs:  # sockets of killed launchers whose TMPDIR path was too long
+            for leftover in glob.glob("/tmp/flashrun-%d-*.sock" % p.pid):
+                os.unlink(leftover)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
 
 
 def wait_for(predicate, timeout, what):
