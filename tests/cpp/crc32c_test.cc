@@ -112,7 +112,7 @@ TEST(CopyPool, FillAndChecksumMatchesCopyAndReportsTheFirstError) {
   for (size_t i = 0; i < ranges.size(); ++i) {
     auto [off, n] = ranges[i];
     total += n;
-    EXPECT_EQ(0, std::memcmp(dsts[i].data(), file.data() + off, n)) << i;
+    if (n > 0) EXPECT_EQ(0, std::memcmp(dsts[i].data(), file.data() + off, n)) << i;
     EXPECT_EQ(crcs[i], Reference(file.data() + off, n)) << i;
   }
   EXPECT_EQ(filled.load(), total);
