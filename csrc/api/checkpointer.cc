@@ -296,8 +296,9 @@ void Checkpointer::Impl::Init() {
   // so it waits for the step the job agrees to restore (the first load with
   // a step, see Restored).
   // (A segment being created in the background holds nothing yet.)
-  seg = writer_->published_segment();
-  if (!writer_->creating_in_background() && seg && opt.persist && !agent_mode_) {
+  // (Not even looked at while the reserve thread may be replacing it.)
+  seg = writer_->creating_in_background() ? nullptr : writer_->published_segment();
+  if (seg && opt.persist && !agent_mode_) {
     auto committed = LatestCommitted(root);
     for (int i = 0; i < seg->num_slots(); ++i) {
       SlotView v;
