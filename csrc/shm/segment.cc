@@ -191,35 +191,6 @@ void PopulateWrite(uint8_t* base, uint64_t len) {
   for (uint64_t k = 0; k < len; k += 4096) q[k] = q[k];
 }
 
-void PopulateRead(const uint8_t* base, uint64_t len) {
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
-  if (::madvise(const_cast<uint8_t*>(base), len, MADV_POPULATE_READ) == 0) return;
-  volatile const uint8_t* q = base;  // kernels before 5.14: read each page
-  for (uint64_t k = 0; k < len; k += 4096) (void)q[k];
-}
-
-void SharedSegment::MapForReading(int i, uint64_t bytes, int threads) const {
-  // Page-table entries for pages that exist: one walk in the kernel per piece
-  // instead of a fault per 4 KiB during the copy (a fresh process that
-  // restores from a segment an earlier one left pays those faults otherwise).
-  // A slot this process allocated is mapped already (AllocateSlot populated it).
-  if (slot_allocated(i)) return;
-  const uint8_t* begin = base_ + kSlotAlignment + i * header()->slot_stride + kSlotAlignment;
-  constexpr uint64_t kPiece = 64u << 20;
-  const uint64_t pieces = (bytes + kPiece - 1) / kPiece;
-  std::atomic<uint64_t> next{0};
-  auto work = [&] {
-    for (uint64_t p; (p = next.fetch_add(1)) < pieces;)
-      PopulateRead(begin + p * kPiece, std::min(kPiece, bytes - p * kPiece));
-  };
-  std::vector<std::thread> helpers;
-  for (int t = 1; t < threads && static_cast<uint64_t>(t) < pieces; ++t) helpers.emplace_back(work);
-  work();
-  for (auto& h : helpers) h.join();
-}
-
 int SharedSegment::ReadMapped(const void* src, void* dst, size_t n) const {
   const auto* s = static_cast<const uint8_t*>(src);
   if (s < base_ || s + n > base_ + size_) return EFAULT;

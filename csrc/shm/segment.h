@@ -105,9 +105,6 @@ class SharedSegment {
   absl::Status AllocateSlot(int i, int threads = 2);
   bool slot_allocated(int i) const { return allocated_[i].load(std::memory_order_acquire); }
   absl::Status AllocateAll(int threads = 2);
-  // Maps the first `bytes` of slot i's data for reading (MADV_POPULATE_READ),
-  // on `threads` threads, before a load copies them out.
-  void MapForReading(int i, uint64_t bytes, int threads = 2) const;
   // Copies n bytes at `src`, an address inside this mapping, into dst with
   // pread on the segment's file. The kernel reads the pages through its own
   // mapping, so a process that never touched them (a fresh one restoring)
@@ -175,7 +172,5 @@ std::string HumanBytes(uint64_t bytes);
 // Faults every page of [base, base + len) in for writing, contents kept
 // (MADV_POPULATE_WRITE; before Linux 5.14, a write per page).
 void PopulateWrite(uint8_t* base, uint64_t len);
-// The same for reading (MADV_POPULATE_READ): page-table entries for pages that exist.
-void PopulateRead(const uint8_t* base, uint64_t len);
 
 }  // namespace flashckpt
