@@ -592,6 +592,16 @@ absl::Status Checkpointer::Impl::Close() {
 Checkpointer::Checkpointer(CheckpointerOptions options)
     : impl_(std::make_unique<Impl>(options.from_environment ? WithEnvironment(std::move(options)) : std::move(options))) {}
 
+std::unique_ptr<LoadedSnapshot> ReadCommittedStep(const std::string& directory, int64_t step, int rank,
+                                                  int world_size, bool verify) {
+  if (world_size < 1 || rank < 0 || rank >= world_size)
+    ThrowStatus(absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is not within world size ", world_size)));
+  const std::string root = AbsolutePath(directory);
+  CopyPool pool(0);
+  Loader loader(LoaderContext{root, "", rank, world_size, IoOptions{}, &pool, nullptr});
+  return ValueOrThrow(loader.FromStorage(step, verify));
+}
+
 std::optional<int64_t> Checkpointer::take_restore_step() { return impl_->TakeRestoreStep(); }
 Checkpointer::~Checkpointer() = default;
 

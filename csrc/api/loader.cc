@@ -156,6 +156,14 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedS
                             absl::StrCat("shared-memory snapshot ", c_.shm_path, " step ", step));
 }
 
+std::string Loader::StorageManifest::FilesOf(uint64_t off, uint64_t len) const {
+  std::vector<std::string> names;
+  for (const StorageFile& f : files)
+    if (f.region_offset < off + std::max<uint64_t>(len, 1) && off < f.region_offset + f.size) names.push_back(f.path);
+  if (names.empty()) return dir;
+  return absl::StrJoin(names, " and ");
+}
+
 absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step) const {
   const std::string& root = c_.root;
   const std::string dir = StepDir(root, step);
@@ -169,55 +177,99 @@ absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step
     }
     return commit.status();
   }
-  if (commit->world_size() != c_.world_size)
-    return absl::FailedPreconditionError(absl::StrCat(dir, " was saved with world size ", commit->world_size(),
-                                                      ", this Checkpointer has ", c_.world_size));
-  const std::string data_name = RankDataName(c_.rank), manifest_name = RankManifestName(c_.rank);
-  const pb::FileRecord* data_rec = nullptr;
-  const pb::FileRecord* manifest_rec = nullptr;
-  for (const auto& f : commit->files()) {
-    if (f.name() == data_name) data_rec = &f;
-    if (f.name() == manifest_name) manifest_rec = &f;
-  }
+  const int saved_world = commit->world_size();
+  const bool resized = saved_world != c_.world_size;
+  const int source = !resized || c_.rank < saved_world ? c_.rank : 0;
+  std::map<std::string, const pb::FileRecord*> listed;
+  for (const auto& f : commit->files()) listed[f.name()] = &f;
+  auto record_of = [&](const std::string& name) -> const pb::FileRecord* {
+    auto it = listed.find(name);
+    return it == listed.end() ? nullptr : it->second;
+  };
+  const pb::FileRecord* data_rec = record_of(RankDataName(source));
+  const pb::FileRecord* manifest_rec = record_of(RankManifestName(source));
   if (!data_rec || !manifest_rec)
-    return absl::DataLossError(absl::StrCat(dir, "/COMMIT does not list the files of rank ", c_.rank));
-  const std::string manifest_path = absl::StrCat(dir, "/", manifest_name);
+    return absl::DataLossError(absl::StrCat(dir, "/COMMIT does not list the files of rank ", source));
+  const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(source));
   FCK_ASSIGN_OR_RETURN(std::string framed, ReadSmallFile(manifest_path));
   if (framed.size() != manifest_rec->size() || Crc32c(framed.data(), framed.size()) != manifest_rec->crc32c())
     return absl::DataLossError(absl::StrCat(manifest_path, " does not match its COMMIT entry (size ", framed.size(),
                                             ", expected ", manifest_rec->size(), ", or checksum)"));
   StorageManifest out;
+  out.dir = dir;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &out.manifest));
-  out.data_path = absl::StrCat(dir, "/", data_name);
-  out.data_bytes = data_rec->size();
+  const pb::Manifest& m = out.manifest;
+  if (resized) {
+    std::vector<std::string> per_rank;
+    for (const auto& e : m.tensors())
+      if (e.storage_key().empty() && !e.replicated()) per_rank.push_back(e.key());
+    if (!per_rank.empty())
+      return absl::FailedPreconditionError(absl::StrCat(
+          dir, " was saved with world size ", saved_world, ", this Checkpointer has ", c_.world_size, ": rank ", source,
+          "'s state has ", per_rank.size(), " tensors that are not replicated (",
+          absl::StrJoin(per_rank.begin(), per_rank.begin() + std::min<size_t>(per_rank.size(), 5), ", "),
+          per_rank.size() > 5 ? ", ..." : "",
+          "), and only replicated state loads into another world size; load it with world size ", saved_world,
+          ", or save state that is the same on every rank as replicated"));
+    FCK_LOG(kInfo, "step ", step, " was saved by a world of ", saved_world, "; rank ", c_.rank, " of ", c_.world_size,
+            " loads its replicated state (and rank ", source, "'s other state)");
+  }
+  const uint64_t replicated = m.replicated_bytes();
+  if (replicated > m.data_bytes())
+    return absl::DataLossError(absl::StrCat(manifest_path, ": replicated region of ", replicated,
+                                            " bytes is larger than the data region (", m.data_bytes(), ")"));
+  if (replicated > 0) {
+    for (int r = 0; r < saved_world; ++r) {
+      const std::string name = RankReplicaName(r);
+      const pb::FileRecord* rec = record_of(name);
+      const ReplicaSlice slice = ReplicaSliceOf(replicated, saved_world, r);
+      if (!rec)
+        return absl::DataLossError(absl::StrCat(dir, "/COMMIT does not list ", name,
+                                                ", rank ", r, "'s share of the replicated state"));
+      if (rec->size() != slice.length)
+        return absl::DataLossError(absl::StrCat(dir, "/", name, " is ", rec->size(), " bytes in COMMIT, rank ", r,
+                                                "'s share of ", replicated, " replicated bytes is ", slice.length));
+      out.files.push_back({absl::StrCat(dir, "/", name), rec->size(), slice.offset});
+    }
+  }
+  out.files.push_back({absl::StrCat(dir, "/", RankDataName(source)), data_rec->size(), replicated});
   return out;
 }
 
 absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifestAndSize(int64_t step) const {
   FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(step));
-  std::error_code ec;
-  uint64_t on_disk = fs::file_size(sm.data_path, ec);
-  if (ec) return ErrnoStatus("open", sm.data_path, ec.value());
-  if (on_disk != sm.data_bytes)
-    return absl::DataLossError(absl::StrCat(sm.data_path, " has ", on_disk, " bytes, its COMMIT entry says ",
-                                            sm.data_bytes, ": the file is truncated or replaced"));
-  if (sm.manifest.data_bytes() > sm.data_bytes)
-    return absl::DataLossError(absl::StrCat(sm.data_path, " has ", sm.data_bytes, " bytes, its manifest needs ",
-                                            sm.manifest.data_bytes()));
+  for (const StorageFile& f : sm.files) {
+    std::error_code ec;
+    uint64_t on_disk = fs::file_size(f.path, ec);
+    if (ec) return ErrnoStatus("open", f.path, ec.value());
+    if (on_disk != f.size)
+      return absl::DataLossError(absl::StrCat(f.path, " has ", on_disk, " bytes, its COMMIT entry says ", f.size,
+                                              ": the file is truncated or replaced"));
+  }
+  const StorageFile& own = sm.files.back();
+  if (sm.manifest.data_bytes() > own.region_offset + own.size)
+    return absl::DataLossError(absl::StrCat(own.path, " has ", own.size, " bytes, its manifest needs ",
+                                            sm.manifest.data_bytes() - own.region_offset));
   return sm;
 }
 
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromStorage(int64_t step, bool verify) const {
   FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifestAndSize(step));
   const pb::Manifest& m = sm.manifest;
-  const std::string& data_path = sm.data_path;
   bool prepared = false;
   auto buffer = AllocateAligned(m.data_bytes(), &prepared);
-  if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ", data_path));
+  if (!buffer)
+    return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", m.data_bytes(), " bytes to load ",
+                                                     sm.FilesOf(0, m.data_bytes())));
   BulkIo reader(c_.io);
-  FCK_RETURN_IF_ERROR(reader.ReadFile(data_path, buffer.get(), m.data_bytes()).status());
+  for (const StorageFile& f : sm.files) {
+    const uint64_t n = std::min<uint64_t>(f.size, m.data_bytes() - std::min(m.data_bytes(), f.region_offset));
+    if (n == 0) continue;
+    FCK_RETURN_IF_ERROR(reader.ReadFile(f.path, static_cast<uint8_t*>(buffer.get()) + f.region_offset, n).status());
+  }
   if (prepared) FCK_LOG(kInfo, "step ", step, " read into the load buffer prepared ahead");
-  return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, c_.pool, data_path);
+  return MakeLoadedSnapshot(m, std::move(buffer), m.data_bytes(), Source::kStorage, verify, {}, c_.pool,
+                            sm.FilesOf(0, m.data_bytes()));
 }
 
 absl::StatusOr<int64_t> Loader::NewestStep(const SharedSegment* seg, bool prefer_memory) const {
@@ -320,7 +372,7 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
     auto it = dest.find(e.key());
     if (it == dest.end()) continue;
     if (e.offset() + e.length() > m.data_bytes())
-      return absl::DataLossError(absl::StrCat(sm.data_path, ": tensor '", e.key(), "' lies past the data (offset ",
+      return absl::DataLossError(absl::StrCat(sm.FilesOf(e.offset(), e.length()), ": tensor '", e.key(), "' lies past the data (offset ",
                                               e.offset(), ", ", e.length(), " bytes of ", m.data_bytes(), ")"));
     pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0, &it->second});
     end = std::max(end, e.offset() + e.length());
@@ -328,7 +380,7 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
   std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.off < b.off; });
   for (size_t i = 1; i < pieces.size(); ++i)
     if (pieces[i - 1].off + pieces[i - 1].len > pieces[i].off)
-      return absl::DataLossError(absl::StrCat(sm.data_path, ": tensors '", pieces[i - 1].entry->key(), "' and '",
+      return absl::DataLossError(absl::StrCat(sm.dir, ": tensors '", pieces[i - 1].entry->key(), "' and '",
                                               pieces[i].entry->key(), "' overlap in the manifest"));
   size_t first = 0;  // the first piece not yet whole
   auto sink = [&](uint64_t off, const uint8_t* data, uint64_t n) {
@@ -370,10 +422,23 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
     for (DeviceBackend* b : registered) b->UnregisterHost(base).IgnoreError();
   };
   BulkIo reader(c_.io);
-  FCK_ASSIGN_OR_RETURN(IoResult io, reader.ReadFileStreaming(sm.data_path, end, sink, hooks));
+  IoResult io;
+  for (const StorageFile& f : sm.files) {
+    if (f.region_offset >= end) break;
+    const uint64_t base = f.region_offset;
+    const uint64_t n = std::min(f.size, end - base);
+    if (n == 0) continue;
+    FCK_ASSIGN_OR_RETURN(IoResult r, reader.ReadFileStreaming(
+                                         f.path, n,
+                                         [&](uint64_t off, const uint8_t* data, uint64_t n) { return sink(base + off, data, n); },
+                                         hooks));
+    io.bytes += r.bytes;
+    io.used_io_uring = r.used_io_uring;
+    io.used_direct_io = r.used_direct_io;
+  }
   for (const Piece& p : pieces)
     if (verify && p.crc != p.entry->crc32c())
-      return absl::DataLossError(absl::StrCat(sm.data_path, " step ", step, ": tensor '", p.entry->key(),
+      return absl::DataLossError(absl::StrCat(sm.FilesOf(p.off, p.len), " step ", step, ": tensor '", p.entry->key(),
                                               "' fails its crc32c check (the buffers given hold partly loaded "
                                               "bytes: load another step into them)"));
   if (blobs) {

@@ -67,12 +67,25 @@ class Loader {
   std::vector<StepInfo> Steps(const SharedSegment* seg) const;
 
  private:
+  // A file of the step that holds part of the rank's data region, at
+  // [region_offset, region_offset + size): every rank's replica slice of the
+  // replicated region, then the rank's own private part (rank-<r>.data).
+  struct StorageFile {
+    std::string path;
+    uint64_t size = 0;           // from COMMIT
+    uint64_t region_offset = 0;
+  };
   struct StorageManifest {
     pb::Manifest manifest;
-    std::string data_path;
-    uint64_t data_bytes = 0;
+    std::string dir;
+    std::vector<StorageFile> files;  // ascending region_offset, covering [0, data_bytes)
+    // The files holding [off, off + len) of the region, for messages.
+    std::string FilesOf(uint64_t off, uint64_t len) const;
   };
-  // The rank's manifest of committed `step`, checked against COMMIT.
+  // The rank's manifest of committed `step`, checked against COMMIT, and the
+  // files its data region is read from. Saved by another world size: only a
+  // rank whose state is all replicated (rank r reads rank r's manifest, or
+  // rank 0's when the saved world had no rank r) loads; else a clear error.
   absl::StatusOr<StorageManifest> ReadStorageManifest(int64_t step) const;
   // ReadStorageManifest, and the data file's size checked against COMMIT.
   absl::StatusOr<StorageManifest> ReadStorageManifestAndSize(int64_t step) const;

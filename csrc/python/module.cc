@@ -75,6 +75,7 @@ py::dict TensorInfoToDict(const TensorInfo& t, const void* base) {
   d["element_size"] = t.element_size;
   d["nbytes"] = t.nbytes;
   d["crc32c"] = t.crc32c;
+  d["replicated"] = t.replicated;
   if (t.data != nullptr && base != nullptr) {
     d["offset"] = static_cast<int64_t>(static_cast<const char*>(t.data) -
                                        static_cast<const char*>(base));
@@ -149,6 +150,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("load_device_plugin", &LoadDevicePlugin, py::arg("path"), py::call_guard<py::gil_scoped_release>(),
         "Loads a device backend plugin (include/flashckpt/device_plugin.h); returns the device type it serves.");
   m.def("device_types", &DeviceTypes, "Device types with a loaded backend.");
+  m.def(
+      "read_committed_step",
+      [](const std::string& directory, int64_t step, int rank, int world_size, bool verify) {
+        std::unique_ptr<LoadedSnapshot> snap;
+        {
+          py::gil_scoped_release nogil;
+          snap = ReadCommittedStep(directory, step, rank, world_size, verify);
+        }
+        return std::make_unique<PySnapshot>(PySnapshot{std::move(snap)});
+      },
+      py::arg("directory"), py::arg("step"), py::arg("rank"), py::arg("world_size"), py::arg("verify") = true,
+      "Reads a committed step of one rank from storage without opening the directory for writing.");
   m.def("has_device_backend", &HasDeviceBackend, py::arg("device_type"), py::call_guard<py::gil_scoped_release>(),
         "True when tensors of that device type have a backend (CUDA's is loaded on first use).");
   m.def(
@@ -188,7 +201,7 @@ PYBIND11_MODULE(_C, m) {
   py::class_<TensorRef>(m, "TensorRecord")
       .def(py::init([](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
                        uint32_t element_size, int device, uintptr_t cuda_stream, std::vector<int64_t> strides,
-                       int64_t storage_offset, std::string storage_key, std::string device_type) {
+                       int64_t storage_offset, std::string storage_key, std::string device_type, bool replicated) {
              TensorRef r;
              r.key = std::move(key);
              r.data = reinterpret_cast<const void*>(data);
@@ -202,13 +215,15 @@ PYBIND11_MODULE(_C, m) {
              r.storage_offset = storage_offset;
              r.storage_key = std::move(storage_key);
              r.device_type = std::move(device_type);
+             r.replicated = replicated;
              return r;
            }),
            py::kw_only(), py::arg("key"), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"),
            py::arg("element_size"), py::arg("device") = -1, py::arg("cuda_stream") = 0,
            py::arg("strides") = std::vector<int64_t>{}, py::arg("storage_offset") = 0, py::arg("storage_key") = "",
-           py::arg("device_type") = "")
+           py::arg("device_type") = "", py::arg("replicated") = false)
       .def_readonly("key", &TensorRef::key)
+      .def_readonly("replicated", &TensorRef::replicated)
       .def_property_readonly("data", [](const TensorRef& r) { return reinterpret_cast<uintptr_t>(r.data); })
       .def_readonly("nbytes", &TensorRef::nbytes)
       .def_readonly("dtype", &TensorRef::dtype)

@@ -1,5 +1,6 @@
 #include "snapshot/snapshot.h"
 
+#include <algorithm>
 #include <chrono>
 #include <set>
 
@@ -20,12 +21,25 @@ LoadedSnapshot::LoadedSnapshot(Init&& init)
       tensors_(std::move(init.tensors)), blobs_(std::move(init.blobs)), data_bytes_(init.data_bytes),
       buffer_(std::move(init.buffer)) {}
 
+ReplicaSlice ReplicaSliceOf(uint64_t replicated_bytes, int world_size, int rank) {
+  if (world_size <= 0 || rank < 0 || rank >= world_size) return {};
+  const uint64_t units = AlignUp(replicated_bytes, kReplicaAlign) / kReplicaAlign;
+  auto start = [&](int r) {
+    return std::min(replicated_bytes, units * static_cast<uint64_t>(r) / static_cast<uint64_t>(world_size) * kReplicaAlign);
+  };
+  ReplicaSlice s;
+  s.offset = start(rank);
+  s.length = start(rank + 1) - s.offset;
+  return s;
+}
+
 absl::StatusOr<SavePlan> PlanSave(const std::vector<TensorRef>& tensors,
                                   const std::vector<BlobRef>& blobs, uint32_t alignment) {
   SavePlan plan;
   std::set<std::string> keys;
   plan.offsets.resize(tensors.size(), 0);
   uint64_t off = 0;
+  bool any_replicated = false;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const TensorRef& t = tensors[i];
     if (t.key.empty()) return absl::InvalidArgumentError(absl::StrCat("tensor #", i, " has an empty key"));
@@ -34,6 +48,18 @@ absl::StatusOr<SavePlan> PlanSave(const std::vector<TensorRef>& tensors,
     if (!t.storage_key.empty()) continue;
     if (t.nbytes > 0 && t.data == nullptr)
       return absl::InvalidArgumentError(absl::StrCat("tensor '", t.key, "' has ", t.nbytes, " bytes but no data pointer"));
+    if (!t.replicated) continue;
+    any_replicated = true;
+    plan.offsets[i] = off;
+    off = AlignUp(off + t.nbytes, alignment);
+  }
+  if (any_replicated) {
+    off = AlignUp(std::max<uint64_t>(off, 1), kReplicaAlign);
+    plan.replicated_bytes = off;
+  }
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const TensorRef& t = tensors[i];
+    if (!t.storage_key.empty() || t.replicated) continue;
     plan.offsets[i] = off;
     off = AlignUp(off + t.nbytes, alignment);
   }
@@ -66,6 +92,12 @@ pb::Manifest BuildManifest(int64_t step, int rank, int world_size, uint32_t alig
   m.set_world_size(world_size);
   m.set_alignment(alignment);
   m.set_data_bytes(plan.data_bytes);
+  if (plan.replicated_bytes > 0) {
+    const ReplicaSlice mine = ReplicaSliceOf(plan.replicated_bytes, world_size, rank);
+    m.set_replicated_bytes(plan.replicated_bytes);
+    m.set_replica_offset(mine.offset);
+    m.set_replica_length(mine.length);
+  }
   m.set_created_unix_ns(std::chrono::duration_cast<std::chrono::nanoseconds>(
                             std::chrono::system_clock::now().time_since_epoch()).count());
   for (size_t i = 0; i < tensors.size(); ++i) {
@@ -81,6 +113,7 @@ pb::Manifest BuildManifest(int64_t step, int rank, int world_size, uint32_t alig
       e->set_offset(plan.offsets[i]);
       e->set_length(t.nbytes);
       e->set_crc32c(crcs[i]);
+      e->set_replicated(t.replicated);
     } else {
       e->set_storage_key(t.storage_key);
     }
@@ -105,6 +138,7 @@ TensorInfo TensorInfoOf(const pb::TensorEntry& e) {
   t.element_size = e.element_size();
   t.nbytes = e.length();
   t.crc32c = e.crc32c();
+  t.replicated = e.replicated();
   return t;
 }
 

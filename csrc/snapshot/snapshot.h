@@ -31,12 +31,27 @@ struct LoadedSnapshot::Init {
 struct SavePlan {
   std::vector<uint64_t> offsets;   // per tensor; views have none (0)
   uint64_t data_bytes = 0;         // aligned end of the tensor region
+  uint64_t replicated_bytes = 0;   // [0, this): the replicated tensors (aligned to kReplicaAlign)
   uint64_t manifest_bound = 0;     // upper bound of the serialized manifest
   uint64_t slot_bytes_needed() const { return data_bytes + manifest_bound; }
 };
 
+// The replicated region's boundaries (and so every rank's slice) are aligned
+// to this, so that each slice can be written with O_DIRECT straight from the slot.
+inline constexpr uint64_t kReplicaAlign = 4096;
+
+// Rank `rank`'s share [offset, offset + length) of a replicated region of
+// `replicated_bytes` over `world_size` ranks: contiguous, in rank order,
+// kReplicaAlign-aligned, differing by at most kReplicaAlign.
+struct ReplicaSlice {
+  uint64_t offset = 0, length = 0;
+};
+ReplicaSlice ReplicaSliceOf(uint64_t replicated_bytes, int world_size, int rank);
+
 // Validates keys (non-empty, unique, views pointing at saved keys) and
-// places tensors at `alignment`-aligned offsets.
+// places tensors at `alignment`-aligned offsets: the replicated ones first
+// (in their order, so that equal states get equal layouts on every rank),
+// then the others.
 absl::StatusOr<SavePlan> PlanSave(const std::vector<TensorRef>& tensors,
                                   const std::vector<BlobRef>& blobs, uint32_t alignment);
 

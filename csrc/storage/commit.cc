@@ -16,6 +16,7 @@
 #include "common/crash_point.h"
 #include "common/status.h"
 #include "storage/file_ops.h"
+#include "snapshot/snapshot.h"
 #include "storage/layout.h"
 #include "storage/uring_io.h"
 
@@ -146,6 +147,101 @@ absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
   const int64_t newest = std::max(step, NamedLatest(root).value_or(step));
   FCK_RETURN_IF_ERROR(WriteFileAtomic(absl::StrCat(root, "/", kLatestName), absl::StrCat(newest, "\n")));
   CrashPoint("commit: after latest");
+  return absl::OkStatus();
+}
+
+namespace {
+std::string Shape(const pb::TensorEntry& e) { return absl::StrCat(e.dtype(), " [", absl::StrJoin(e.shape(), ","), "]"); }
+
+std::vector<const pb::TensorEntry*> ReplicatedEntries(const pb::Manifest& m) {
+  std::vector<const pb::TensorEntry*> out;
+  for (const auto& e : m.tensors())
+    if (e.replicated() && e.storage_key().empty()) out.push_back(&e);
+  return out;
+}
+
+// The keys of `a` missing from `b`, at most a few.
+std::string Missing(const std::vector<const pb::TensorEntry*>& a, const std::vector<const pb::TensorEntry*>& b) {
+  std::set<std::string> in_b;
+  for (const auto* e : b) in_b.insert(e->key());
+  std::vector<std::string> out;
+  for (const auto* e : a)
+    if (!in_b.count(e->key()) && out.size() < 5) out.push_back(e->key());
+  return absl::StrJoin(out, ", ");
+}
+}  // namespace
+
+absl::Status CheckReplicatedAcrossRanks(const std::string& root, int64_t step, const pb::Manifest& mine,
+                                        const std::vector<std::string>& rank_records) {
+  const int world = static_cast<int>(rank_records.size());
+  const std::string dir = StepDir(root, step);
+  std::vector<uint64_t> replica_size(rank_records.size(), 0);
+  std::vector<bool> has_replica(rank_records.size(), false);
+  bool any = mine.replicated_bytes() > 0;
+  for (int r = 0; r < world; ++r) {
+    pb::RankRecord rec;
+    FCK_RETURN_IF_ERROR(ParseRecord(rank_records[r], RecordKind::kRankRecord,
+                                    absl::StrCat(dir, "/", RankDurableName(r)), &rec));
+    for (const auto& f : rec.files())
+      if (f.name() == RankReplicaName(r)) {
+        has_replica[r] = true;
+        replica_size[r] = f.size();
+        any = true;
+      }
+  }
+  if (!any) return absl::OkStatus();
+  const std::string what = absl::StrCat("commit of step ", step, " in ", root, " refused: ");
+  const std::string fix =
+      "; only state that is identical on every rank may be saved as replicated (data-parallel model and optimizer; "
+      "not state sharded over the ranks, such as ZeroRedundancyOptimizer's)";
+  const auto e0 = ReplicatedEntries(mine);
+  for (int r = 0; r < world; ++r) {
+    pb::Manifest other;
+    const pb::Manifest* m = &mine;
+    if (r != 0) {
+      FCK_ASSIGN_OR_RETURN(other, ReadManifest(root, step, r));
+      m = &other;
+    }
+    const ReplicaSlice want = ReplicaSliceOf(m->replicated_bytes(), world, r);
+    if (m->replicated_bytes() != mine.replicated_bytes() || m->replica_offset() != want.offset ||
+        m->replica_length() != want.length || replica_size[r] != want.length || has_replica[r] != (m->replicated_bytes() > 0)) {
+      const auto er = ReplicatedEntries(*m);
+      return absl::FailedPreconditionError(absl::StrCat(
+          what, "rank ", r, " has ", er.size(), " replicated tensors (", m->replicated_bytes(), " bytes), rank 0 has ",
+          e0.size(), " (", mine.replicated_bytes(), " bytes)",
+          er.size() != e0.size() || !Missing(e0, er).empty() ? absl::StrCat("; only on rank 0: [", Missing(e0, er),
+                                                                          "], only on rank ", r, ": [", Missing(er, e0), "]")
+                                                           : std::string(),
+          fix));
+    }
+    if (r == 0) continue;
+    const auto er = ReplicatedEntries(*m);
+    for (size_t i = 0; i < e0.size() && i < er.size(); ++i) {
+      const pb::TensorEntry& a = *e0[i];
+      const pb::TensorEntry& b = *er[i];
+      if (a.key() != b.key())
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, "the replicated tensors differ between ranks 0 and ", r, ": #", i, " is '", a.key(), "' on rank 0 and '",
+            b.key(), "' on rank ", r, " (the same keys in the same order on every rank)", fix));
+      if (Shape(a) != Shape(b) || a.length() != b.length())
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, "replicated tensor '", a.key(), "' is ", Shape(a), " on rank 0 and ", Shape(b), " on rank ", r,
+            " (a replicated tensor has one global shape)", fix));
+      if (a.offset() != b.offset())
+        return absl::FailedPreconditionError(absl::StrCat(what, "replicated tensor '", a.key(), "' lies at offset ",
+                                                          a.offset(), " on rank 0 and ", b.offset(), " on rank ", r,
+                                                          fix));
+      if (a.crc32c() != b.crc32c())
+        return absl::FailedPreconditionError(absl::StrCat(
+            what, "replicated tensor '", a.key(), "' differs between ranks 0 and ", r, " (crc32c ", absl::Hex(a.crc32c()),
+            " vs ", absl::Hex(b.crc32c()), "): its bytes are not the same on every rank", fix));
+    }
+    if (e0.size() != er.size())
+      return absl::FailedPreconditionError(absl::StrCat(what, "rank ", r, " has ", er.size(),
+                                                        " replicated tensors, rank 0 has ", e0.size(), "; only on rank 0: [",
+                                                        Missing(e0, er), "], only on rank ", r, ": [", Missing(er, e0),
+                                                        "]", fix));
+  }
   return absl::OkStatus();
 }
 

@@ -46,6 +46,16 @@ absl::Status WriteRankRecordFile(const std::string& root, int64_t step, int rank
 absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
                          const std::vector<std::string>& rank_records);
 
+// Rank 0, before COMMIT: the replicated tensors (TensorEntry.replicated) are
+// the same on every rank: the same keys in the same order, dtypes, shapes and
+// crc32cs (which the save computed anyway), and every rank stored its slice of
+// the replicated region. A difference fails the commit naming the key and the
+// ranks; the step's files go and the committed steps stay. `mine` is rank 0's
+// manifest; the others' are read from the step directory, only when some rank
+// has replicated state (the rank records list a .replica file).
+absl::Status CheckReplicatedAcrossRanks(const std::string& root, int64_t step, const pb::Manifest& mine,
+                                        const std::vector<std::string>& rank_records);
+
 // Best effort: records in the step directory that `rank` will not persist
 // `step` (rank-<r>.failed: it failed, or the step was superseded in its queue
 // by a newer one), so that the others give up at once instead of waiting for

@@ -49,6 +49,7 @@ const char* KindName(RecordKind k) {
 std::string StepDir(const std::string& root, int64_t step) { return absl::StrCat(root, "/step-", step); }
 std::string RankDataName(int rank) { return absl::StrCat("rank-", rank, ".data"); }
 std::string RankManifestName(int rank) { return absl::StrCat("rank-", rank, ".manifest"); }
+std::string RankReplicaName(int rank) { return absl::StrCat("rank-", rank, ".replica"); }
 std::string RankDurableName(int rank) { return absl::StrCat("rank-", rank, ".durable"); }
 
 std::string FrameRecord(RecordKind kind, const google::protobuf::MessageLite& msg) {

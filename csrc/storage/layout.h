@@ -1,6 +1,9 @@
 // The storage layout of a checkpoint directory and its records.
 //
-//   <dir>/step-<N>/rank-<r>.data       tensor bytes of rank r (the slot's data region)
+//   <dir>/step-<N>/rank-<r>.data       tensor bytes of rank r (the slot's data region; with
+//                                      replicated state, its private part only)
+//   <dir>/step-<N>/rank-<r>.replica    rank r's share of the replicated tensors, stored once
+//                                      over all ranks (Manifest.replicated_bytes)
 //   <dir>/step-<N>/rank-<r>.manifest   framed Manifest
 //   <dir>/step-<N>/rank-<r>.durable    framed RankRecord: rank r's files are on disk
 //   <dir>/step-<N>/COMMIT              framed CommitRecord: the step is complete
@@ -27,6 +30,7 @@ enum class RecordKind : uint32_t { kManifest = 1, kRankRecord = 2, kCommit = 3 }
 std::string StepDir(const std::string& root, int64_t step);
 std::string RankDataName(int rank);
 std::string RankManifestName(int rank);
+std::string RankReplicaName(int rank);
 std::string RankDurableName(int rank);
 inline constexpr const char* kCommitName = "COMMIT";
 inline constexpr const char* kLatestName = "latest";

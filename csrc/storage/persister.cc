@@ -83,6 +83,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   const std::string data_path = absl::StrCat(dir, "/", RankDataName(opt.rank));
   const std::string manifest_path = absl::StrCat(dir, "/", RankManifestName(opt.rank));
   const std::string durable_path = absl::StrCat(dir, "/", RankDurableName(opt.rank));
+  const std::string replica_path = absl::StrCat(dir, "/", RankReplicaName(opt.rank));
   // A step saved again replaces its earlier, uncommitted attempt (a COMMIT
   // here is torn or foreign: ReadCommit found none valid).
   fileops::Unlink(absl::StrCat(dir, "/", kCommitName));
@@ -97,6 +98,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
     if (!ReadCommit(root, job.step).ok()) {
       fileops::Unlink(durable_path);  // first: rank 0 must never take the record without the files
       fileops::Unlink(data_path);
+      fileops::Unlink(replica_path);
       fileops::Unlink(manifest_path);
       std::error_code e2;
       if (fs::is_empty(dir, e2)) fileops::RemoveAll(dir);
@@ -104,12 +106,32 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
     return Annotate(s, absl::StrCat("persist step ", job.step));
   };
 
-  persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
-  auto wr = persist_io_->WriteFile(data_path, seg->slot_data(job.slot), v.data_bytes);
-  if (!wr.ok()) return cleanup(wr.status());
   absl::StatusOr<std::string> manifest_or = seg->ManifestBytes(v);
   if (!manifest_or.ok()) return cleanup(manifest_or.status());
   const std::string& manifest = *manifest_or;
+  // The replicated region [0, R) is stored once over the world: this rank
+  // writes its slice of it to rank-<r>.replica and its private part
+  // [R, data_bytes) to rank-<r>.data (R = 0: the whole region, as before).
+  pb::Manifest parsed;
+  if (absl::Status p = ParseRecord(manifest, RecordKind::kManifest, shm_path, &parsed); !p.ok()) return cleanup(p);
+  const uint64_t replicated = parsed.replicated_bytes();
+  if (replicated > v.data_bytes || parsed.replica_offset() + parsed.replica_length() > replicated ||
+      (replicated > 0 && (parsed.rank() != opt.rank || parsed.world_size() != opt.world_size)))
+    return cleanup(absl::InvalidArgumentError(absl::StrCat(
+        shm_path, " step ", job.step, ": the snapshot's replicated region (", replicated, " bytes, rank ",
+        parsed.rank(), " of ", parsed.world_size(), ") does not fit rank ", opt.rank, " of ", opt.world_size)));
+  persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
+  uint64_t written = 0;
+  absl::StatusOr<IoResult> replica_wr;
+  if (replicated > 0) {
+    replica_wr = persist_io_->WriteFile(replica_path, seg->slot_data(job.slot) + parsed.replica_offset(),
+                                        parsed.replica_length());
+    if (!replica_wr.ok()) return cleanup(replica_wr.status());
+    written += parsed.replica_length();
+  }
+  auto wr = persist_io_->WriteFile(data_path, seg->slot_data(job.slot) + replicated, v.data_bytes - replicated);
+  if (!wr.ok()) return cleanup(wr.status());
+  written += v.data_bytes - replicated;
   CrashPoint("persist: before manifest");
   absl::Status s = WriteFileAtomic(manifest_path, manifest);
   if (!s.ok()) return cleanup(s);
@@ -122,8 +144,14 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   rec.set_world_size(opt.world_size);
   auto* f1 = rec.add_files();
   f1->set_name(RankDataName(opt.rank));
-  f1->set_size(v.data_bytes);
+  f1->set_size(v.data_bytes - replicated);
   f1->set_crc32c(wr->crc32c);
+  if (replicated > 0) {
+    auto* f3 = rec.add_files();
+    f3->set_name(RankReplicaName(opt.rank));
+    f3->set_size(parsed.replica_length());
+    f3->set_crc32c(replica_wr->crc32c);
+  }
   auto* f2 = rec.add_files();
   f2->set_name(RankManifestName(opt.rank));
   f2->set_size(manifest.size());
@@ -136,6 +164,8 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   if (opt.rank == 0) {
     absl::StatusOr<std::vector<std::string>> records = barrier_->WaitAll(job.step, opt.world_size, opt.commit_timeout);
     if (!records.ok()) return cleanup(records.status());
+    s = CheckReplicatedAcrossRanks(root, job.step, parsed, *records);
+    if (!s.ok()) return cleanup(s);
     s = WriteCommit(root, job.step, opt.world_size, *records);
     if (!s.ok()) return cleanup(s);
     barrier_->Committed(job.step);
@@ -152,11 +182,11 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   }
   h->durable.store(1, std::memory_order_release);
   double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  if (v.data_bytes >= (64u << 20) || LogEnabled(LogLevel::kDebug)) FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
-          v.data_bytes / 1048576.0, secs, v.data_bytes / secs / 1e9,
+  if (written >= (64u << 20) || LogEnabled(LogLevel::kDebug)) FCK_LOG(kInfo, "step ", job.step, " durable: ", absl::StrFormat("%.1f MiB in %.2f s (%.2f GB/s)%s",
+          written / 1048576.0, secs, written / secs / 1e9,
           wr->used_io_uring ? (wr->used_direct_io ? ", io_uring O_DIRECT" : ", io_uring") : ", pwrite"));
   PersistStats stats;
-  stats.bytes = v.data_bytes;
+  stats.bytes = written;
   stats.seconds = secs;
   stats.io_uring = wr->used_io_uring;
   stats.direct_io = wr->used_direct_io;

@@ -190,6 +190,13 @@ class Checkpointer {
   std::unique_ptr<Impl> impl_;
 };
 
+// Reads committed `step` of `rank` from `directory` for a job of `world_size`
+// ranks without opening the directory for writing: no lock, no FORMAT file,
+// no clean-up of leftovers, no shared memory. It works on a read-only
+// directory and beside a running job; for inspection tools (`flashckpt
+// verify`, `export`). Errors as load()'s (kNotFound without a COMMIT).
+std::unique_ptr<LoadedSnapshot> ReadCommittedStep(const std::string& directory, int64_t step, int rank,
+                                                  int world_size, bool verify = true);
 
 // Loads a device backend plugin (include/flashckpt/device_plugin.h) from
 // `path`; tensors whose device_type it serves can then be saved and loaded.

@@ -13,7 +13,8 @@
 
 namespace flashckpt {
 
-inline constexpr uint32_t kFormatVersion = 1;
+// 2: replicated state stored once (rank-<r>.replica); 1 is read as before.
+inline constexpr uint32_t kFormatVersion = 2;
 
 // A tensor to save: the core only sees bytes, a dtype name and a shape.
 struct TensorRef {
@@ -33,6 +34,12 @@ struct TensorRef {
   std::vector<int64_t> strides;    // recorded only (empty: contiguous)
   int64_t storage_offset = 0;      // recorded only
   std::string storage_key;         // non-empty: no bytes saved, a view of that key's bytes
+  // The same bytes on every rank of the world (data parallelism: the model,
+  // a replicated optimizer): storage keeps one copy of all replicated
+  // tensors, its bytes split evenly over the ranks, while each rank's memory
+  // snapshot still holds all of them. Same keys, shapes and dtypes on every
+  // rank, or the step's commit fails naming the key and ranks.
+  bool replicated = false;
 };
 
 // Opaque non-tensor state.
@@ -68,6 +75,7 @@ struct TensorInfo {
   uint32_t element_size = 1;
   uint64_t nbytes = 0;
   uint32_t crc32c = 0;
+  bool replicated = false;         // saved as the same bytes on every rank (TensorRef::replicated)
   const void* data = nullptr;      // points into LoadedSnapshot's buffer
 };
 

@@ -164,9 +164,13 @@ def _find_unpicklable(obj, path) -> Optional[Tuple[Tuple[Any, ...], Exception]]:
     return None
 
 
-def flatten(state: Any, cuda_stream_of=None) -> FlatState:
-    """Splits ``state`` into tensor records and the pickled structure."""
+def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
+    """Splits ``state`` into tensor records and the pickled structure.
+
+    ``replicated``: True (every tensor), or a collection of top-level keys of
+    ``state`` whose tensors are the same on every rank; None: none."""
     leaves: List[Tuple[str, torch.Tensor]] = []
+    replicated_keys = set()  # tensor keys saved as replicated
     by_id: Dict[int, _TensorLeaf] = {}
     used_keys = set()
 
@@ -204,6 +208,8 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
                                    bool(obj.requires_grad))
                 by_id[id(obj)] = leaf
                 leaves.append((leaf.key, obj))
+                if replicated is True or (replicated and path and path[0] in replicated):
+                    replicated_keys.add(leaf.key)
             return leaf
         return obj
 
@@ -247,12 +253,13 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
 
     tensor_record = _native.load().TensorRecord
 
-    def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key=""):
+    def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key="", is_replicated=None):
         dev = _device_index(t)
         flat.records.append(tensor_record(
             key=key, data=ptr, nbytes=nbytes, dtype=str(t.dtype), shape=list(shape),
             element_size=t.element_size(), device=dev, cuda_stream=stream_of(t), strides=list(strides),
-            storage_offset=storage_offset, storage_key=storage_key, device_type=t.device.type))
+            storage_offset=storage_offset, storage_key=storage_key, device_type=t.device.type,
+            replicated=(key in replicated_keys) if is_replicated is None else is_replicated))
         devices[key] = str(t.device)
         if not storage_key:
             flat.nbytes += nbytes
@@ -301,7 +308,8 @@ def flatten(state: Any, cuda_stream_of=None) -> FlatState:
         first_key, first = distinct[0]
         base_key = unique(first_key + "@storage")
         base_ptr = first.data_ptr() - (first.storage_offset() - lo) * es
-        add_record(base_key, first.detach(), base_ptr, (hi - lo) * es, [hi - lo], [], 0)
+        add_record(base_key, first.detach(), base_ptr, (hi - lo) * es, [hi - lo], [], 0,
+                   is_replicated=all(key in replicated_keys for key, _ in members))
         for key, t in members:
             add_record(key, t.detach(), t.data_ptr(), t.numel() * es, t.shape, t.stride(),
                        t.storage_offset() - lo, base_key)

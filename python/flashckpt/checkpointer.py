@@ -151,6 +151,15 @@ class Checkpointer:
       persist: False keeps snapshots in memory only.
       commit_timeout: seconds rank 0 waits for other ranks before failing a commit.
       process_group: the group ``load()`` agrees on a step in (default: WORLD).
+      replicated: state that is the same on every rank (data parallelism):
+        the top-level keys of the saved state whose tensors are replicated,
+        e.g. ``("model", "optimizer")`` for DDP, or True for every tensor.
+        Storage keeps one copy of them per step, each rank writing about
+        1/world_size of it; each rank's memory snapshot still holds all of
+        its state, and every rank reads all of it back (also into another
+        world size). Ranks whose replicated tensors differ fail that step's
+        commit, naming the key and the ranks. Default: nothing replicated
+        (each rank stores its whole state).
       Any other keyword is passed to the core (``copy_threads``, ``use_io_uring``,
       ``use_direct_io``, ``io_chunk_bytes``, ``io_queue_depth``, ``shm_dir``,
       ``reserve_in_background``, ``unlink_memory_on_close``, ``reuse_memory``).
@@ -160,7 +169,7 @@ class Checkpointer:
                  rank: Optional[int] = None, world_size: Optional[int] = None,
                  run_id: Optional[str] = None, num_slots: Optional[int] = None, reserve_bytes: int = 0,
                  persist: bool = True, commit_timeout: float = 600.0, process_group=None,
-                 **core_options):
+                 replicated=None, **core_options):
         directory = os.fspath(directory)
         dist = _dist()
         if rank is None:
@@ -179,6 +188,16 @@ class Checkpointer:
             raise PermissionDeniedError(
                 f"checkpoint directory {directory!r} is not writable by this user "
                 f"(uid {os.geteuid()})")
+        if replicated is not None and replicated is not True and replicated is not False:
+            if isinstance(replicated, (str, bytes)):
+                replicated = (replicated,)
+            try:
+                replicated = frozenset(replicated)
+            except TypeError:
+                raise InvalidArgumentError(
+                    f"replicated must be True, False or a collection of top-level state keys "
+                    f"(got {replicated!r})") from None
+        self._replicated = replicated or None
         self.directory = directory
         self.rank = rank
         self.world_size = world_size
@@ -271,7 +290,14 @@ class Checkpointer:
             if self._pending is not None:
                 self._pending.fence()
                 self._pending = None
-            flat = _state.flatten(state)
+            if isinstance(self._replicated, frozenset):
+                unknown = sorted(map(str, self._replicated - set(state))) if isinstance(state, dict) else None
+                if unknown is None or unknown:
+                    raise InvalidArgumentError(
+                        f"save({step}): replicated={sorted(map(str, self._replicated))} names top-level keys of "
+                        f"the state, but " + (f"the state is a {type(state).__name__}, not a dict" if unknown is None
+                                              else f"{unknown} are not among its keys {sorted(map(str, state))}"))
+            flat = _state.flatten(state, replicated=self._replicated)
             keepalive = flat.keepalive
             if not blocking:
                 keepalive = keepalive + _collect_tensors(state)
