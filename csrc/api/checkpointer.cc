@@ -596,10 +596,16 @@ std::unique_ptr<LoadedSnapshot> ReadCommittedStep(const std::string& directory, 
                                                   int world_size, bool verify) {
   if (world_size < 1 || rank < 0 || rank >= world_size)
     ThrowStatus(absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is not within world size ", world_size)));
-  const std::string root = AbsolutePath(directory);
   CopyPool pool(0);
-  Loader loader(LoaderContext{root, "", rank, world_size, IoOptions{}, &pool, nullptr});
+  Loader loader(LoaderContext{AbsolutePath(directory), "", rank, world_size, IoOptions{}, &pool, nullptr});
   return ValueOrThrow(loader.FromStorage(step, verify));
+}
+
+StepDescription DescribeCommittedStep(const std::string& directory, int64_t step, int rank, int world_size) {
+  if (world_size < 1 || rank < 0 || rank >= world_size)
+    ThrowStatus(absl::InvalidArgumentError(absl::StrCat("rank ", rank, " is not within world size ", world_size)));
+  Loader loader(LoaderContext{AbsolutePath(directory), "", rank, world_size, IoOptions{}, nullptr, nullptr});
+  return ValueOrThrow(loader.Describe(nullptr, step, /*prefer_memory=*/false));
 }
 
 std::optional<int64_t> Checkpointer::take_restore_step() { return impl_->TakeRestoreStep(); }

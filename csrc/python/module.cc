@@ -162,6 +162,23 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("directory"), py::arg("step"), py::arg("rank"), py::arg("world_size"), py::arg("verify") = true,
       "Reads a committed step of one rank from storage without opening the directory for writing.");
+  m.def(
+      "describe_committed_step",
+      [](const std::string& directory, int64_t step, int rank, int world_size) {
+        StepDescription d;
+        {
+          py::gil_scoped_release nogil;
+          d = DescribeCommittedStep(directory, step, rank, world_size);
+        }
+        py::dict out;
+        out["step"] = d.step;
+        py::list tensors;
+        for (const auto& t : d.tensors) tensors.append(TensorInfoToDict(t, nullptr));
+        out["tensors"] = tensors;
+        return out;
+      },
+      py::arg("directory"), py::arg("step"), py::arg("rank") = 0, py::arg("world_size") = 1,
+      "The tensor entries of a committed step of one rank (no tensor bytes read, nothing written).");
   m.def("has_device_backend", &HasDeviceBackend, py::arg("device_type"), py::call_guard<py::gil_scoped_release>(),
         "True when tensors of that device type have a backend (CUDA's is loaded on first use).");
   m.def(

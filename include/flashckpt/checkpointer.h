@@ -197,6 +197,9 @@ class Checkpointer {
 // verify`, `export`). Errors as load()'s (kNotFound without a COMMIT).
 std::unique_ptr<LoadedSnapshot> ReadCommittedStep(const std::string& directory, int64_t step, int rank,
                                                   int world_size, bool verify = true);
+// The manifest of committed `step` of `rank` (its tensor entries and blobs),
+// no tensor bytes read; read-only as ReadCommittedStep.
+StepDescription DescribeCommittedStep(const std::string& directory, int64_t step, int rank, int world_size);
 
 // Loads a device backend plugin (include/flashckpt/device_plugin.h) from
 // `path`; tensors whose device_type it serves can then be saved and loaded.

@@ -1,12 +1,15 @@
 """The flashckpt command: inspect, verify and export checkpoint directories.
 
     flashckpt ls DIR                 steps, sizes, ranks, committed or not
+    flashckpt ls DIR STEP            a step's world size and tensors, stored once or per rank
     flashckpt verify DIR [STEP]      crc32c check of every tensor of every rank
     flashckpt export DIR STEP OUT.pt a file any PyTorch user can torch.load
 
-``ls`` only reads the directory (safe while a job writes to it); ``verify`` and
-``export`` read through the core with persistence off and a private
-shared-memory name, so they never touch a running job's snapshots.
+All three only read: they take no lock, write no file, remove nothing (not even
+the leftovers of a crashed save) and use no shared memory, so they work on a
+read-only directory and beside a job that is writing to it. ``verify`` and
+``export`` read committed steps through the core (io_uring, crc32c of every
+tensor); ``ls`` reads the files alone.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import List, Optional
 
 _STEP_RE = re.compile(r"^step-(\d+)$")
 _RANK_RE = re.compile(r"^rank-(\d+)\.data$")
+_REPLICA_RE = re.compile(r"^rank-(\d+)\.replica$")
 _RECORD_MAGIC = b"FCKREC01"
 
 
@@ -53,7 +57,7 @@ def scan(directory: str) -> List[dict]:
         path = os.path.join(directory, name)
         if not m or not os.path.isdir(path):
             continue
-        ranks, size, data = [], 0, 0
+        ranks, size, data, replica = [], 0, {}, 0
         for f in os.listdir(path):
             try:
                 n = os.path.getsize(os.path.join(path, f))
@@ -63,11 +67,14 @@ def scan(directory: str) -> List[dict]:
             rm = _RANK_RE.match(f)
             if rm:
                 ranks.append(int(rm.group(1)))
-                data += n
+                data[int(rm.group(1))] = n
+            elif _REPLICA_RE.match(f):
+                replica += n
         durable = sorted(int(f.split("-")[1].split(".")[0]) for f in os.listdir(path)
                          if f.startswith("rank-") and f.endswith(".durable"))
         out.append({"step": int(m.group(1)), "path": path, "ranks": sorted(ranks),
-                    "durable_ranks": durable, "bytes": size, "data_bytes": data,
+                    "durable_ranks": durable, "bytes": size, "data_bytes": sum(data.values()),
+                    "rank_data_bytes": data, "replicated_bytes": replica,
                     "committed": _commit_ok(os.path.join(path, "COMMIT"))})
     out.sort(key=lambda s: s["step"])
     return out
@@ -81,11 +88,44 @@ def _ranks_repr(ranks: List[int]) -> str:
     return ",".join(map(str, ranks))
 
 
+def cmd_ls_step(d: str, step: int, rank: int) -> int:
+    """One committed step: its world and the tensors of one rank, how each is stored."""
+    from . import _native
+    from .errors import FlashCkptError
+
+    listing = {s["step"]: s for s in scan(d)}
+    if step not in listing:
+        print(f"flashckpt ls: {d}: no step {step} (steps: {sorted(listing) or 'none'})", file=sys.stderr)
+        return 1
+    s = listing[step]
+    world = (max(s["ranks"]) + 1) if s["ranks"] else 1
+    try:
+        desc = _native.load().describe_committed_step(d, step, rank, world)
+    except FlashCkptError as e:
+        print(f"flashckpt ls: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    tensors = [t for t in desc["tensors"] if not t["storage_key"]]
+    total = sum(t["nbytes"] for t in tensors)
+    rep = sum(t["nbytes"] for t in tensors if t["replicated"])
+    print(f"step {step}: world size {world}, {len(desc['tensors'])} tensors of rank {rank} "
+          f"({_human(total)}; {_human(rep)} replicated, stored once over the ranks), "
+          f"{_human(s['bytes'])} on storage")
+    print(f"{'KEY':<40}  {'DTYPE':<16}  {'SHAPE':<18}  {'SIZE':>10}  STORED")
+    for t in desc["tensors"]:
+        shape = "[" + ",".join(map(str, t["shape"])) + "]"
+        stored = f"view of {t['storage_key']}" if t["storage_key"] else (
+            "once (replicated)" if t["replicated"] else f"rank {rank}")
+        print(f"{t['key']:<40}  {t['dtype']:<16}  {shape:<18}  {_human(t['nbytes']):>10}  {stored}")
+    return 0
+
+
 def cmd_ls(args) -> int:
     d = args.directory
     if not os.path.isdir(d):
         print(f"flashckpt ls: {d}: not a directory", file=sys.stderr)
         return 2
+    if args.step is not None:
+        return cmd_ls_step(d, args.step, args.rank)
     steps = scan(d)
     # The newest step is the highest committed step number, as load() and
     # retention count (the `latest` file names the same step).
@@ -129,12 +169,16 @@ class _Progress:
             self.stream.flush()
 
 
-def _reader(directory: str, rank: int, world_size: int):
+def _read(directory: str, step: int, rank: int, world_size: int):
+    """Committed ``step`` of ``rank``, checked, without opening the directory for writing."""
     from . import _native
 
-    return _native.load().Checkpointer(
-        directory, rank=rank, world_size=world_size, run_id=f"cli{os.getpid()}r{rank}",
-        persist=False, unlink_memory_on_close=True, reuse_memory=False, keep_last=0)
+    return _native.load().read_committed_step(directory, step, rank, world_size, verify=True)
+
+
+def _rank_read_bytes(s: dict, rank: int) -> int:
+    """What verifying one rank of a step reads: its own data and every replica share."""
+    return s["rank_data_bytes"].get(rank, 0) + s["replicated_bytes"]
 
 
 def cmd_verify(args) -> int:
@@ -155,26 +199,22 @@ def cmd_verify(args) -> int:
         if not steps:
             print(f"flashckpt verify: {d}: no committed step", file=sys.stderr)
             return 1
-    bar = _Progress(sum(s["data_bytes"] for s in steps))
+    def world_of(s):
+        return (max(s["ranks"]) + 1) if s["ranks"] else 1
+
+    bar = _Progress(sum(_rank_read_bytes(s, r) for s in steps for r in range(world_of(s))))
     failures = []
     for s in steps:
         if not s["committed"]:
             failures.append(f"step {s['step']}: not committed")
-        world = (max(s["ranks"]) + 1) if s["ranks"] else 1
-        per_rank = s["data_bytes"] // max(len(s["ranks"]), 1)
+        world = world_of(s)
         for r in range(world):
             try:
-                c = _reader(d, r, world)
-                try:
-                    snap = c.load(s["step"], prefer_memory=False, verify=True)
-                    del snap
-                    n = os.path.getsize(os.path.join(s["path"], f"rank-{r}.data"))
-                finally:
-                    c.close()
+                del_snap = _read(d, s["step"], r, world)
+                del del_snap
             except FlashCkptError as e:
                 failures.append(f"step {s['step']} rank {r}: {type(e).__name__}: {e}")
-                n = per_rank
-            bar.update(n, f"step {s['step']} rank {r}")
+            bar.update(_rank_read_bytes(s, r), f"step {s['step']} rank {r}")
     bar.finish()
     for f in failures:
         print(f"FAILED {f}", file=sys.stderr)
@@ -207,22 +247,18 @@ def cmd_export(args) -> int:
     world = (max(listing[args.step]["ranks"]) + 1) if args.step in listing and \
         listing[args.step]["ranks"] else max(args.rank + 1, 1)
     try:
-        c = _reader(d, args.rank, world)
+        snap = _read(d, args.step, args.rank, world)
+        state = _state.unflatten(snap, map_location="cpu")
+        tmp = f"{args.out}.tmp-{os.getpid()}"
         try:
-            snap = c.load(args.step, prefer_memory=False, verify=True)
-            state = _state.unflatten(snap, map_location="cpu")
-            tmp = f"{args.out}.tmp-{os.getpid()}"
-            try:
-                torch.save(state, tmp)
-                os.replace(tmp, args.out)  # never a half-written OUT.pt
-            except (OSError, RuntimeError) as e:
-                print(f"flashckpt export: cannot write {args.out}: {e}", file=sys.stderr)
-                return 1
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            torch.save(state, tmp)
+            os.replace(tmp, args.out)  # never a half-written OUT.pt
+        except (OSError, RuntimeError) as e:
+            print(f"flashckpt export: cannot write {args.out}: {e}", file=sys.stderr)
+            return 1
         finally:
-            c.close()
+            if os.path.exists(tmp):
+                os.unlink(tmp)
     except FlashCkptError as e:
         print(f"flashckpt export: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
@@ -235,13 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="flashckpt", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    ls = sub.add_parser("ls", help="list steps: size, ranks, committed or not",
-                        description="List the steps of a checkpoint directory (reads files only).")
+    ls = sub.add_parser("ls", help="list steps: size, ranks, committed or not; or one step's tensors",
+                        description="List the steps of a checkpoint directory; with STEP, that "
+                                    "step's world size and tensors (key, dtype, shape, size, stored "
+                                    "once or per rank). Reads only.")
     ls.add_argument("directory", metavar="DIR")
+    ls.add_argument("step", metavar="STEP", type=int, nargs="?")
+    ls.add_argument("--rank", type=int, default=0, help="whose tensors STEP lists (default 0)")
     ls.set_defaults(func=cmd_ls)
     v = sub.add_parser("verify", help="check the crc32c of every tensor",
                        description="Read every rank's data of STEP (default: every committed "
-                                   "step) from storage and check each tensor's crc32c.")
+                                   "step) from storage and check each tensor's crc32c. "
+                                   "Reads only: a read-only directory is fine.")
     v.add_argument("directory", metavar="DIR")
     v.add_argument("step", metavar="STEP", type=int, nargs="?")
     v.set_defaults(func=cmd_verify)
