@@ -608,6 +608,17 @@ StepDescription DescribeCommittedStep(const std::string& directory, int64_t step
   return ValueOrThrow(loader.Describe(nullptr, step, /*prefer_memory=*/false));
 }
 
+StepDescription DescribeGlobalStep(const std::string& directory, int64_t step) {
+  Loader loader(LoaderContext{AbsolutePath(directory), "", 0, 1, IoOptions{}, nullptr, nullptr});
+  return ValueOrThrow(loader.DescribeGlobal(step));
+}
+
+void ReadGlobalInto(const std::string& directory, int64_t step, const std::map<std::string, MutableTensorRef>& dest,
+                    bool verify) {
+  Loader loader(LoaderContext{AbsolutePath(directory), "", 0, 1, IoOptions{}, nullptr, nullptr});
+  ThrowIfError(loader.IntoFromGlobal(step, dest, verify));
+}
+
 std::optional<int64_t> Checkpointer::take_restore_step() { return impl_->TakeRestoreStep(); }
 Checkpointer::~Checkpointer() = default;
 

@@ -352,30 +352,26 @@ absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
   return v.step;
 }
 
-absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
-                                                std::map<std::string, std::string>* blobs, bool verify) const {
-  auto t0 = std::chrono::steady_clock::now();
-  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifestAndSize(step));
-  const pb::Manifest& m = sm.manifest;
-  FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
-  struct Piece {
-    uint64_t off = 0, len = 0;
-    uint8_t* dst = nullptr;
-    const pb::TensorEntry* entry = nullptr;
-    uint32_t crc = 0;
-    const MutableTensorRef* target = nullptr;
-  };
-  FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
-  std::vector<Piece> pieces;
+// One destination of a storage load: region bytes [off, off + len) of the
+// source rank's data region, into dst.
+struct Loader::Piece {
+  uint64_t off = 0, len = 0;
+  uint8_t* dst = nullptr;
+  const pb::TensorEntry* entry = nullptr;
+  uint32_t crc = 0;
+  const MutableTensorRef* target = nullptr;
+};
+
+absl::StatusOr<IoResult> Loader::StreamPieces(const StorageManifest& sm, std::vector<Piece>& pieces,
+                                              const std::set<DeviceBackend*>& backends, int64_t step,
+                                              bool verify) const {
   uint64_t end = 0;
-  for (const auto& e : m.tensors()) {
-    auto it = dest.find(e.key());
-    if (it == dest.end()) continue;
-    if (e.offset() + e.length() > m.data_bytes())
-      return absl::DataLossError(absl::StrCat(sm.FilesOf(e.offset(), e.length()), ": tensor '", e.key(), "' lies past the data (offset ",
-                                              e.offset(), ", ", e.length(), " bytes of ", m.data_bytes(), ")"));
-    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0, &it->second});
-    end = std::max(end, e.offset() + e.length());
+  for (const Piece& p : pieces) {
+    if (p.off + p.len > sm.manifest.data_bytes() || p.off + p.len < p.off)
+      return absl::DataLossError(absl::StrCat(sm.FilesOf(p.off, p.len), ": tensor '", p.entry->key(),
+                                              "' lies past the data (offset ", p.off, ", ", p.len, " bytes of ",
+                                              sm.manifest.data_bytes(), ")"));
+    end = std::max(end, p.off + p.len);
   }
   std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.off < b.off; });
   for (size_t i = 1; i < pieces.size(); ++i)
@@ -430,7 +426,7 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
     if (n == 0) continue;
     FCK_ASSIGN_OR_RETURN(IoResult r, reader.ReadFileStreaming(
                                          f.path, n,
-                                         [&](uint64_t off, const uint8_t* data, uint64_t n) { return sink(base + off, data, n); },
+                                         [&](uint64_t off, const uint8_t* data, uint64_t k) { return sink(base + off, data, k); },
                                          hooks));
     io.bytes += r.bytes;
     io.used_io_uring = r.used_io_uring;
@@ -441,6 +437,23 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
       return absl::DataLossError(absl::StrCat(sm.FilesOf(p.off, p.len), " step ", step, ": tensor '", p.entry->key(),
                                               "' fails its crc32c check (the buffers given hold partly loaded "
                                               "bytes: load another step into them)"));
+  return io;
+}
+
+absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
+                                                std::map<std::string, std::string>* blobs, bool verify) const {
+  auto t0 = std::chrono::steady_clock::now();
+  FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifestAndSize(step));
+  const pb::Manifest& m = sm.manifest;
+  FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
+  FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
+  std::vector<Piece> pieces;
+  for (const auto& e : m.tensors()) {
+    auto it = dest.find(e.key());
+    if (it == dest.end()) continue;
+    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0, &it->second});
+  }
+  FCK_ASSIGN_OR_RETURN(IoResult io, StreamPieces(sm, pieces, backends, step, verify));
   if (blobs) {
     blobs->clear();
     for (const auto& b : m.blobs()) (*blobs)[b.key()] = b.data();
@@ -450,6 +463,101 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
           absl::StrFormat("%.2f", secs), " s", io.used_io_uring ? ", io_uring" : ", pread",
           io.used_direct_io ? " O_DIRECT" : "");
   return step;
+}
+
+absl::StatusOr<std::vector<Loader::StorageManifest>> Loader::EveryRankOf(int64_t step) const {
+  FCK_ASSIGN_OR_RETURN(pb::CommitRecord commit, ReadCommit(c_.root, step));
+  std::vector<StorageManifest> out;
+  for (int r = 0; r < commit.world_size(); ++r) {
+    LoaderContext c = c_;
+    c.rank = r;
+    c.world_size = commit.world_size();
+    FCK_ASSIGN_OR_RETURN(StorageManifest sm, Loader(c).ReadStorageManifestAndSize(step));
+    out.push_back(std::move(sm));
+  }
+  return out;
+}
+
+absl::StatusOr<Loader::GlobalIndex> Loader::IndexOf(const std::vector<StorageManifest>& ranks, int64_t step) const {
+  GlobalIndex index;
+  for (size_t r = 0; r < ranks.size(); ++r)
+    for (const auto& e : ranks[r].manifest.tensors()) {
+      if (!e.storage_key().empty()) continue;
+      if (e.replicated()) {
+        if (r == 0) index[e.key()].push_back({-1, &e});
+        continue;
+      }
+      index[e.key()].push_back({static_cast<int>(r), &e});
+    }
+  return index;
+}
+
+absl::StatusOr<StepDescription> Loader::DescribeGlobal(int64_t step) const {
+  FCK_ASSIGN_OR_RETURN(std::vector<StorageManifest> ranks, EveryRankOf(step));
+  FCK_ASSIGN_OR_RETURN(GlobalIndex index, IndexOf(ranks, step));
+  StepDescription d;
+  d.step = step;
+  d.source = Source::kStorage;
+  for (const auto& [key, holders] : index)
+    for (const auto& [rank, e] : holders) {
+      TensorInfo t = TensorInfoOf(*e);
+      t.held_by = rank;
+      d.tensors.push_back(std::move(t));
+    }
+  for (const auto& b : ranks[0].manifest.blobs()) d.blobs[b.key()] = b.data();
+  for (const StorageManifest& sm : ranks) {
+    auto& blobs = d.rank_blobs.emplace_back();
+    for (const auto& b : sm.manifest.blobs()) blobs[b.key()] = b.data();
+  }
+  return d;
+}
+
+absl::Status Loader::IntoFromGlobal(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
+                                    bool verify) const {
+  auto t0 = std::chrono::steady_clock::now();
+  FCK_ASSIGN_OR_RETURN(std::vector<StorageManifest> ranks, EveryRankOf(step));
+  FCK_ASSIGN_OR_RETURN(GlobalIndex index, IndexOf(ranks, step));
+  FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
+  // Every key is found, held once (or replicated), and fits, before a byte is written.
+  std::vector<std::vector<Piece>> per_rank(ranks.size());
+  std::vector<std::string> missing, ambiguous, mismatched;
+  for (const auto& [key, d] : dest) {
+    auto it = index.find(key);
+    if (it == index.end()) {
+      missing.push_back(key);
+      continue;
+    }
+    if (it->second.size() > 1) {
+      std::vector<int> holders;
+      for (const auto& h : it->second) holders.push_back(h.first);
+      ambiguous.push_back(absl::StrCat(key, " (held by ranks ", absl::StrJoin(holders, ","), ")"));
+      continue;
+    }
+    const auto [rank, e] = it->second.front();
+    std::vector<int64_t> shape(e->shape().begin(), e->shape().end());
+    if (shape != d.shape || e->dtype() != d.dtype || e->length() != d.nbytes) {
+      mismatched.push_back(absl::StrCat(key, " (saved ", e->dtype(), " [", absl::StrJoin(shape, ","), "], target ",
+                                        d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
+      continue;
+    }
+    per_rank[rank < 0 ? 0 : rank].push_back({e->offset(), e->length(), static_cast<uint8_t*>(d.data), e, 0, &d});
+  }
+  if (!missing.empty() || !ambiguous.empty() || !mismatched.empty())
+    return absl::InvalidArgumentError(absl::StrCat(
+        "cannot load step ", step, " of ", c_.root, " (saved by ", ranks.size(), " ranks) into the given buffers: ",
+        "missing keys [", absl::StrJoin(missing, ", "), "], keys each rank holds its own of (per-rank state: load it "
+        "with the world size it was saved with) [", absl::StrJoin(ambiguous, "; "), "], mismatched [",
+        absl::StrJoin(mismatched, "; "), "]"));
+  uint64_t bytes = 0;
+  for (size_t r = 0; r < ranks.size(); ++r) {
+    if (per_rank[r].empty()) continue;
+    FCK_ASSIGN_OR_RETURN(IoResult io, StreamPieces(ranks[r], per_rank[r], backends, step, verify));
+    bytes += io.bytes;
+  }
+  FCK_LOG(kInfo, "loaded ", dest.size(), " tensors of step ", step, " (saved by ", ranks.size(), " ranks) from ",
+          c_.root, ": ", HumanBytes(bytes), " read in ",
+          absl::StrFormat("%.2f", std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count()), " s");
+  return absl::OkStatus();
 }
 
 std::vector<StepInfo> Loader::Steps(const SharedSegment* seg) const {

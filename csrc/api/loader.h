@@ -9,6 +9,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -61,6 +62,16 @@ class Loader {
   // copies; the same checks first, before anything is written.
   absl::StatusOr<int64_t> IntoFromStorage(int64_t step, const std::map<std::string, MutableTensorRef>& dest,
                                           std::map<std::string, std::string>* blobs, bool verify) const;
+  // Every tensor of committed `step` over all the ranks that saved it, each
+  // with the rank that holds it (TensorInfo::held_by; -1: replicated, listed
+  // once); rank 0's blobs. No tensor bytes read.
+  absl::StatusOr<StepDescription> DescribeGlobal(int64_t step) const;
+  // Fills `dest` from whichever rank's files of committed `step` hold each
+  // key (replicated keys from the replica shares), whatever this loader's
+  // rank and world size: a partitioned optimizer's state re-partitioned to
+  // another world. Every key checked (found, held by one rank, same shape and
+  // dtype) before a byte is written; crc32c of every tensor.
+  absl::Status IntoFromGlobal(int64_t step, const std::map<std::string, MutableTensorRef>& dest, bool verify) const;
   // Every device destination has a backend (else an error naming key and type).
   absl::Status CheckDevices(const std::map<std::string, MutableTensorRef>& dest) const;
   // Every step of storage and memory, ascending.
@@ -82,6 +93,16 @@ class Loader {
     // The files holding [off, off + len) of the region, for messages.
     std::string FilesOf(uint64_t off, uint64_t len) const;
   };
+  struct Piece;
+  // key -> (holding rank or -1 for replicated, entry), over every rank's manifest.
+  using GlobalIndex = std::map<std::string, std::vector<std::pair<int, const pb::TensorEntry*>>>;
+  // The storage manifests of every rank of committed `step`.
+  absl::StatusOr<std::vector<StorageManifest>> EveryRankOf(int64_t step) const;
+  absl::StatusOr<GlobalIndex> IndexOf(const std::vector<StorageManifest>& ranks, int64_t step) const;
+  // Reads the files of `sm` in region order (up to the last piece) into the
+  // pieces, crc32c as the bytes pass, device pieces host-to-device.
+  absl::StatusOr<IoResult> StreamPieces(const StorageManifest& sm, std::vector<Piece>& pieces,
+                                        const std::set<DeviceBackend*>& backends, int64_t step, bool verify) const;
   // The rank's manifest of committed `step`, checked against COMMIT, and the
   // files its data region is read from. Saved by another world size: only a
   // rank whose state is all replicated (rank r reads rank r's manifest, or

@@ -163,6 +163,47 @@ PYBIND11_MODULE(_C, m) {
       py::arg("directory"), py::arg("step"), py::arg("rank"), py::arg("world_size"), py::arg("verify") = true,
       "Reads a committed step of one rank from storage without opening the directory for writing.");
   m.def(
+      "describe_global_step",
+      [](const std::string& directory, int64_t step) {
+        StepDescription d;
+        {
+          py::gil_scoped_release nogil;
+          d = DescribeGlobalStep(directory, step);
+        }
+        py::dict out;
+        out["step"] = d.step;
+        py::list tensors;
+        for (const auto& t : d.tensors) {
+          py::dict e = TensorInfoToDict(t, nullptr);
+          e["held_by"] = t.held_by;
+          tensors.append(e);
+        }
+        out["tensors"] = tensors;
+        py::dict blobs;
+        for (const auto& [k, v] : d.blobs) blobs[py::str(k)] = py::bytes(v);
+        out["blobs"] = blobs;
+        py::list rank_blobs;
+        for (const auto& rb : d.rank_blobs) {
+          py::dict one;
+          for (const auto& [k, v] : rb) one[py::str(k)] = py::bytes(v);
+          rank_blobs.append(one);
+        }
+        out["rank_blobs"] = rank_blobs;
+        return out;
+      },
+      py::arg("directory"), py::arg("step"),
+      "Every tensor of every rank of a committed step, with the rank holding it (-1: replicated).");
+  m.def(
+      "read_global_into",
+      [](const std::string& directory, int64_t step, const py::dict& dest, bool verify) {
+        std::map<std::string, MutableTensorRef> refs;
+        for (const auto& [k, v] : dest) refs.emplace(k.cast<std::string>(), v.cast<const MutableTensorRef&>());
+        py::gil_scoped_release nogil;
+        ReadGlobalInto(directory, step, refs, verify);
+      },
+      py::arg("directory"), py::arg("step"), py::arg("dest"), py::arg("verify") = true,
+      "Fills LoadTargets from whichever rank's files of a committed step hold each key.");
+  m.def(
       "describe_committed_step",
       [](const std::string& directory, int64_t step, int rank, int world_size) {
         StepDescription d;

@@ -201,6 +201,18 @@ std::unique_ptr<LoadedSnapshot> ReadCommittedStep(const std::string& directory, 
 // no tensor bytes read; read-only as ReadCommittedStep.
 StepDescription DescribeCommittedStep(const std::string& directory, int64_t step, int rank, int world_size);
 
+// Global view of committed `step`: every tensor of every rank that saved it,
+// with the rank holding it (TensorInfo::held_by, -1 for replicated tensors,
+// listed once), and rank 0's blobs. No tensor bytes read, nothing written.
+StepDescription DescribeGlobalStep(const std::string& directory, int64_t step);
+// Fills `dest` from whichever rank's files of committed `step` hold each key,
+// whatever world the caller is in now: state partitioned over the ranks
+// (ZeroRedundancyOptimizer's, say) re-partitioned to another world size.
+// Every key is checked (found, held by one rank or replicated, same shape and
+// dtype) before a byte is written, and every tensor's crc32c after.
+void ReadGlobalInto(const std::string& directory, int64_t step, const std::map<std::string, MutableTensorRef>& dest,
+                    bool verify = true);
+
 // Loads a device backend plugin (include/flashckpt/device_plugin.h) from
 // `path`; tensors whose device_type it serves can then be saved and loaded.
 // Returns that device type. CUDA's backend is loaded on first use.

@@ -76,6 +76,7 @@ struct TensorInfo {
   uint64_t nbytes = 0;
   uint32_t crc32c = 0;
   bool replicated = false;         // saved as the same bytes on every rank (TensorRef::replicated)
+  int held_by = -1;                // DescribeGlobalStep: the rank whose files hold it (-1: replicated)
   const void* data = nullptr;      // points into LoadedSnapshot's buffer
 };
 
@@ -116,6 +117,7 @@ struct StepDescription {
   Source source = Source::kStorage;
   std::vector<TensorInfo> tensors;
   std::map<std::string, std::string> blobs;
+  std::vector<std::map<std::string, std::string>> rank_blobs;  // DescribeGlobalStep: every rank's blobs
 };
 
 struct StepInfo {

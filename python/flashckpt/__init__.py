@@ -37,6 +37,8 @@ _LAZY = {
     "set_rng_state": ("rng", "set_rng_state"),
     "load_device_plugin": ("devices", "load_device_plugin"),
     "device_types": ("devices", "device_types"),
+    "zero_state_dict": ("resharding", "zero_state_dict"),
+    "load_resharded": ("resharding", "load_resharded"),
 }
 
 
@@ -57,7 +59,7 @@ def __dir__():
 
 __all__ = [
     "Checkpointer", "SaveHandle", "LoadResult", "install_fence", "rng_state", "set_rng_state",
-    "load_device_plugin", "device_types",
+    "load_device_plugin", "device_types", "zero_state_dict", "load_resharded",
     "heartbeat", "FlashCkptError", "InvalidArgumentError", "NotFoundError", "CorruptionError",
     "ResourceExhaustedError", "PermissionDeniedError", "FailedPreconditionError",
     "DeadlineExceededError", "UnavailableError", "StateDictMismatchError",

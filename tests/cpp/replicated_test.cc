@@ -16,6 +16,17 @@
 namespace flashckpt::testing {
 namespace {
 
+TensorRef FloatRef(const std::string& key, const std::vector<float>& v) {
+  TensorRef r;
+  r.key = key;
+  r.data = v.data();
+  r.nbytes = v.size() * 4;
+  r.dtype = "torch.float32";
+  r.shape = {static_cast<int64_t>(v.size())};
+  r.element_size = 4;
+  return r;
+}
+
 // The data-parallel part (same on every rank) and a rank's own part.
 struct RankState {
   FakeState shared;
@@ -23,16 +34,7 @@ struct RankState {
   std::vector<TensorRef> Refs(bool with_own = true) const {
     std::vector<TensorRef> refs = shared.Refs();
     for (auto& r : refs) r.replicated = true;
-    if (with_own) {
-      TensorRef r;
-      r.key = "rng.state";
-      r.data = own.data();
-      r.nbytes = own.size() * 4;
-      r.dtype = "torch.float32";
-      r.shape = {static_cast<int64_t>(own.size())};
-      r.element_size = 4;
-      refs.push_back(r);
-    }
+    if (with_own) refs.push_back(FloatRef("rng.state", own));
     return refs;
   }
   static RankState For(int64_t step, int rank) {
@@ -264,6 +266,65 @@ TEST(Replicated, RanksThatDisagreeFailTheCommitNamingKeyAndRanks) {
     EXPECT_EQ(snap->step(), 1);
     EXPECT_EQ(s1.shared.Diff(*snap), "");
   }
+}
+
+// State partitioned over the ranks (each key held by one rank) is read from
+// whichever rank's files hold it, by a reader of any world; a key every rank
+// holds its own of, a missing key and a wrong shape are refused up front.
+TEST(Replicated, GlobalReadTakesEachKeyFromTheRankThatHoldsIt) {
+  ScratchDirs dirs;
+  RankState s0 = RankState::For(2, 0), s1 = RankState::For(2, 1);
+  std::vector<float> part0(5000, 1.5f), part1(7000, -2.5f);
+  auto with_part = [](const RankState& s, const std::string& key, const std::vector<float>& part) {
+    std::vector<TensorRef> refs = s.Refs();
+    refs.push_back(FloatRef(key, part));
+    return refs;
+  };
+  {
+    Checkpointer r0(dirs.Options(0, 2)), r1(dirs.Options(1, 2));
+    auto h0 = r0.save(2, with_part(s0, "optim/0", part0), s0.shared.Blobs());
+    auto h1 = r1.save(2, with_part(s1, "optim/1", part1), s1.shared.Blobs());
+    h0.wait_durable();
+    h1.wait_durable();
+    r0.unlink_memory();
+    r1.unlink_memory();
+  }
+  StepDescription d = DescribeGlobalStep(dirs.ckpt, 2);
+  std::map<std::string, std::vector<int>> held;
+  for (const auto& t : d.tensors) held[t.key].push_back(t.held_by);
+  EXPECT_EQ(held["optim/0"], std::vector<int>{0});
+  EXPECT_EQ(held["optim/1"], std::vector<int>{1});
+  EXPECT_EQ(held["layer3.weight"], std::vector<int>{-1});
+  EXPECT_EQ((held["rng.state"]), (std::vector<int>{0, 1}));
+  ASSERT_EQ(d.rank_blobs.size(), 2u);
+
+  std::vector<float> got0(part0.size()), got1(part1.size()), got3(s0.shared.data[3].size());
+  std::map<std::string, MutableTensorRef> dest = {
+      {"optim/0", {got0.data(), got0.size() * 4, "torch.float32", {static_cast<int64_t>(got0.size())}}},
+      {"optim/1", {got1.data(), got1.size() * 4, "torch.float32", {static_cast<int64_t>(got1.size())}}},
+      {"layer3.weight", {got3.data(), got3.size() * 4, "torch.float32", {static_cast<int64_t>(got3.size())}}}};
+  ReadGlobalInto(dirs.ckpt, 2, dest);
+  EXPECT_EQ(got0, part0);
+  EXPECT_EQ(got1, part1);
+  EXPECT_EQ(got3, s0.shared.data[3]);
+
+  std::vector<float> rng(s0.own.size()), wrong(10);
+  auto bad = dest;
+  bad["rng.state"] = {rng.data(), rng.size() * 4, "torch.float32", {static_cast<int64_t>(rng.size())}};
+  bad["nope"] = {rng.data(), 4, "torch.float32", {1}};
+  bad["optim/1"] = {wrong.data(), wrong.size() * 4, "torch.float32", {10}};
+  std::fill(got0.begin(), got0.end(), 0.0f);
+  try {
+    ReadGlobalInto(dirs.ckpt, 2, bad);
+    ADD_FAILURE() << "an ambiguous, a missing and a mismatched key loaded";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_EQ(e.code(), ErrorCode::kInvalidArgument) << m;
+    EXPECT_NE(m.find("rng.state (held by ranks 0,1)"), std::string::npos) << m;
+    EXPECT_NE(m.find("missing keys [nope]"), std::string::npos) << m;
+    EXPECT_NE(m.find("optim/1 (saved torch.float32 [7000], target torch.float32 [10])"), std::string::npos) << m;
+  }
+  for (float x : got0) ASSERT_EQ(x, 0.0f) << "a buffer was written though the load was refused";
 }
 
 }  // namespace

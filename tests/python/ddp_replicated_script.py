@@ -51,7 +51,8 @@ def main():
     result = {"rank": rank, "world": world}
     model = DDP(make_model())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    with flashckpt.Checkpointer(directory, commit_timeout=60, replicated=("model", "optimizer")) as ckpt:
+    with flashckpt.Checkpointer(directory, commit_timeout=60, replicated=("model", "optimizer"),
+                                run_id=f"rep-{mode}-{world}") as ckpt:
         if mode == "save":
             train(model, opt, 3)
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rank": rank}

@@ -2,48 +2,19 @@
 step over the ranks, loaded bit-exact into the same and into another world size,
 and a rank whose "replicated" bytes drift fails the commit, naming the key."""
 
-import json
 import os
-import socket
-import subprocess
 
 import pytest
 
-from flashckpt_testutil import PYTHON, child_env
+from flashckpt_testutil import run_world
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCRIPT = os.path.join(HERE, "ddp_replicated_script.py")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_world(procs, world, *args, timeout=180):
-    port = free_port()
-    mine = []
-    for rank in range(world):
-        env = child_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1",
-                        MASTER_PORT=port, FLASHCKPT_RUN_ID=f"rep-{world}-{args[0]}")
-        p = subprocess.Popen([PYTHON, SCRIPT, *map(str, args)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        procs.append(p)
-        mine.append(p)
-    results = {}
-    for p in mine:
-        out, err = p.communicate(timeout=timeout)
-        assert p.returncode == 0, err[-3000:]
-        line = [l for l in out.splitlines() if l.startswith("RESULT ")][0]
-        r = json.loads(line[len("RESULT "):])
-        results[r["rank"]] = r
-    return results
-
-
 def test_ddp_state_is_stored_once_and_loads_into_two_and_four_ranks(tmp_path, procs):
     d, expected = tmp_path / "ckpt", tmp_path / "expected.pt"
-    saved = run_world(procs, 4, "save", d, expected)
+    saved = run_world(procs, SCRIPT, 4, "save", d, expected)
     for r in saved.values():
         assert r["same"] and r["source"] == "storage", r
         assert r["rank_back"] == r["rank"]  # non-tensor state stays per rank
@@ -57,7 +28,7 @@ def test_ddp_state_is_stored_once_and_loads_into_two_and_four_ranks(tmp_path, pr
     assert max(replica) - min(replica) <= 0.10 * (sum(replica) / 4), replica
     assert data == [0, 0, 0, 0], data  # every tensor is replicated; the rest is in the manifest
     for world in (2, 4):
-        loaded = run_world(procs, world, "load", d, expected)
+        loaded = run_world(procs, SCRIPT, world, "load", d, expected)
         assert sorted(loaded) == list(range(world))
         for r in loaded.values():
             assert r["same"] and r["source"] == "storage", r
@@ -67,7 +38,7 @@ def test_ddp_state_is_stored_once_and_loads_into_two_and_four_ranks(tmp_path, pr
 
 def test_replicated_bytes_that_differ_across_ranks_fail_the_commit(tmp_path, procs):
     d = tmp_path / "ckpt"
-    results = run_world(procs, 2, "diverge", d)
+    results = run_world(procs, SCRIPT, 2, "diverge", d)
     for rank, r in results.items():
         assert r["error"], r
         assert r["committed"] == 1, r  # the step before stays committed
