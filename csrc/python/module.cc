@@ -280,6 +280,23 @@ PYBIND11_MODULE(_C, m) {
            py::arg("element_size"), py::arg("device") = -1, py::arg("cuda_stream") = 0,
            py::arg("strides") = std::vector<int64_t>{}, py::arg("storage_offset") = 0, py::arg("storage_key") = "",
            py::arg("device_type") = "", py::arg("replicated") = false)
+      // The common case, positional (a save calls it once per tensor): a
+      // contiguous tensor in host memory.
+      .def_static(
+          "host",
+          [](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
+             uint32_t element_size, bool replicated) {
+            TensorRef r;
+            r.key = std::move(key);
+            r.data = reinterpret_cast<const void*>(data);
+            r.nbytes = nbytes;
+            r.dtype = std::move(dtype);
+            r.shape = std::move(shape);
+            r.element_size = element_size;
+            r.device_type = "cpu";
+            r.replicated = replicated;
+            return r;
+          })
       .def_readonly("key", &TensorRef::key)
       .def_readonly("replicated", &TensorRef::replicated)
       .def_property_readonly("data", [](const TensorRef& r) { return reinterpret_cast<uintptr_t>(r.data); })

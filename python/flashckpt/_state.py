@@ -240,8 +240,10 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
         if t.numel() == 0:
             singles.append((key, t))
             continue
-        ptr, _ = storage_of(t)
-        groups.setdefault((str(t.device), ptr), []).append((key, t))
+        # The storage's base address (what storage().data_ptr() says, without
+        # building a storage object per tensor: the costliest step here).
+        base = t.data_ptr() - t.storage_offset() * t.element_size()
+        groups.setdefault((t.device, base), []).append((key, t))
 
     def stream_of(t: torch.Tensor) -> int:
         if t.device.type != "cuda":
@@ -252,20 +254,37 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
         return torch.cuda.current_stream(t.device).cuda_stream
 
     tensor_record = _native.load().TensorRecord
+    dtype_names: Dict[torch.dtype, str] = {}
+    device_names: Dict[torch.device, Tuple[str, str, int]] = {}  # name, type, index
 
     def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key="", is_replicated=None):
-        dev = _device_index(t)
+        dt, d = t.dtype, t.device
+        dtype = dtype_names.get(dt) or dtype_names.setdefault(dt, str(dt))
+        dev = device_names.get(d) or device_names.setdefault(d, (str(d), d.type, _device_index(t)))
         flat.records.append(tensor_record(
-            key=key, data=ptr, nbytes=nbytes, dtype=str(t.dtype), shape=list(shape),
-            element_size=t.element_size(), device=dev, cuda_stream=stream_of(t), strides=list(strides),
-            storage_offset=storage_offset, storage_key=storage_key, device_type=t.device.type,
+            key=key, data=ptr, nbytes=nbytes, dtype=dtype, shape=list(shape),
+            element_size=t.element_size(), device=dev[2], cuda_stream=stream_of(t) if dev[1] == "cuda" else 0,
+            strides=list(strides), storage_offset=storage_offset, storage_key=storage_key, device_type=dev[1],
             replicated=(key in replicated_keys) if is_replicated is None else is_replicated))
-        devices[key] = str(t.device)
+        devices[key] = dev[0]
         if not storage_key:
             flat.nbytes += nbytes
 
+    host_record = tensor_record.host
+
     def add_single(key, t):
         t = t.detach()
+        d = t.device
+        if d.type == "cpu" and t.is_contiguous() and t.numel() > 0:  # the common case, fast
+            dt = t.dtype
+            dtype = dtype_names.get(dt) or dtype_names.setdefault(dt, str(dt))
+            dev = device_names.get(d) or device_names.setdefault(d, (str(d), d.type, -1))
+            nbytes = t.numel() * t.element_size()
+            flat.records.append(host_record(key, t.data_ptr(), nbytes, dtype, list(t.shape), t.element_size(),
+                                            key in replicated_keys))
+            devices[key] = dev[0]
+            flat.nbytes += nbytes
+            return
         if t.numel() == 0:
             add_record(key, t, 0, 0, t.shape, [], 0)
         elif t.is_contiguous():
@@ -284,6 +303,9 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
     for key, t in singles:
         add_single(key, t)
     for members in groups.values():
+        if len(members) == 1:  # the common case: a tensor alone on its storage
+            add_single(*members[0])
+            continue
         views = {}
         for key, t in members:
             sig = (t.dtype, tuple(t.shape), tuple(t.stride()), t.storage_offset())
