@@ -60,6 +60,19 @@ void RaiseError(const Error& e) {
 // A loaded step as Python sees it: metadata plus the buffer protocol over the
 // one data buffer, so torch.frombuffer(snapshot, ...) wraps tensors without a
 // copy and keeps the snapshot alive for as long as any such tensor lives.
+TensorRef HostTensorRef(std::string key, uintptr_t data, uint64_t nbytes, std::string dtype,
+                        std::vector<int64_t> shape, uint32_t element_size, bool replicated) {
+  TensorRef r;
+  r.key = std::move(key);
+  r.data = reinterpret_cast<const void*>(data);
+  r.nbytes = nbytes;
+  r.dtype = std::move(dtype);
+  r.shape = std::move(shape);
+  r.element_size = element_size;
+  r.replicated = replicated;
+  return r;
+}
+
 struct PySnapshot {
   std::unique_ptr<LoadedSnapshot> snap;
 };
@@ -260,20 +273,14 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
                        uint32_t element_size, int device, uintptr_t cuda_stream, std::vector<int64_t> strides,
                        int64_t storage_offset, std::string storage_key, std::string device_type, bool replicated) {
-             TensorRef r;
-             r.key = std::move(key);
-             r.data = reinterpret_cast<const void*>(data);
-             r.nbytes = nbytes;
-             r.dtype = std::move(dtype);
-             r.shape = std::move(shape);
-             r.element_size = element_size;
+             TensorRef r = HostTensorRef(std::move(key), data, nbytes, std::move(dtype), std::move(shape),
+                                         element_size, replicated);
              r.device = device;
              r.cuda_stream = reinterpret_cast<void*>(cuda_stream);
              r.strides = std::move(strides);
              r.storage_offset = storage_offset;
              r.storage_key = std::move(storage_key);
              r.device_type = std::move(device_type);
-             r.replicated = replicated;
              return r;
            }),
            py::kw_only(), py::arg("key"), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"),
@@ -286,15 +293,9 @@ PYBIND11_MODULE(_C, m) {
           "host",
           [](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
              uint32_t element_size, bool replicated) {
-            TensorRef r;
-            r.key = std::move(key);
-            r.data = reinterpret_cast<const void*>(data);
-            r.nbytes = nbytes;
-            r.dtype = std::move(dtype);
-            r.shape = std::move(shape);
-            r.element_size = element_size;
+            TensorRef r = HostTensorRef(std::move(key), data, nbytes, std::move(dtype), std::move(shape),
+                                        element_size, replicated);
             r.device_type = "cpu";
-            r.replicated = replicated;
             return r;
           })
       .def_readonly("key", &TensorRef::key)
