@@ -5,8 +5,8 @@ tensors in the same run.
 
 For each state: the median pause of ``ckpt.save`` (slots reserved up front, persist
 off: the pause only), the median of a plain ``copy_`` loop into touched tensors, and
-of the same loop into shared-memory tensors (``share_memory_()``: what a peer that
-keeps its snapshot as torch tensors in /dev/shm does). The cost per tensor above the
+of the same loop into views of one shared-memory tensor (``share_memory_()``: what a
+peer that keeps its snapshot as torch tensors in /dev/shm does). The cost per tensor above the
 byte copy is (pause - copy_) / tensors. Writes benchmarks/results/small_tensors.json.
 """
 
@@ -60,7 +60,12 @@ def one(n, numel, runs):
         shutil.rmtree(d, ignore_errors=True)
     src = list(ts.values())
     dst = [torch.empty_like(t).fill_(0) for t in src]
-    shm = [torch.empty_like(t).share_memory_().fill_(0) for t in src]
+    # One shared-memory storage split into views (a tensor per segment would need an fd each).
+    pool = torch.zeros(sum(t.numel() for t in src)).share_memory_()
+    shm, off = [], 0
+    for t in src:
+        shm.append(pool[off:off + t.numel()].view(t.shape))
+        off += t.numel()
 
     def copy_into(targets):
         with torch.no_grad():

@@ -366,8 +366,16 @@ absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint
   const uint64_t chunk = options_.chunk_bytes;
   const uint64_t chunks = (len + chunk - 1) / chunk;
   const int depth = static_cast<int>(std::min<uint64_t>(static_cast<uint64_t>(options_.queue_depth), std::max<uint64_t>(chunks, 1)));
-  // One buffer per read in flight; chunk k lives in buffer k % depth until the sink took it.
-  std::shared_ptr<void> pool = AllocateAligned(chunk * static_cast<uint64_t>(depth));
+  // One buffer per read in flight; chunk k lives in buffer k % depth until the
+  // sink took it. Kept for the next file of the same load: fresh pages cost a
+  // fault each (~64 ms for the default 64 MiB here), once per BulkIo.
+  const uint64_t pool_bytes = chunk * static_cast<uint64_t>(depth);
+  if (read_pool_bytes_ < pool_bytes) {
+    read_pool_.reset();
+    read_pool_ = AllocateAligned(pool_bytes);
+    read_pool_bytes_ = read_pool_ ? pool_bytes : 0;
+  }
+  std::shared_ptr<void> pool = read_pool_;
   if (!pool) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate read buffers for ", path));
   auto* base = static_cast<uint8_t*>(pool.get());
   struct Release {

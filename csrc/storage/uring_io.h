@@ -53,7 +53,8 @@ class BulkIo {
   // Reads the first len bytes of path through a few chunk-sized buffers of its
   // own (registered with io_uring, O_DIRECT when allowed), several reads in
   // flight, and hands every chunk to sink(offset, data, n) in file order while
-  // the next ones are read. No buffer of the file's size. A non-OK status from
+  // the next ones are read. No buffer of the file's size; the chunk buffers
+  // are kept for the next call (one allocation per BulkIo). A non-OK status from
   // sink stops the read and is returned.
   // hooks.acquired(base, len) is called with the buffers before the first
   // read (to page-lock them for a device backend, say), hooks.releasing(base)
@@ -72,6 +73,8 @@ class BulkIo {
   std::unique_ptr<Ring> ring_;
   const uint8_t* reg_base_ = nullptr;
   uint64_t reg_len_ = 0;
+  std::shared_ptr<void> read_pool_;  // ReadFileStreaming's buffers, reused by the next call
+  uint64_t read_pool_bytes_ = 0;
 };
 
 // Small-file helpers: write to a temp name, fsync, rename, fsync the directory.
