@@ -128,6 +128,24 @@ absl::Status Loader::CopyOut(const SharedSegment& seg, const SlotView& v, const 
   return absl::OkStatus();
 }
 
+absl::Status Loader::UsableHere(const pb::Manifest& m) const {
+  if (m.world_size() == c_.world_size && m.rank() == c_.rank) return absl::OkStatus();
+  std::vector<std::string> per_rank;
+  for (const auto& e : m.tensors())
+    if (e.storage_key().empty() && !e.replicated()) per_rank.push_back(e.key());
+  if (per_rank.empty()) return absl::OkStatus();  // all replicated: the same on every rank of any world
+  return absl::NotFoundError(absl::StrCat(
+      "shared-memory snapshot ", c_.shm_path, " of step ", m.step(), " was saved by rank ", m.rank(), " of ",
+      m.world_size(), ", this is rank ", c_.rank, " of ", c_.world_size, ", and it holds per-rank tensors (",
+      per_rank.front(), per_rank.size() > 1 ? ", ..." : "", "): not taken from memory"));
+}
+
+bool Loader::UsableFromMemory(const SharedSegment& seg, const SlotView& v) const {
+  absl::StatusOr<std::string> framed = seg.ManifestBytes(v);
+  pb::Manifest m;
+  return framed.ok() && ParseRecord(*framed, RecordKind::kManifest, c_.shm_path, &m).ok() && UsableHere(m).ok();
+}
+
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedSegment* seg, int64_t step,
                                                                    bool verify) const {
   SlotView v;
@@ -137,6 +155,7 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromMemory(const SharedS
   FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, c_.shm_path, &m));
+  FCK_RETURN_IF_ERROR(UsableHere(m));
   bool prepared = false;
   auto buffer = AllocateAligned(v.data_bytes, &prepared);
   if (!buffer) return absl::ResourceExhaustedError(absl::StrCat("cannot allocate ", v.data_bytes, " bytes to load step ", step));
@@ -275,7 +294,11 @@ absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromStorage(int64_t step
 absl::StatusOr<int64_t> Loader::NewestStep(const SharedSegment* seg, bool prefer_memory) const {
   std::optional<int64_t> committed = LatestCommitted(c_.root);
   SlotView mem;
-  if (prefer_memory && seg && seg->Newest(&mem) && (!committed || mem.step >= *committed)) return mem.step;
+  // Only a snapshot this rank can take: one a rank of another world left
+  // (an elastic restart that renumbered the ranks) is skipped.
+  if (prefer_memory && seg && seg->Newest(&mem) && (!committed || mem.step >= *committed) &&
+      UsableFromMemory(*seg, mem))
+    return mem.step;
   if (committed) return *committed;
   return absl::NotFoundError(absl::StrCat("no checkpoint to load: ", c_.root,
                                           " has no committed step and shared memory holds none"));
@@ -289,7 +312,8 @@ absl::StatusOr<StepDescription> Loader::Describe(const SharedSegment* seg, int64
   bool from_memory = false;
   if (prefer_memory && seg && seg->Newest(&v, d.step)) {
     absl::StatusOr<std::string> framed = seg->ManifestBytes(v);
-    from_memory = framed.ok() && ParseRecord(*framed, RecordKind::kManifest, c_.shm_path, &m).ok() && seg->StillValid(v);
+    from_memory = framed.ok() && ParseRecord(*framed, RecordKind::kManifest, c_.shm_path, &m).ok() &&
+                  UsableHere(m).ok() && seg->StillValid(v);
   }
   if (from_memory) {
     d.source = Source::kMemory;
@@ -314,6 +338,7 @@ absl::StatusOr<int64_t> Loader::IntoFromMemory(const SharedSegment* seg,
   FCK_ASSIGN_OR_RETURN(std::string framed, seg->ManifestBytes(v));
   pb::Manifest m;
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, c_.shm_path, &m));
+  FCK_RETURN_IF_ERROR(UsableHere(m));
   FCK_RETURN_IF_ERROR(CheckDestinations(dest, m));
   FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
   for (DeviceBackend* b : backends) {
@@ -572,7 +597,7 @@ std::vector<StepInfo> Loader::Steps(const SharedSegment* seg) const {
   if (seg) {
     for (int i = 0; i < seg->num_slots(); ++i) {
       SlotView v;
-      if (!seg->ReadSlot(i, &v)) continue;
+      if (!seg->ReadSlot(i, &v) || !UsableFromMemory(*seg, v)) continue;
       StepInfo& s = by_step[v.step];
       s.step = v.step;
       s.in_memory = true;

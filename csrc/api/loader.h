@@ -93,6 +93,12 @@ class Loader {
     // The files holding [off, off + len) of the region, for messages.
     std::string FilesOf(uint64_t off, uint64_t len) const;
   };
+  // OK when this rank may take a snapshot with manifest `m` from memory: its
+  // own (same rank and world size), or all of it replicated. Else kNotFound
+  // saying why (the load goes to storage).
+  absl::Status UsableHere(const pb::Manifest& m) const;
+  // UsableHere of slot v's manifest (false when it cannot be read).
+  bool UsableFromMemory(const SharedSegment& seg, const SlotView& v) const;
   struct Piece;
   // key -> (holding rank or -1 for replicated, entry), over every rank's manifest.
   using GlobalIndex = std::map<std::string, std::vector<std::pair<int, const pb::TensorEntry*>>>;

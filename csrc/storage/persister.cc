@@ -115,11 +115,14 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   pb::Manifest parsed;
   if (absl::Status p = ParseRecord(manifest, RecordKind::kManifest, shm_path, &parsed); !p.ok()) return cleanup(p);
   const uint64_t replicated = parsed.replicated_bytes();
+  // A snapshot of another rank or world (left in memory before an elastic
+  // restart renumbered the ranks) is never persisted as this rank's.
   if (replicated > v.data_bytes || parsed.replica_offset() + parsed.replica_length() > replicated ||
-      (replicated > 0 && (parsed.rank() != opt.rank || parsed.world_size() != opt.world_size)))
+      parsed.rank() != opt.rank || parsed.world_size() != opt.world_size)
     return cleanup(absl::InvalidArgumentError(absl::StrCat(
-        shm_path, " step ", job.step, ": the snapshot's replicated region (", replicated, " bytes, rank ",
-        parsed.rank(), " of ", parsed.world_size(), ") does not fit rank ", opt.rank, " of ", opt.world_size)));
+        shm_path, " step ", job.step, ": the snapshot was saved by rank ", parsed.rank(), " of a world of ",
+        parsed.world_size(), " (replicated region ", replicated, " bytes); it cannot be persisted as rank ", opt.rank,
+        " of ", opt.world_size)));
   persist_io_->RegisterRegion(seg->header(), seg->mapped_bytes());
   uint64_t written = 0;
   absl::StatusOr<IoResult> replica_wr;
