@@ -21,6 +21,14 @@ namespace fs = std::filesystem;
 
 namespace {
 
+// The keys of the tensors of `m` that are per rank (not replicated, not views).
+std::vector<std::string> PerRankKeys(const pb::Manifest& m) {
+  std::vector<std::string> keys;
+  for (const auto& e : m.tensors())
+    if (e.storage_key().empty() && !e.replicated()) keys.push_back(e.key());
+  return keys;
+}
+
 // Lists every key problem at once: missing, unexpected, mismatched.
 absl::Status CheckDestinations(const std::map<std::string, MutableTensorRef>& dest, const pb::Manifest& m) {
   std::map<std::string, const pb::TensorEntry*> saved;
@@ -130,9 +138,7 @@ absl::Status Loader::CopyOut(const SharedSegment& seg, const SlotView& v, const 
 
 absl::Status Loader::UsableHere(const pb::Manifest& m) const {
   if (m.world_size() == c_.world_size && m.rank() == c_.rank) return absl::OkStatus();
-  std::vector<std::string> per_rank;
-  for (const auto& e : m.tensors())
-    if (e.storage_key().empty() && !e.replicated()) per_rank.push_back(e.key());
+  const std::vector<std::string> per_rank = PerRankKeys(m);
   if (per_rank.empty()) return absl::OkStatus();  // all replicated: the same on every rank of any world
   return absl::NotFoundError(absl::StrCat(
       "shared-memory snapshot ", c_.shm_path, " of step ", m.step(), " was saved by rank ", m.rank(), " of ",
@@ -196,11 +202,16 @@ absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step
     }
     return commit.status();
   }
-  const int saved_world = commit->world_size();
-  const bool resized = saved_world != c_.world_size;
-  const int source = !resized || c_.rank < saved_world ? c_.rank : 0;
+  const bool resized = commit->world_size() != c_.world_size;
+  return ManifestOfRank(*commit, step, !resized || c_.rank < commit->world_size() ? c_.rank : 0, resized);
+}
+
+absl::StatusOr<Loader::StorageManifest> Loader::ManifestOfRank(const pb::CommitRecord& commit, int64_t step,
+                                                               int source, bool resized) const {
+  const std::string dir = StepDir(c_.root, step);
+  const int saved_world = commit.world_size();
   std::map<std::string, const pb::FileRecord*> listed;
-  for (const auto& f : commit->files()) listed[f.name()] = &f;
+  for (const auto& f : commit.files()) listed[f.name()] = &f;
   auto record_of = [&](const std::string& name) -> const pb::FileRecord* {
     auto it = listed.find(name);
     return it == listed.end() ? nullptr : it->second;
@@ -219,9 +230,7 @@ absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step
   FCK_RETURN_IF_ERROR(ParseRecord(framed, RecordKind::kManifest, manifest_path, &out.manifest));
   const pb::Manifest& m = out.manifest;
   if (resized) {
-    std::vector<std::string> per_rank;
-    for (const auto& e : m.tensors())
-      if (e.storage_key().empty() && !e.replicated()) per_rank.push_back(e.key());
+    const std::vector<std::string> per_rank = PerRankKeys(m);
     if (!per_rank.empty())
       return absl::FailedPreconditionError(absl::StrCat(
           dir, " was saved with world size ", saved_world, ", this Checkpointer has ", c_.world_size, ": rank ", source,
@@ -257,6 +266,11 @@ absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifest(int64_t step
 
 absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifestAndSize(int64_t step) const {
   FCK_ASSIGN_OR_RETURN(StorageManifest sm, ReadStorageManifest(step));
+  FCK_RETURN_IF_ERROR(CheckSizes(sm));
+  return sm;
+}
+
+absl::Status Loader::CheckSizes(const StorageManifest& sm) const {
   for (const StorageFile& f : sm.files) {
     std::error_code ec;
     uint64_t on_disk = fs::file_size(f.path, ec);
@@ -269,7 +283,7 @@ absl::StatusOr<Loader::StorageManifest> Loader::ReadStorageManifestAndSize(int64
   if (sm.manifest.data_bytes() > own.region_offset + own.size)
     return absl::DataLossError(absl::StrCat(own.path, " has ", own.size, " bytes, its manifest needs ",
                                             sm.manifest.data_bytes() - own.region_offset));
-  return sm;
+  return absl::OkStatus();
 }
 
 absl::StatusOr<std::unique_ptr<LoadedSnapshot>> Loader::FromStorage(int64_t step, bool verify) const {
@@ -494,16 +508,14 @@ absl::StatusOr<std::vector<Loader::StorageManifest>> Loader::EveryRankOf(int64_t
   FCK_ASSIGN_OR_RETURN(pb::CommitRecord commit, ReadCommit(c_.root, step));
   std::vector<StorageManifest> out;
   for (int r = 0; r < commit.world_size(); ++r) {
-    LoaderContext c = c_;
-    c.rank = r;
-    c.world_size = commit.world_size();
-    FCK_ASSIGN_OR_RETURN(StorageManifest sm, Loader(c).ReadStorageManifestAndSize(step));
+    FCK_ASSIGN_OR_RETURN(StorageManifest sm, ManifestOfRank(commit, step, r, /*resized=*/false));
+    FCK_RETURN_IF_ERROR(CheckSizes(sm));
     out.push_back(std::move(sm));
   }
   return out;
 }
 
-absl::StatusOr<Loader::GlobalIndex> Loader::IndexOf(const std::vector<StorageManifest>& ranks, int64_t step) const {
+Loader::GlobalIndex Loader::IndexOf(const std::vector<StorageManifest>& ranks) {
   GlobalIndex index;
   for (size_t r = 0; r < ranks.size(); ++r)
     for (const auto& e : ranks[r].manifest.tensors()) {
@@ -519,7 +531,7 @@ absl::StatusOr<Loader::GlobalIndex> Loader::IndexOf(const std::vector<StorageMan
 
 absl::StatusOr<StepDescription> Loader::DescribeGlobal(int64_t step) const {
   FCK_ASSIGN_OR_RETURN(std::vector<StorageManifest> ranks, EveryRankOf(step));
-  FCK_ASSIGN_OR_RETURN(GlobalIndex index, IndexOf(ranks, step));
+  const GlobalIndex index = IndexOf(ranks);
   StepDescription d;
   d.step = step;
   d.source = Source::kStorage;
@@ -541,7 +553,7 @@ absl::Status Loader::IntoFromGlobal(int64_t step, const std::map<std::string, Mu
                                     bool verify) const {
   auto t0 = std::chrono::steady_clock::now();
   FCK_ASSIGN_OR_RETURN(std::vector<StorageManifest> ranks, EveryRankOf(step));
-  FCK_ASSIGN_OR_RETURN(GlobalIndex index, IndexOf(ranks, step));
+  const GlobalIndex index = IndexOf(ranks);
   FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
   // Every key is found, held once (or replicated), and fits, before a byte is written.
   std::vector<std::vector<Piece>> per_rank(ranks.size());

@@ -104,7 +104,7 @@ class Loader {
   using GlobalIndex = std::map<std::string, std::vector<std::pair<int, const pb::TensorEntry*>>>;
   // The storage manifests of every rank of committed `step`.
   absl::StatusOr<std::vector<StorageManifest>> EveryRankOf(int64_t step) const;
-  absl::StatusOr<GlobalIndex> IndexOf(const std::vector<StorageManifest>& ranks, int64_t step) const;
+  static GlobalIndex IndexOf(const std::vector<StorageManifest>& ranks);
   // Reads the files of `sm` in region order (up to the last piece) into the
   // pieces, crc32c as the bytes pass, device pieces host-to-device.
   absl::StatusOr<IoResult> StreamPieces(const StorageManifest& sm, std::vector<Piece>& pieces,
@@ -114,8 +114,13 @@ class Loader {
   // rank whose state is all replicated (rank r reads rank r's manifest, or
   // rank 0's when the saved world had no rank r) loads; else a clear error.
   absl::StatusOr<StorageManifest> ReadStorageManifest(int64_t step) const;
-  // ReadStorageManifest, and the data file's size checked against COMMIT.
+  // Rank `source`'s manifest and files of committed `step` (COMMIT read
+  // already), checked against COMMIT; `resized`: the loading world differs.
+  absl::StatusOr<StorageManifest> ManifestOfRank(const pb::CommitRecord& commit, int64_t step, int source,
+                                                 bool resized) const;
+  // ReadStorageManifest, and the files' sizes checked against COMMIT.
   absl::StatusOr<StorageManifest> ReadStorageManifestAndSize(int64_t step) const;
+  absl::Status CheckSizes(const StorageManifest& sm) const;
   // Copies tasks out of slot v with their crcs: through the mapping when this
   // process touched the slot, else through the segment's file (no page faults).
   absl::Status CopyOut(const SharedSegment& seg, const SlotView& v, const std::vector<CopyTask>& tasks,
