@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <filesystem>
 #include <map>
 #include <set>
@@ -13,6 +14,7 @@
 #include "common/crc32c.h"
 #include "common/log.h"
 #include "common/status.h"
+#include "snapshot/shard.h"
 #include "snapshot/snapshot.h"
 #include "storage/layout.h"
 
@@ -43,9 +45,20 @@ absl::Status CheckDestinations(const std::map<std::string, MutableTensorRef>& de
       continue;
     }
     std::vector<int64_t> shape(e.shape().begin(), e.shape().end());
-    if (shape != d.shape || e.dtype() != d.dtype || e.length() != d.nbytes)
+    if (shape != d.shape || e.dtype() != d.dtype || e.length() != d.nbytes) {
       mismatched.push_back(absl::StrCat(k, " (saved ", e.dtype(), " [", absl::StrJoin(shape, ","), "], target ",
                                         d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
+      continue;
+    }
+    // A shard loads here only into the same box; another layout reads the
+    // chunks it needs from every rank's files (ReadGlobalInto).
+    const std::vector<int64_t> g(e.global_shape().begin(), e.global_shape().end());
+    const std::vector<int64_t> o(e.global_offset().begin(), e.global_offset().end());
+    if (!d.global_shape.empty() && (g != d.global_shape || o != d.global_offset))
+      mismatched.push_back(absl::StrCat(k, " (saved as the box ", BoxString(BoxOf(e)), " of [", absl::StrJoin(g, ","),
+                                        "], target the box at [", absl::StrJoin(d.global_offset, ","), "] of [",
+                                        absl::StrJoin(d.global_shape, ","),
+                                        "]: load another layout with flashckpt.load_resharded / ReadGlobalInto)"));
   }
   for (const auto& e : m.tensors())
     if (!dest.count(e.key()) && e.storage_key().empty()) unexpected.push_back(e.key());
@@ -237,8 +250,9 @@ absl::StatusOr<Loader::StorageManifest> Loader::ManifestOfRank(const pb::CommitR
           "'s state has ", per_rank.size(), " tensors that are not replicated (",
           absl::StrJoin(per_rank.begin(), per_rank.begin() + std::min<size_t>(per_rank.size(), 5), ", "),
           per_rank.size() > 5 ? ", ..." : "",
-          "), and only replicated state loads into another world size; load it with world size ", saved_world,
-          ", or save state that is the same on every rank as replicated"));
+          "), and only replicated state loads into another world size this way; load it with world size ",
+          saved_world, ", or save state that is the same on every rank as replicated, or load partitioned state "
+          "(shards, a ZeroRedundancyOptimizer's) with flashckpt.load_resharded"));
     FCK_LOG(kInfo, "step ", step, " was saved by a world of ", saved_world, "; rank ", c_.rank, " of ", c_.world_size,
             " loads its replicated state (and rank ", source, "'s other state)");
   }
@@ -399,18 +413,22 @@ struct Loader::Piece {
   const pb::TensorEntry* entry = nullptr;
   uint32_t crc = 0;
   const MutableTensorRef* target = nullptr;
+  // A chunk of which only some bytes go to a box of the destination: chunk
+  // bytes runs[i].src.. go to dst + runs[i].dst.., ascending in src (the
+  // whole chunk is read all the same, for its crc). Empty: all len bytes to
+  // dst in order.
+  std::vector<CopyRun> runs;
+  size_t next_run = 0;  // the first run not yet whole
 };
 
 absl::StatusOr<IoResult> Loader::StreamPieces(const StorageManifest& sm, std::vector<Piece>& pieces,
                                               const std::set<DeviceBackend*>& backends, int64_t step,
                                               bool verify) const {
-  uint64_t end = 0;
   for (const Piece& p : pieces) {
     if (p.off + p.len > sm.manifest.data_bytes() || p.off + p.len < p.off)
       return absl::DataLossError(absl::StrCat(sm.FilesOf(p.off, p.len), ": tensor '", p.entry->key(),
                                               "' lies past the data (offset ", p.off, ", ", p.len, " bytes of ",
                                               sm.manifest.data_bytes(), ")"));
-    end = std::max(end, p.off + p.len);
   }
   std::sort(pieces.begin(), pieces.end(), [](const Piece& a, const Piece& b) { return a.off < b.off; });
   for (size_t i = 1; i < pieces.size(); ++i)
@@ -418,27 +436,47 @@ absl::StatusOr<IoResult> Loader::StreamPieces(const StorageManifest& sm, std::ve
       return absl::DataLossError(absl::StrCat(sm.dir, ": tensors '", pieces[i - 1].entry->key(), "' and '",
                                               pieces[i].entry->key(), "' overlap in the manifest"));
   size_t first = 0;  // the first piece not yet whole
+  // fn(dst, src, n) for each part of piece p within delivered bytes
+  // [off, off + n) at `data`, from its first unfinished run on.
+  auto parts = [](Piece& p, uint64_t off, const uint8_t* data, uint64_t n, const auto& fn) {
+    const uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, off + n);
+    if (a >= b) return;
+    if (p.runs.empty()) return fn(p.dst + (a - p.off), data + (a - off), b - a);
+    const uint64_t ca = a - p.off, cb = b - p.off;  // chunk-relative
+    for (size_t i = p.next_run; i < p.runs.size() && p.runs[i].src < cb; ++i) {
+      const CopyRun& r = p.runs[i];
+      const uint64_t x = std::max(r.src, ca), y = std::min(r.src + r.len, cb);
+      if (x < y) fn(p.dst + r.dst + (x - r.src), data + (p.off + x - off), y - x);
+    }
+  };
   auto sink = [&](uint64_t off, const uint8_t* data, uint64_t n) {
     const uint64_t stop = off + n;
     // Device pieces go host-to-device from the (registered) read buffer,
     // which is reused once this returns: queued first, waited for last.
     DeviceUploads uploads;
     for (size_t i = first; i < pieces.size() && pieces[i].off < stop; ++i) {
-      Piece& p = pieces[i];
-      uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
-      if (a < b && p.target->on_device()) {
-        MutableTensorRef part = *p.target;
-        part.data = p.dst + (a - p.off);
-        uploads.Add(part, data + (a - off), b - a);
-      }
+      if (!pieces[i].target->on_device()) continue;
+      parts(pieces[i], off, data, n, [&](uint8_t* dst, const uint8_t* src, uint64_t k) {
+        MutableTensorRef part = *pieces[i].target;
+        part.data = dst;
+        uploads.Add(part, src, k);
+      });
     }
     FCK_RETURN_IF_ERROR(uploads.Start());
     for (size_t i = first; i < pieces.size() && pieces[i].off < stop; ++i) {
       Piece& p = pieces[i];
-      uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
-      if (a < b)
-        p.crc = p.target->on_device() ? Crc32c(data + (a - off), b - a, p.crc)
-                                      : CopyWithCrc32c(p.dst + (a - p.off), data + (a - off), b - a, p.crc);
+      const uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
+      if (a < b) {
+        if (p.runs.empty() && !p.target->on_device()) {
+          p.crc = CopyWithCrc32c(p.dst + (a - p.off), data + (a - off), b - a, p.crc);
+        } else {
+          p.crc = Crc32c(data + (a - off), b - a, p.crc);
+          if (!p.target->on_device())
+            parts(p, off, data, n, [](uint8_t* dst, const uint8_t* src, uint64_t k) { std::memcpy(dst, src, k); });
+          while (p.next_run < p.runs.size() && p.off + p.runs[p.next_run].src + p.runs[p.next_run].len <= stop)
+            ++p.next_run;
+        }
+      }
       if (i == first && p.off + p.len <= stop) ++first;
     }
     return uploads.Wait();
@@ -456,21 +494,35 @@ absl::StatusOr<IoResult> Loader::StreamPieces(const StorageManifest& sm, std::ve
   hooks.releasing = [&](void* base) {
     for (DeviceBackend* b : registered) b->UnregisterHost(base).IgnoreError();
   };
+  // Only the byte ranges the pieces need are read: a load of another rank's
+  // few tensors, or of a few chunks of a sharded tensor, skips the rest of
+  // its files. Gaps shorter than kReadThrough are read through (one request
+  // beats two nearby ones).
+  constexpr uint64_t kReadThrough = 1u << 20;
+  struct Span {
+    uint64_t lo, hi;
+  };
+  std::vector<Span> spans;
+  for (const Piece& p : pieces) {
+    if (p.len == 0) continue;
+    if (!spans.empty() && p.off <= spans.back().hi + kReadThrough) spans.back().hi = std::max(spans.back().hi, p.off + p.len);
+    else spans.push_back({p.off, p.off + p.len});
+  }
   BulkIo reader(c_.io);
   IoResult io;
-  for (const StorageFile& f : sm.files) {
-    if (f.region_offset >= end) break;
-    const uint64_t base = f.region_offset;
-    const uint64_t n = std::min(f.size, end - base);
-    if (n == 0) continue;
-    FCK_ASSIGN_OR_RETURN(IoResult r, reader.ReadFileStreaming(
-                                         f.path, n,
-                                         [&](uint64_t off, const uint8_t* data, uint64_t k) { return sink(base + off, data, k); },
-                                         hooks));
-    io.bytes += r.bytes;
-    io.used_io_uring = r.used_io_uring;
-    io.used_direct_io = r.used_direct_io;
-  }
+  for (const Span& span : spans)
+    for (const StorageFile& f : sm.files) {
+      const uint64_t lo = std::max(span.lo, f.region_offset), hi = std::min(span.hi, f.region_offset + f.size);
+      if (lo >= hi) continue;
+      const uint64_t base = f.region_offset;
+      FCK_ASSIGN_OR_RETURN(IoResult r, reader.ReadFileStreaming(
+                                           f.path, lo - base, hi - lo,
+                                           [&](uint64_t off, const uint8_t* data, uint64_t k) { return sink(base + off, data, k); },
+                                           hooks));
+      io.bytes += r.bytes;
+      io.used_io_uring = r.used_io_uring;
+      io.used_direct_io = r.used_direct_io;
+    }
   for (const Piece& p : pieces)
     if (verify && p.crc != p.entry->crc32c())
       return absl::DataLossError(absl::StrCat(sm.FilesOf(p.off, p.len), " step ", step, ": tensor '", p.entry->key(),
@@ -490,7 +542,7 @@ absl::StatusOr<int64_t> Loader::IntoFromStorage(int64_t step, const std::map<std
   for (const auto& e : m.tensors()) {
     auto it = dest.find(e.key());
     if (it == dest.end()) continue;
-    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0, &it->second});
+    pieces.push_back({e.offset(), e.length(), static_cast<uint8_t*>(it->second.data), &e, 0, &it->second, {}, 0});
   }
   FCK_ASSIGN_OR_RETURN(IoResult io, StreamPieces(sm, pieces, backends, step, verify));
   if (blobs) {
@@ -555,36 +607,74 @@ absl::Status Loader::IntoFromGlobal(int64_t step, const std::map<std::string, Mu
   FCK_ASSIGN_OR_RETURN(std::vector<StorageManifest> ranks, EveryRankOf(step));
   const GlobalIndex index = IndexOf(ranks);
   FCK_ASSIGN_OR_RETURN(std::set<DeviceBackend*> backends, DeviceUploads::Resolve(dest));
-  // Every key is found, held once (or replicated), and fits, before a byte is written.
+  // Every key is found, held once (or replicated, or as shards that cover
+  // the box asked for), and fits, before a byte is written.
   std::vector<std::vector<Piece>> per_rank(ranks.size());
-  std::vector<std::string> missing, ambiguous, mismatched;
+  std::vector<std::string> missing, ambiguous, mismatched, uncovered;
+  auto dims = [](const auto& v) { return absl::StrCat("[", absl::StrJoin(v, ","), "]"); };
   for (const auto& [key, d] : dest) {
     auto it = index.find(key);
     if (it == index.end()) {
       missing.push_back(key);
       continue;
     }
-    if (it->second.size() > 1) {
-      std::vector<int> holders;
-      for (const auto& h : it->second) holders.push_back(h.first);
-      ambiguous.push_back(absl::StrCat(key, " (held by ranks ", absl::StrJoin(holders, ","), ")"));
+    const auto& holders = it->second;
+    const pb::TensorEntry& e0 = *holders.front().second;
+    const bool sharded = e0.global_shape_size() > 0;
+    if (!sharded && holders.size() > 1) {
+      std::vector<int> ranks_of;
+      for (const auto& h : holders) ranks_of.push_back(h.first);
+      ambiguous.push_back(absl::StrCat(key, " (held by ranks ", absl::StrJoin(ranks_of, ","), ")"));
       continue;
     }
-    const auto [rank, e] = it->second.front();
-    std::vector<int64_t> shape(e->shape().begin(), e->shape().end());
-    if (shape != d.shape || e->dtype() != d.dtype || e->length() != d.nbytes) {
-      mismatched.push_back(absl::StrCat(key, " (saved ", e->dtype(), " [", absl::StrJoin(shape, ","), "], target ",
-                                        d.dtype, " [", absl::StrJoin(d.shape, ","), "])"));
+    // The global tensor: the shards' global shape, or the one saved tensor.
+    const std::vector<int64_t> global = sharded ? std::vector<int64_t>(e0.global_shape().begin(), e0.global_shape().end())
+                                                : std::vector<int64_t>(e0.shape().begin(), e0.shape().end());
+    Box want;
+    want.shape = d.shape;
+    want.offset = d.global_offset.empty() ? std::vector<int64_t>(d.shape.size(), 0) : d.global_offset;
+    const std::vector<int64_t>& want_global = d.global_shape.empty() ? d.shape : d.global_shape;
+    bool inside = want_global == global && want.offset.size() == global.size() && want.shape.size() == global.size();
+    for (size_t k = 0; inside && k < global.size(); ++k)
+      inside = want.offset[k] >= 0 && want.shape[k] >= 0 && want.offset[k] + want.shape[k] <= global[k];
+    if (!inside || e0.dtype() != d.dtype || Volume(want) * e0.element_size() != d.nbytes) {
+      mismatched.push_back(absl::StrCat(key, " (saved ", e0.dtype(), " ", dims(global), sharded ? " in shards" : "",
+                                        ", target ", d.dtype, " ",
+                                        d.global_shape.empty() ? dims(d.shape)
+                                                               : absl::StrCat(BoxString(want), " of ", dims(want_global)),
+                                        ")"));
       continue;
     }
-    per_rank[rank < 0 ? 0 : rank].push_back({e->offset(), e->length(), static_cast<uint8_t*>(d.data), e, 0, &d});
+    // The chunks that meet the box; equal copies of one shard read once.
+    uint64_t covered = 0;
+    std::vector<Box> taken;
+    for (const auto& [rank, e] : holders) {
+      const Box have = BoxOf(*e);
+      std::optional<Box> common = Intersection(have, want);
+      if (!common || std::find(taken.begin(), taken.end(), have) != taken.end()) continue;
+      taken.push_back(have);
+      covered += Volume(*common);
+      Piece p{e->offset(), e->length(), static_cast<uint8_t*>(d.data), e, 0, &d, {}, 0};
+      if (!(have == want)) p.runs = RunsOf(have, want, *common, e->element_size());
+      per_rank[rank < 0 ? 0 : rank].push_back(std::move(p));
+    }
+    if (covered != Volume(want)) {
+      std::vector<std::string> boxes;
+      for (const auto& [rank, e] : holders)
+        if (boxes.size() < 8) boxes.push_back(absl::StrCat("rank ", rank, " ", BoxString(BoxOf(*e))));
+      uncovered.push_back(absl::StrCat(key, " ", BoxString(want), ": ", Volume(want) - covered, " of ", Volume(want),
+                                       " elements in no saved shard (saved: ", absl::StrJoin(boxes, ", "),
+                                       holders.size() > boxes.size() ? ", ..." : "", ")"));
+    }
   }
-  if (!missing.empty() || !ambiguous.empty() || !mismatched.empty())
+  if (!missing.empty() || !ambiguous.empty() || !mismatched.empty() || !uncovered.empty())
     return absl::InvalidArgumentError(absl::StrCat(
         "cannot load step ", step, " of ", c_.root, " (saved by ", ranks.size(), " ranks) into the given buffers: ",
         "missing keys [", absl::StrJoin(missing, ", "), "], keys each rank holds its own of (per-rank state: load it "
         "with the world size it was saved with) [", absl::StrJoin(ambiguous, "; "), "], mismatched [",
-        absl::StrJoin(mismatched, "; "), "]"));
+        absl::StrJoin(mismatched, "; "), "]",
+        uncovered.empty() ? std::string()
+                          : absl::StrCat(", boxes the saved shards do not cover [", absl::StrJoin(uncovered, "; "), "]")));
   uint64_t bytes = 0;
   for (size_t r = 0; r < ranks.size(); ++r) {
     if (per_rank[r].empty()) continue;

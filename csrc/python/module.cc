@@ -89,6 +89,10 @@ py::dict TensorInfoToDict(const TensorInfo& t, const void* base) {
   d["nbytes"] = t.nbytes;
   d["crc32c"] = t.crc32c;
   d["replicated"] = t.replicated;
+  if (!t.global_shape.empty()) {
+    d["global_shape"] = t.global_shape;
+    d["global_offset"] = t.global_offset;
+  }
   if (t.data != nullptr && base != nullptr) {
     d["offset"] = static_cast<int64_t>(static_cast<const char*>(t.data) -
                                        static_cast<const char*>(base));
@@ -272,9 +276,12 @@ PYBIND11_MODULE(_C, m) {
   py::class_<TensorRef>(m, "TensorRecord")
       .def(py::init([](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
                        uint32_t element_size, int device, uintptr_t cuda_stream, std::vector<int64_t> strides,
-                       int64_t storage_offset, std::string storage_key, std::string device_type, bool replicated) {
+                       int64_t storage_offset, std::string storage_key, std::string device_type, bool replicated,
+                       std::vector<int64_t> global_shape, std::vector<int64_t> global_offset) {
              TensorRef r = HostTensorRef(std::move(key), data, nbytes, std::move(dtype), std::move(shape),
                                          element_size, replicated);
+             r.global_shape = std::move(global_shape);
+             r.global_offset = std::move(global_offset);
              r.device = device;
              r.cuda_stream = reinterpret_cast<void*>(cuda_stream);
              r.strides = std::move(strides);
@@ -286,7 +293,8 @@ PYBIND11_MODULE(_C, m) {
            py::kw_only(), py::arg("key"), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"),
            py::arg("element_size"), py::arg("device") = -1, py::arg("cuda_stream") = 0,
            py::arg("strides") = std::vector<int64_t>{}, py::arg("storage_offset") = 0, py::arg("storage_key") = "",
-           py::arg("device_type") = "", py::arg("replicated") = false)
+           py::arg("device_type") = "", py::arg("replicated") = false,
+           py::arg("global_shape") = std::vector<int64_t>{}, py::arg("global_offset") = std::vector<int64_t>{})
       // The common case, positional (a save calls it once per tensor): a
       // contiguous tensor in host memory.
       .def_static(
@@ -310,14 +318,19 @@ PYBIND11_MODULE(_C, m) {
       .def_readonly("storage_offset", &TensorRef::storage_offset)
       .def_readonly("storage_key", &TensorRef::storage_key)
       .def_readonly("device_type", &TensorRef::device_type)
+      .def_readonly("global_shape", &TensorRef::global_shape)
+      .def_readonly("global_offset", &TensorRef::global_offset)
       .def("__repr__", [](const TensorRef& r) {
         return "<TensorRecord " + r.key + " " + r.dtype + " " + std::to_string(r.nbytes) + " bytes>";
       });
   // A load_into() destination: caller-owned host memory of a tensor.
   py::class_<MutableTensorRef>(m, "LoadTarget")
       .def(py::init([](uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
-                       std::string device_type, int device, uintptr_t stream) {
+                       std::string device_type, int device, uintptr_t stream, std::vector<int64_t> global_shape,
+                       std::vector<int64_t> global_offset) {
              MutableTensorRef r;
+             r.global_shape = std::move(global_shape);
+             r.global_offset = std::move(global_offset);
              r.data = reinterpret_cast<void*>(data);
              r.nbytes = nbytes;
              r.dtype = std::move(dtype);
@@ -328,7 +341,10 @@ PYBIND11_MODULE(_C, m) {
              return r;
            }),
            py::kw_only(), py::arg("data"), py::arg("nbytes"), py::arg("dtype"), py::arg("shape"),
-           py::arg("device_type") = "cpu", py::arg("device") = -1, py::arg("stream") = 0)
+           py::arg("device_type") = "cpu", py::arg("device") = -1, py::arg("stream") = 0,
+           py::arg("global_shape") = std::vector<int64_t>{}, py::arg("global_offset") = std::vector<int64_t>{})
+      .def_readonly("global_shape", &MutableTensorRef::global_shape)
+      .def_readonly("global_offset", &MutableTensorRef::global_offset)
       .def_readonly("device_type", &MutableTensorRef::device_type)
       .def_readonly("device", &MutableTensorRef::device)
       .def_property_readonly("data", [](const MutableTensorRef& r) { return reinterpret_cast<uintptr_t>(r.data); })

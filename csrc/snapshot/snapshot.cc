@@ -5,6 +5,7 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status.h"
 #include "shm/segment.h"
 
@@ -33,6 +34,29 @@ ReplicaSlice ReplicaSliceOf(uint64_t replicated_bytes, int world_size, int rank)
   return s;
 }
 
+absl::Status CheckShard(const TensorRef& t) {
+  auto dims = [](const std::vector<int64_t>& v) { return absl::StrCat("[", absl::StrJoin(v, ","), "]"); };
+  const std::string what = absl::StrCat("tensor '", t.key, "' (a shard of global shape ", dims(t.global_shape),
+                                        " at offsets ", dims(t.global_offset), ", local shape ", dims(t.shape), "): ");
+  if (t.global_shape.size() != t.shape.size() || t.global_offset.size() != t.shape.size())
+    return absl::InvalidArgumentError(absl::StrCat(what, "the global shape and the offsets need one entry per "
+                                                   "dimension of the local tensor"));
+  for (size_t d = 0; d < t.shape.size(); ++d)
+    if (t.global_offset[d] < 0 || t.shape[d] < 0 || t.global_offset[d] + t.shape[d] > t.global_shape[d])
+      return absl::InvalidArgumentError(absl::StrCat(what, "dimension ", d, " runs past the global shape (",
+                                                     t.global_offset[d], " + ", t.shape[d], " > ",
+                                                     t.global_shape[d], ")"));
+  if (t.replicated || !t.storage_key.empty() || !t.strides.empty())
+    return absl::InvalidArgumentError(absl::StrCat(what, "a shard is saved contiguous, on its own: not replicated, "
+                                                   "not a view, no strides"));
+  uint64_t elems = 1;
+  for (int64_t d : t.shape) elems *= static_cast<uint64_t>(d);
+  if (elems * t.element_size != t.nbytes)
+    return absl::InvalidArgumentError(absl::StrCat(what, t.nbytes, " bytes for ", elems, " elements of ",
+                                                   t.element_size, " bytes"));
+  return absl::OkStatus();
+}
+
 absl::StatusOr<SavePlan> PlanSave(const std::vector<TensorRef>& tensors,
                                   const std::vector<BlobRef>& blobs, uint32_t alignment) {
   SavePlan plan;
@@ -48,6 +72,7 @@ absl::StatusOr<SavePlan> PlanSave(const std::vector<TensorRef>& tensors,
     if (!t.storage_key.empty()) continue;
     if (t.nbytes > 0 && t.data == nullptr)
       return absl::InvalidArgumentError(absl::StrCat("tensor '", t.key, "' has ", t.nbytes, " bytes but no data pointer"));
+    if (!t.global_shape.empty() || !t.global_offset.empty()) FCK_RETURN_IF_ERROR(CheckShard(t));
     if (!t.replicated) continue;
     any_replicated = true;
     plan.offsets[i] = off;
@@ -76,7 +101,8 @@ absl::StatusOr<SavePlan> PlanSave(const std::vector<TensorRef>& tensors,
     bound += b.key.size() + b.data.size() + 32;
   }
   for (const auto& t : tensors)
-    bound += t.key.size() + t.dtype.size() + t.storage_key.size() + 11 * (t.shape.size() + t.strides.size()) + 96;
+    bound += t.key.size() + t.dtype.size() + t.storage_key.size() +
+             11 * (t.shape.size() + t.strides.size() + t.global_shape.size() + t.global_offset.size()) + 96;
   plan.data_bytes = off;
   plan.manifest_bound = AlignUp(bound, alignment);
   return plan;
@@ -114,6 +140,8 @@ pb::Manifest BuildManifest(int64_t step, int rank, int world_size, uint32_t alig
       e->set_length(t.nbytes);
       e->set_crc32c(crcs[i]);
       e->set_replicated(t.replicated);
+      for (int64_t d : t.global_shape) e->add_global_shape(d);
+      for (int64_t d : t.global_offset) e->add_global_offset(d);
     } else {
       e->set_storage_key(t.storage_key);
     }
@@ -139,6 +167,8 @@ TensorInfo TensorInfoOf(const pb::TensorEntry& e) {
   t.nbytes = e.length();
   t.crc32c = e.crc32c();
   t.replicated = e.replicated();
+  t.global_shape.assign(e.global_shape().begin(), e.global_shape().end());
+  t.global_offset.assign(e.global_offset().begin(), e.global_offset().end());
   return t;
 }
 

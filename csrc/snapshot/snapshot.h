@@ -48,6 +48,11 @@ struct ReplicaSlice {
 };
 ReplicaSlice ReplicaSliceOf(uint64_t replicated_bytes, int world_size, int rank);
 
+// A shard's declaration (TensorRef::global_shape/global_offset) is
+// consistent: one entry per dimension, the box inside the global shape, the
+// bytes contiguous and on their own. InvalidArgument naming the key if not.
+absl::Status CheckShard(const TensorRef& t);
+
 // Validates keys (non-empty, unique, views pointing at saved keys) and
 // places tensors at `alignment`-aligned offsets: the replicated ones first
 // (in their order, so that equal states get equal layouts on every rank),

@@ -16,6 +16,7 @@
 #include "common/crash_point.h"
 #include "common/status.h"
 #include "storage/file_ops.h"
+#include "snapshot/shard.h"
 #include "snapshot/snapshot.h"
 #include "storage/layout.h"
 #include "storage/uring_io.h"
@@ -171,17 +172,19 @@ std::string Missing(const std::vector<const pb::TensorEntry*>& a, const std::vec
 }
 }  // namespace
 
-absl::Status CheckReplicatedAcrossRanks(const std::string& root, int64_t step, const pb::Manifest& mine,
-                                        const std::vector<std::string>& rank_records) {
+absl::Status CheckAcrossRanks(const std::string& root, int64_t step, const pb::Manifest& mine,
+                              const std::vector<std::string>& rank_records) {
   const int world = static_cast<int>(rank_records.size());
   const std::string dir = StepDir(root, step);
   std::vector<uint64_t> replica_size(rank_records.size(), 0);
   std::vector<bool> has_replica(rank_records.size(), false);
   bool any = mine.replicated_bytes() > 0;
+  bool sharded = false;
   for (int r = 0; r < world; ++r) {
     pb::RankRecord rec;
     FCK_RETURN_IF_ERROR(ParseRecord(rank_records[r], RecordKind::kRankRecord,
                                     absl::StrCat(dir, "/", RankDurableName(r)), &rec));
+    sharded = sharded || rec.sharded();
     for (const auto& f : rec.files())
       if (f.name() == RankReplicaName(r)) {
         has_replica[r] = true;
@@ -189,6 +192,15 @@ absl::Status CheckReplicatedAcrossRanks(const std::string& root, int64_t step, c
         any = true;
       }
   }
+  if (!any && !sharded) return absl::OkStatus();
+  // The other ranks' manifests, read once for both checks.
+  std::vector<pb::Manifest> others(world > 0 ? world - 1 : 0);
+  std::vector<const pb::Manifest*> manifests{&mine};
+  for (int r = 1; r < world; ++r) {
+    FCK_ASSIGN_OR_RETURN(others[r - 1], ReadManifest(root, step, r));
+    manifests.push_back(&others[r - 1]);
+  }
+  if (sharded) FCK_RETURN_IF_ERROR(Annotate(CheckShardsAgree(manifests, step), root));
   if (!any) return absl::OkStatus();
   const std::string what = absl::StrCat("commit of step ", step, " in ", root, " refused: ");
   const std::string fix =
@@ -196,12 +208,7 @@ absl::Status CheckReplicatedAcrossRanks(const std::string& root, int64_t step, c
       "not state sharded over the ranks, such as ZeroRedundancyOptimizer's)";
   const auto e0 = ReplicatedEntries(mine);
   for (int r = 0; r < world; ++r) {
-    pb::Manifest other;
-    const pb::Manifest* m = &mine;
-    if (r != 0) {
-      FCK_ASSIGN_OR_RETURN(other, ReadManifest(root, step, r));
-      m = &other;
-    }
+    const pb::Manifest* m = manifests[r];
     const ReplicaSlice want = ReplicaSliceOf(m->replicated_bytes(), world, r);
     if (m->replicated_bytes() != mine.replicated_bytes() || m->replica_offset() != want.offset ||
         m->replica_length() != want.length || replica_size[r] != want.length || has_replica[r] != (m->replicated_bytes() > 0)) {

@@ -52,9 +52,11 @@ absl::Status WriteCommit(const std::string& root, int64_t step, int world_size,
 // the replicated region. A difference fails the commit naming the key and the
 // ranks; the step's files go and the committed steps stay. `mine` is rank 0's
 // manifest; the others' are read from the step directory, only when some rank
-// has replicated state (the rank records list a .replica file).
-absl::Status CheckReplicatedAcrossRanks(const std::string& root, int64_t step, const pb::Manifest& mine,
-                                        const std::vector<std::string>& rank_records);
+// has replicated state (the rank records list a .replica file) or shards
+// (RankRecord.sharded), each read once. Shards: CheckShardsAgree (one global
+// shape and dtype per key, no overlapping boxes).
+absl::Status CheckAcrossRanks(const std::string& root, int64_t step, const pb::Manifest& mine,
+                              const std::vector<std::string>& rank_records);
 
 // Best effort: records in the step directory that `rank` will not persist
 // `step` (rank-<r>.failed: it failed, or the step was superseded in its queue

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -145,6 +146,8 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   rec.set_step(job.step);
   rec.set_rank(opt.rank);
   rec.set_world_size(opt.world_size);
+  rec.set_sharded(std::any_of(parsed.tensors().begin(), parsed.tensors().end(),
+                              [](const pb::TensorEntry& e) { return e.global_shape_size() > 0; }));
   auto* f1 = rec.add_files();
   f1->set_name(RankDataName(opt.rank));
   f1->set_size(v.data_bytes - replicated);
@@ -167,7 +170,7 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
   if (opt.rank == 0) {
     absl::StatusOr<std::vector<std::string>> records = barrier_->WaitAll(job.step, opt.world_size, opt.commit_timeout);
     if (!records.ok()) return cleanup(records.status());
-    s = CheckReplicatedAcrossRanks(root, job.step, parsed, *records);
+    s = CheckAcrossRanks(root, job.step, parsed, *records);
     if (!s.ok()) return cleanup(s);
     s = WriteCommit(root, job.step, opt.world_size, *records);
     if (!s.ok()) return cleanup(s);

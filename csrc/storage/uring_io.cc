@@ -358,11 +358,21 @@ absl::StatusOr<IoResult> BulkIo::ReadFile(const std::string& path, void* buf, ui
 
 absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink,
                                                    const BufferHooks& hooks) {
+  return ReadFileStreaming(path, 0, len, sink, hooks);
+}
+
+absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint64_t begin, uint64_t count,
+                                                   const ChunkSink& sink, const BufferHooks& hooks) {
   auto t0 = std::chrono::steady_clock::now();
   IoResult result;
   Fd f;
-  FCK_ASSIGN_OR_RETURN(f.fd, OpenForReading(path, len, options_.use_direct_io, &result.used_direct_io));
+  FCK_ASSIGN_OR_RETURN(f.fd, OpenForReading(path, begin + count, options_.use_direct_io, &result.used_direct_io));
   const bool direct = result.used_direct_io;
+  // Direct I/O reads from a 4 KiB boundary: the bytes before `begin` are
+  // read (and handed to the sink) too. Below, chunk k is at file offset
+  // start + k * chunk, and len counts from start.
+  const uint64_t start = direct ? begin / kDirectAlign * kDirectAlign : begin;
+  const uint64_t len = begin + count - start;
   const uint64_t chunk = options_.chunk_bytes;
   const uint64_t chunks = (len + chunk - 1) / chunk;
   const int depth = static_cast<int>(std::min<uint64_t>(static_cast<uint64_t>(options_.queue_depth), std::max<uint64_t>(chunks, 1)));
@@ -392,16 +402,17 @@ absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint
     uint64_t n = std::min(chunk, len - k * chunk);
     return direct ? AlignUp(n, kDirectAlign) : n;
   };
-  auto deliver = [&](uint64_t k) { return sink(k * chunk, buffer(k), std::min(chunk, len - k * chunk)); };
+  auto deliver = [&](uint64_t k) { return sink(start + k * chunk, buffer(k), std::min(chunk, len - k * chunk)); };
   const bool uring = ring_ && ring_->ok;
   if (!uring) {
     for (uint64_t k = 0; k < chunks; ++k) {
       for (uint64_t got = 0, want = span(k); got < want;) {
-        ssize_t r = ::pread(f.fd, buffer(k) + got, want - got, static_cast<off_t>(k * chunk + got));
+        ssize_t r = ::pread(f.fd, buffer(k) + got, want - got, static_cast<off_t>(start + k * chunk + got));
         if (r < 0 && (errno == EINTR || errno == EAGAIN)) continue;
-        if (r < 0) return ErrnoStatus("read", path, errno, static_cast<int64_t>(k * chunk + got));
+        if (r < 0) return ErrnoStatus("read", path, errno, static_cast<int64_t>(start + k * chunk + got));
         if (r == 0) {
-          if (k * chunk + got < len) return absl::DataLossError(absl::StrCat(path, " ended at byte ", k * chunk + got, " while reading"));
+          if (k * chunk + got < len)
+            return absl::DataLossError(absl::StrCat(path, " ended at byte ", start + k * chunk + got, " while reading"));
           break;
         }
         got += static_cast<uint64_t>(r);
@@ -424,15 +435,15 @@ absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint
       if (sqe == nullptr) return absl::InternalError("io_uring submission queue full");
       auto n = static_cast<unsigned>(span(k) - got[k]);
       uint8_t* dst = buffer(k) + got[k];
-      if (fixed) io_uring_prep_read_fixed(sqe, f.fd, dst, n, k * chunk + got[k], 0);
-      else io_uring_prep_read(sqe, f.fd, dst, n, k * chunk + got[k]);
+      if (fixed) io_uring_prep_read_fixed(sqe, f.fd, dst, n, start + k * chunk + got[k], 0);
+      else io_uring_prep_read(sqe, f.fd, dst, n, start + k * chunk + got[k]);
       io_uring_sqe_set_data64(sqe, k);
       ++inflight;
       return absl::OkStatus();
     };
     while (delivered < chunks && failure.ok()) {
       while (submitted < chunks && submitted < delivered + static_cast<uint64_t>(depth) && failure.ok()) {
-        if (IoFaultHook hook = g_fault_hook.load()) failure = hook(path, submitted * chunk);
+        if (IoFaultHook hook = g_fault_hook.load()) failure = hook(path, start + submitted * chunk);
         if (!failure.ok()) break;
         CrashPoint("load: read chunk");
         failure = prep(submitted++);
@@ -450,13 +461,13 @@ absl::StatusOr<IoResult> BulkIo::ReadFileStreaming(const std::string& path, uint
           return;
         }
         if (res < 0) {
-          if (failure.ok()) failure = ErrnoStatus("read", path, -res, static_cast<int64_t>(k * chunk + got[k]));
+          if (failure.ok()) failure = ErrnoStatus("read", path, -res, static_cast<int64_t>(start + k * chunk + got[k]));
           return;
         }
         got[k] += static_cast<uint64_t>(res);
         if (res == 0 || got[k] >= span(k)) {
           if (k * chunk + got[k] < std::min(len, (k + 1) * chunk) && failure.ok())
-            failure = absl::DataLossError(absl::StrCat(path, " ended at byte ", k * chunk + got[k], " while reading"));
+            failure = absl::DataLossError(absl::StrCat(path, " ended at byte ", start + k * chunk + got[k], " while reading"));
           done[k] = true;
         } else if (failure.ok()) {
           failure = prep(k);  // short read: the rest

@@ -66,6 +66,11 @@ class BulkIo {
   };
   absl::StatusOr<IoResult> ReadFileStreaming(const std::string& path, uint64_t len, const ChunkSink& sink,
                                              const BufferHooks& hooks = {});
+  // The same for bytes [begin, begin + len) of path; sink offsets are file
+  // offsets. With direct I/O the read starts at the 4 KiB boundary at or
+  // below `begin`, and the sink gets those bytes before `begin` too.
+  absl::StatusOr<IoResult> ReadFileStreaming(const std::string& path, uint64_t begin, uint64_t len,
+                                             const ChunkSink& sink, const BufferHooks& hooks = {});
 
  private:
   class Ring;

@@ -40,6 +40,17 @@ struct TensorRef {
   // snapshot still holds all of them. Same keys, shapes and dtypes on every
   // rank, or the step's commit fails naming the key and ranks.
   bool replicated = false;
+  // A shard of a larger tensor (tensor parallelism, a partitioned
+  // optimizer): the bytes are the box [global_offset, global_offset + shape)
+  // of a tensor of `global_shape`, row-major and contiguous (no strides, not
+  // a view, not replicated). Ranks save their shards under the same key; at
+  // commit, rank 0 checks that they agree on the global shape and dtype and
+  // that no two boxes overlap (identical boxes with identical bytes are
+  // copies, e.g. data-parallel replicas of one shard). A load into any world
+  // size then fills any box of it from the chunks that cover it. Empty: not
+  // a shard.
+  std::vector<int64_t> global_shape;
+  std::vector<int64_t> global_offset;
 };
 
 // Opaque non-tensor state.
@@ -60,6 +71,11 @@ struct MutableTensorRef {
   std::string device_type;
   int device = -1;
   void* stream = nullptr;
+  // ReadGlobalInto: fill this box [global_offset, global_offset + shape) of a
+  // tensor saved as shards of `global_shape` (empty: the whole saved tensor,
+  // of `shape`). The buffer is row-major and contiguous.
+  std::vector<int64_t> global_shape;
+  std::vector<int64_t> global_offset;
   bool on_device() const { return !device_type.empty() && device_type != "cpu"; }
 };
 
@@ -77,6 +93,8 @@ struct TensorInfo {
   uint32_t crc32c = 0;
   bool replicated = false;         // saved as the same bytes on every rank (TensorRef::replicated)
   int held_by = -1;                // DescribeGlobalStep: the rank whose files hold it (-1: replicated)
+  std::vector<int64_t> global_shape;   // a shard (TensorRef::global_shape); empty: not a shard
+  std::vector<int64_t> global_offset;
   const void* data = nullptr;      // points into LoadedSnapshot's buffer
 };
 

@@ -39,6 +39,7 @@ _LAZY = {
     "device_types": ("devices", "device_types"),
     "zero_state_dict": ("resharding", "zero_state_dict"),
     "load_resharded": ("resharding", "load_resharded"),
+    "Shard": ("_state", "Shard"),
 }
 
 
@@ -60,7 +61,7 @@ def __dir__():
 __all__ = [
     "Checkpointer", "SaveHandle", "LoadResult", "install_fence", "rng_state", "set_rng_state",
     "load_device_plugin", "device_types", "zero_state_dict", "load_resharded",
-    "heartbeat", "FlashCkptError", "InvalidArgumentError", "NotFoundError", "CorruptionError",
+    "Shard", "heartbeat", "FlashCkptError", "InvalidArgumentError", "NotFoundError", "CorruptionError",
     "ResourceExhaustedError", "PermissionDeniedError", "FailedPreconditionError",
     "DeadlineExceededError", "UnavailableError", "StateDictMismatchError",
 ]

@@ -54,6 +54,57 @@ class _TensorLeaf:
         return f"_TensorLeaf({self.key!r})"
 
 
+class Shard:
+    """This rank's box of a larger tensor: ``tensor`` holds the elements
+    ``[offsets[d], offsets[d] + tensor.shape[d])`` of every dimension d of a
+    tensor of ``global_shape`` (tensor parallelism, hand-partitioned state).
+
+    Put it in a saved state where the tensor would go, under the same key on
+    every rank that holds a part of it::
+
+        rows = out_features // world
+        state = {"fc1.weight": flashckpt.Shard(local_w, (out_features, in_features), (rank * rows, 0))}
+        ckpt.save(step, state)
+
+    The commit checks the shards of each key against each other (one global
+    shape and dtype, no two boxes overlapping; equal boxes with equal bytes are
+    copies, such as the data-parallel replicas of one tensor-parallel shard).
+    ``ckpt.load()`` in the same layout gives the Shards back; in any other
+    layout or world size, ``flashckpt.load_resharded(directory, step,
+    state=...)`` fills each Shard given from the saved chunks that cover its
+    box. ``flashckpt export`` writes the whole tensors."""
+
+    __slots__ = ("tensor", "global_shape", "offsets", "_key")
+
+    def __init__(self, tensor, global_shape, offsets):
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else None
+        global_shape = tuple(int(d) for d in global_shape)
+        offsets = tuple(int(o) for o in offsets)
+        if shape is not None:
+            if len(global_shape) != len(shape) or len(offsets) != len(shape):
+                raise ValueError(f"Shard: a tensor of shape {list(shape)} needs a global shape and offsets of "
+                                 f"{len(shape)} dimensions, got {list(global_shape)} and {list(offsets)}")
+            for d, (o, n, g) in enumerate(zip(offsets, shape, global_shape)):
+                if o < 0 or o + n > g:
+                    raise ValueError(f"Shard: dimension {d} of the box ({o} + {n}) runs past the global "
+                                     f"shape {list(global_shape)}")
+        self.tensor = tensor
+        self.global_shape = global_shape
+        self.offsets = offsets
+        self._key = None
+
+    def __getstate__(self):
+        return (self.tensor, self.global_shape, self.offsets)
+
+    def __setstate__(self, s):
+        self.tensor, self.global_shape, self.offsets = s
+        self._key = None
+
+    def __repr__(self):
+        box = ", ".join(f"{o}:{o + n}" for o, n in zip(self.offsets, getattr(self.tensor, "shape", ())))
+        return f"Shard([{box}] of {list(self.global_shape)})"
+
+
 def _path_repr(path: Tuple[Any, ...]) -> str:
     return "state" + "".join(f"[{p!r}]" for p in path)
 
@@ -170,6 +221,7 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
     ``replicated``: True (every tensor), or a collection of top-level keys of
     ``state`` whose tensors are the same on every rank; None: none."""
     leaves: List[Tuple[str, torch.Tensor]] = []
+    shards: List[Tuple[str, torch.Tensor, tuple, tuple]] = []  # key, tensor, global shape, offsets
     replicated_keys = set()  # tensor keys saved as replicated
     by_id: Dict[int, _TensorLeaf] = {}
     used_keys = set()
@@ -189,6 +241,18 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
     open_containers: Dict[int, tuple] = {}
 
     def walk(obj, path):
+        if isinstance(obj, Shard):
+            t = obj.tensor
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"cannot save {_path_repr(path)}: a Shard of a {type(t).__name__}, not a tensor")
+            _check_tensor(t, path)
+            key = unique(_key_of(path))
+            if replicated is True or (replicated and path and path[0] in replicated):
+                raise ValueError(f"cannot save {_path_repr(path)}: a Shard is partitioned state, it cannot be "
+                                 "replicated (leave its top-level key out of Checkpointer(replicated=...))")
+            shards.append((key, t, obj.global_shape, obj.offsets))
+            return Shard(_TensorLeaf(key, isinstance(t, torch.nn.Parameter), bool(t.requires_grad)),
+                         obj.global_shape, obj.offsets)
         if isinstance(obj, (dict, list, tuple)):
             first = open_containers.get(id(obj))
             if first is not None:
@@ -257,7 +321,8 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
     dtype_names: Dict[torch.dtype, str] = {}
     device_names: Dict[torch.device, Tuple[str, str, int]] = {}  # name, type, index
 
-    def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key="", is_replicated=None):
+    def add_record(key, t, ptr, nbytes, shape, strides, storage_offset, storage_key="", is_replicated=None,
+                   global_shape=(), global_offset=()):
         dt, d = t.dtype, t.device
         dtype = dtype_names.get(dt) or dtype_names.setdefault(dt, str(dt))
         dev = device_names.get(d) or device_names.setdefault(d, (str(d), d.type, _device_index(t)))
@@ -265,7 +330,8 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
             key=key, data=ptr, nbytes=nbytes, dtype=dtype, shape=list(shape),
             element_size=t.element_size(), device=dev[2], cuda_stream=stream_of(t) if dev[1] == "cuda" else 0,
             strides=list(strides), storage_offset=storage_offset, storage_key=storage_key, device_type=dev[1],
-            replicated=(key in replicated_keys) if is_replicated is None else is_replicated))
+            replicated=(key in replicated_keys) if is_replicated is None else is_replicated,
+            global_shape=list(global_shape), global_offset=list(global_offset)))
         devices[key] = dev[0]
         if not storage_key:
             flat.nbytes += nbytes
@@ -302,6 +368,15 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
 
     for key, t in singles:
         add_single(key, t)
+    # A shard is saved contiguous and on its own (a slice of a larger local
+    # tensor is not folded into that tensor's storage entry).
+    for key, t, global_shape, offsets in shards:
+        t = t.detach()
+        if not t.is_contiguous():
+            t = t.contiguous()
+            flat.keepalive.append(t)
+        add_record(key, t, t.data_ptr() if t.numel() else 0, t.numel() * t.element_size(), t.shape, [], 0,
+                   is_replicated=False, global_shape=global_shape, global_offset=offsets)
     for members in groups.values():
         if len(members) == 1:  # the common case: a tensor alone on its storage
             add_single(*members[0])
@@ -465,22 +540,34 @@ def restore_structure(meta: dict, tensors: Dict[str, torch.Tensor]) -> Any:
             t.requires_grad_(True)
         return t
 
-    def restore(obj):
+    def leaf(obj):
         if isinstance(obj, _TensorLeaf):
             return tensor_for(obj)
-        if isinstance(obj, dict):
-            for k in list(obj.keys()):
-                obj[k] = restore(obj[k])
-            return obj
-        if isinstance(obj, list):
-            for i, v in enumerate(obj):
-                obj[i] = restore(v)
-            return obj
-        if isinstance(obj, tuple):
-            items = [restore(v) for v in obj]
-            if hasattr(obj, "_fields"):
-                return type(obj)(*items)
-            return tuple(items) if type(obj) is tuple else type(obj)(items)
+        if isinstance(obj, Shard):
+            placeholder = obj.tensor
+            obj.tensor = tensor_for(placeholder)
+            obj._key = placeholder.key
         return obj
 
-    return restore(meta["state"])
+    return map_state(meta["state"], leaf)
+
+
+def map_state(obj, fn):
+    """``obj`` with ``fn`` applied to every value that is not a dict, list or
+    tuple (a Shard is a value); dicts and lists are changed in place, tuples
+    (namedtuples too) rebuilt."""
+    if isinstance(obj, dict):
+        for k in list(obj.keys()):
+            obj[k] = map_state(obj[k], fn)
+        return obj
+    if isinstance(obj, list):
+        for i, v in enumerate(obj):
+            obj[i] = map_state(v, fn)
+        return obj
+    if isinstance(obj, tuple):
+        items = [map_state(v, fn) for v in obj]
+        if hasattr(obj, "_fields"):
+            return type(obj)(*items)
+        return tuple(items) if type(obj) is tuple else type(obj)(items)
+    return fn(obj)
+

@@ -115,6 +115,9 @@ def cmd_ls_step(d: str, step: int, rank: int) -> int:
         shape = "[" + ",".join(map(str, t["shape"])) + "]"
         stored = f"view of {t['storage_key']}" if t["storage_key"] else (
             "once (replicated)" if t["replicated"] else f"rank {rank}")
+        if t.get("global_shape"):
+            box = ", ".join(f"{o}:{o + n}" for o, n in zip(t["global_offset"], t["shape"]))
+            stored = f"rank {rank}: shard [{box}] of [{','.join(map(str, t['global_shape']))}]"
         print(f"{t['key']:<40}  {t['dtype']:<16}  {shape:<18}  {_human(t['nbytes']):>10}  {stored}")
     return 0
 
@@ -224,6 +227,31 @@ def cmd_verify(args) -> int:
     return 0
 
 
+def _consolidated(d: str, step: int, state):
+    """``state`` with every ``flashckpt.Shard`` replaced by its whole global
+    tensor, assembled from the saved shards of all ranks (each chunk crc-checked)."""
+    import torch
+
+    from . import _native, _state
+
+    shards = {}
+
+    def find(obj):
+        if isinstance(obj, _state.Shard):
+            shards[obj._key] = obj
+        return obj
+
+    _state.map_state(state, find)
+    if not shards:
+        return state
+    native = _native.load()
+    whole = {k: torch.empty(sh.global_shape, dtype=sh.tensor.dtype) for k, sh in shards.items()}
+    native.read_global_into(d, step, {k: native.LoadTarget(data=t.data_ptr(), nbytes=t.numel() * t.element_size(),
+                                                           dtype=str(t.dtype), shape=list(t.shape))
+                                      for k, t in whole.items()})
+    return _state.map_state(state, lambda obj: whole[obj._key] if isinstance(obj, _state.Shard) else obj)
+
+
 def cmd_export(args) -> int:
     import torch
 
@@ -248,7 +276,7 @@ def cmd_export(args) -> int:
         listing[args.step]["ranks"] else max(args.rank + 1, 1)
     try:
         snap = _read(d, args.step, args.rank, world)
-        state = _state.unflatten(snap, map_location="cpu")
+        state = _consolidated(d, args.step, _state.unflatten(snap, map_location="cpu"))
         tmp = f"{args.out}.tmp-{os.getpid()}"
         try:
             torch.save(state, tmp)
@@ -288,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.set_defaults(func=cmd_verify)
     e = sub.add_parser("export", help="write a step as a torch.load-able file",
                        description="Write one rank's state of STEP as a file that torch.load "
-                                   "reads without flashckpt (tensors on CPU).")
+                                   "reads without flashckpt (tensors on CPU); each sharded tensor "
+                                   "(flashckpt.Shard) is written whole, assembled from every "
+                                   "rank's shards.")
     e.add_argument("directory", metavar="DIR")
     e.add_argument("step", metavar="STEP", type=int)
     e.add_argument("out", metavar="OUT.pt")

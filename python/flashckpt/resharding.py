@@ -45,10 +45,37 @@ def zero_state_dict(zero) -> Dict[str, Any]:
     return {"state": dict(sorted(state.items())), "param_groups": groups, "zero_shard": True}
 
 
-def _target(t: torch.Tensor):
+def _target(t: torch.Tensor, shard: Optional["_state.Shard"] = None):
     return _native.load().LoadTarget(data=t.data_ptr(), nbytes=t.numel() * t.element_size(), dtype=str(t.dtype),
                                      shape=list(t.shape), device_type=t.device.type,
-                                     device=_state._device_index(t), stream=0)
+                                     device=_state._device_index(t), stream=0,
+                                     global_shape=list(shard.global_shape) if shard is not None else [],
+                                     global_offset=list(shard.offsets) if shard is not None else [])
+
+
+def _state_targets(state):
+    """The tensors and Shards of ``state`` by the keys a save of it gives them:
+    key -> (tensor to fill in place, the buffer read into, the Shard or None)."""
+    out: Dict[str, tuple] = {}
+
+    def walk(obj, path):
+        if isinstance(obj, _state.Shard) or isinstance(obj, torch.Tensor):
+            t = obj.tensor if isinstance(obj, _state.Shard) else obj
+            if not isinstance(t, torch.Tensor):
+                raise InvalidArgumentError(f"load_resharded: {_state._path_repr(path)} is a Shard of a "
+                                           f"{type(t).__name__}, not a tensor")
+            t = t.detach()
+            buf = t if t.is_contiguous() and t.device.type == "cpu" else torch.empty(t.shape, dtype=t.dtype)
+            out[_state._key_of(path)] = (t, buf, obj if isinstance(obj, _state.Shard) else None)
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(v, path + (k,))
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(v, path + (i,))
+
+    walk(state, ())
+    return out
 
 
 def _fits(t: torch.Tensor, e: dict) -> bool:
@@ -57,15 +84,38 @@ def _fits(t: torch.Tensor, e: dict) -> bool:
 
 
 def load_resharded(directory, step: int, *, model: Optional[torch.nn.Module] = None, optimizer=None,
-                   model_key: str = "model", optimizer_key: str = "optimizer") -> Dict[str, Any]:
-    """Loads committed ``step`` of ``directory`` into ``model`` and ``optimizer``,
-    whatever world size saved it: the model's tensors (replicated, or held by one
-    rank each) in place into its state_dict() tensors; a ZeroRedundancyOptimizer
-    gets the state of the parameters it owns in this world, gathered from the ranks
-    that held them; any other optimizer its (replicated) state. Returns what was
-    loaded, by key, for the caller's other state. Reads only committed storage."""
+                   state: Any = None, model_key: str = "model",
+                   optimizer_key: str = "optimizer") -> Dict[str, Any]:
+    """Loads committed ``step`` of ``directory`` into ``model``, ``optimizer`` and
+    ``state``, whatever world size and layout saved it:
+
+    * the model's tensors (replicated, or held by one rank each) in place into its
+      state_dict() tensors;
+    * a ZeroRedundancyOptimizer gets the state of the parameters it owns in this
+      world, gathered from the ranks that held them; any other optimizer its
+      (replicated) state;
+    * ``state``: a structure like the saved one (dicts, lists, tuples) whose tensors
+      and ``flashckpt.Shard``s are filled in place, each under the key a save of
+      this structure gives it: a tensor with the saved tensor of its key (or, if
+      that was saved in shards, the whole tensor assembled from them), a Shard with
+      its box of the global tensor, read from the saved chunks that cover it (every
+      chunk read is checked by its crc32c; a box no saved shard covers, or another
+      global shape, is an error before anything is written).
+
+    Returns what was loaded, by key. Reads only committed storage."""
     native = _native.load()
     directory = str(directory)
+    targets = _state_targets(state) if state is not None else {}
+    if state is not None and model is None and optimizer is None:
+        native.read_global_into(directory, step, {k: _target(buf, shard) for k, (t, buf, shard) in targets.items()})
+        out = {}
+        with torch.no_grad():
+            for k, (t, buf, shard) in targets.items():
+                if buf is not t:
+                    t.copy_(buf)
+                out[k] = t
+        return out
+
     desc = native.describe_global_step(directory, step)
     entries = {e["key"]: e for e in desc["tensors"]}
     metas = [pickle.loads(b[_state.STRUCTURE_BLOB]) for b in desc["rank_blobs"] if _state.STRUCTURE_BLOB in b]
@@ -128,7 +178,17 @@ def load_resharded(directory, step: int, *, model: Optional[torch.nn.Module] = N
                     v = claim(v, torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"])))
                 state[idx][name] = v
         opt_state = {"state": state, "param_groups": parts[0]["param_groups"]}
-    native.read_global_into(directory, step, {k: _target(t) for k, t in dest.items()})
+    both = sorted(set(targets) & set(dest))
+    if both:
+        raise InvalidArgumentError(f"load_resharded: keys {both[:5]} are both in state= and in the model or "
+                                   "optimizer; give each key once")
+    native.read_global_into(directory, step, {**{k: _target(t) for k, t in dest.items()},
+                                              **{k: _target(buf, sh) for k, (t, buf, sh) in targets.items()}})
+    with torch.no_grad():
+        for k, (t, buf, sh) in targets.items():
+            if buf is not t:
+                t.copy_(buf)
+            dest[k] = t
     if model is not None and replaced:
         with torch.no_grad():
             own = model.state_dict()
