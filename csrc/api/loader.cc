@@ -467,12 +467,26 @@ absl::StatusOr<IoResult> Loader::StreamPieces(const StorageManifest& sm, std::ve
       Piece& p = pieces[i];
       const uint64_t a = std::max(p.off, off), b = std::min(p.off + p.len, stop);
       if (a < b) {
-        if (p.runs.empty() && !p.target->on_device()) {
+        if (p.target->on_device()) {
+          p.crc = Crc32c(data + (a - off), b - a, p.crc);
+        } else if (p.runs.empty()) {
           p.crc = CopyWithCrc32c(p.dst + (a - p.off), data + (a - off), b - a, p.crc);
         } else {
-          p.crc = Crc32c(data + (a - off), b - a, p.crc);
-          if (!p.target->on_device())
-            parts(p, off, data, n, [](uint8_t* dst, const uint8_t* src, uint64_t k) { std::memcpy(dst, src, k); });
+          // One pass in chunk order: the runs copied as their crc is taken,
+          // the bytes between them (outside the box) only checksummed.
+          const uint64_t ca = a - p.off, cb = b - p.off;
+          uint64_t pos = ca;
+          for (size_t r = p.next_run; r < p.runs.size() && p.runs[r].src < cb; ++r) {
+            const CopyRun& run = p.runs[r];
+            const uint64_t x = std::max(run.src, ca), y = std::min(run.src + run.len, cb);
+            if (x >= y) continue;
+            if (pos < x) p.crc = Crc32c(data + (p.off + pos - off), x - pos, p.crc);
+            p.crc = CopyWithCrc32c(p.dst + run.dst + (x - run.src), data + (p.off + x - off), y - x, p.crc);
+            pos = y;
+          }
+          if (pos < cb) p.crc = Crc32c(data + (p.off + pos - off), cb - pos, p.crc);
+        }
+        if (!p.runs.empty()) {
           while (p.next_run < p.runs.size() && p.off + p.runs[p.next_run].src + p.runs[p.next_run].len <= stop)
             ++p.next_run;
         }

@@ -62,19 +62,23 @@ std::string SaveBlocks(ScratchDirs& dirs, int64_t step, const std::vector<Block>
                        const std::vector<std::vector<int64_t>>& globals = {}) {
   const int world = static_cast<int>(blocks.size());
   std::vector<std::string> errors(world);
+  // Every rank's Checkpointer is open before any rank saves, as in a job
+  // whose ranks start together.
+  std::vector<std::unique_ptr<Checkpointer>> ranks;
+  for (int r = 0; r < world; ++r) ranks.push_back(std::make_unique<Checkpointer>(dirs.Options(r, world)));
   std::vector<std::thread> threads;
   for (int r = 0; r < world; ++r)
     threads.emplace_back([&, r] {
+      Checkpointer& c = *ranks[r];
       try {
-        Checkpointer c(dirs.Options(r, world));
         const Block& b = blocks[r];
         std::vector<float> v = BoxValues(step, b.r0, b.nr, b.c0, b.nc);
         TensorRef ref = globals.empty() ? ShardRef("w", v, b) : ShardRef("w", v, b, globals[r]);
         c.save(step, {ref}, {}).wait_durable();
-        c.unlink_memory();
       } catch (const Error& e) {
         errors[r] = e.what();
       }
+      c.unlink_memory();
     });
   for (auto& t : threads) t.join();
   for (const auto& e : errors)
@@ -152,17 +156,18 @@ TEST(Shard, CopiesOfOneBoxWithOtherBytesFailTheCommit) {
   // (step 6's matrix where the others save step 5's).
   const std::vector<Block> blocks = {{0, 20, 0, kCols}, {0, 20, 0, kCols}, {20, 20, 0, kCols}};
   std::vector<std::string> errors(3);
+  std::vector<std::unique_ptr<Checkpointer>> ranks;
+  for (int r = 0; r < 3; ++r) ranks.push_back(std::make_unique<Checkpointer>(dirs.Options(r, 3)));
   std::vector<std::thread> threads;
   for (int r = 0; r < 3; ++r)
     threads.emplace_back([&, r] {
       try {
-        Checkpointer c(dirs.Options(r, 3));
         std::vector<float> v = BoxValues(r == 1 ? 6 : 5, blocks[r].r0, blocks[r].nr, 0, kCols);
-        c.save(5, {ShardRef("w", v, blocks[r])}, {}).wait_durable();
-        c.unlink_memory();
+        ranks[r]->save(5, {ShardRef("w", v, blocks[r])}, {}).wait_durable();
       } catch (const Error& e) {
         errors[r] = e.what();
       }
+      ranks[r]->unlink_memory();
     });
   for (auto& t : threads) t.join();
   EXPECT_NE(errors[0].find("with other bytes"), std::string::npos) << errors[0];
