@@ -232,7 +232,7 @@ def _consolidated(d: str, step: int, state):
     tensor, assembled from the saved shards of all ranks (each chunk crc-checked)."""
     import torch
 
-    from . import _native, _state
+    from . import _native, _state, resharding
 
     shards = {}
 
@@ -244,11 +244,8 @@ def _consolidated(d: str, step: int, state):
     _state.map_state(state, find)
     if not shards:
         return state
-    native = _native.load()
     whole = {k: torch.empty(sh.global_shape, dtype=sh.tensor.dtype) for k, sh in shards.items()}
-    native.read_global_into(d, step, {k: native.LoadTarget(data=t.data_ptr(), nbytes=t.numel() * t.element_size(),
-                                                           dtype=str(t.dtype), shape=list(t.shape))
-                                      for k, t in whole.items()})
+    _native.load().read_global_into(d, step, {k: resharding._target(t) for k, t in whole.items()})
     return _state.map_state(state, lambda obj: whole[obj._key] if isinstance(obj, _state.Shard) else obj)
 
 

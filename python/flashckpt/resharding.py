@@ -106,21 +106,16 @@ def load_resharded(directory, step: int, *, model: Optional[torch.nn.Module] = N
     native = _native.load()
     directory = str(directory)
     targets = _state_targets(state) if state is not None else {}
-    if state is not None and model is None and optimizer is None:
-        native.read_global_into(directory, step, {k: _target(buf, shard) for k, (t, buf, shard) in targets.items()})
-        out = {}
-        with torch.no_grad():
-            for k, (t, buf, shard) in targets.items():
-                if buf is not t:
-                    t.copy_(buf)
-                out[k] = t
-        return out
-
-    desc = native.describe_global_step(directory, step)
-    entries = {e["key"]: e for e in desc["tensors"]}
-    metas = [pickle.loads(b[_state.STRUCTURE_BLOB]) for b in desc["rank_blobs"] if _state.STRUCTURE_BLOB in b]
-    if not metas:
-        raise StateDictMismatchError(f"step {step} of {directory} has no structure saved by flashckpt's Python API")
+    entries, metas = {}, []
+    if model is not None or optimizer is not None:
+        # Their saved structure is needed; `state` alone is filled by key (a
+        # step saved by the C++ API too).
+        desc = native.describe_global_step(directory, step)
+        entries = {e["key"]: e for e in desc["tensors"]}
+        metas = [pickle.loads(b[_state.STRUCTURE_BLOB]) for b in desc["rank_blobs"] if _state.STRUCTURE_BLOB in b]
+        if not metas:
+            raise StateDictMismatchError(f"step {step} of {directory} has no structure saved by flashckpt's "
+                                         "Python API")
     dest: Dict[str, torch.Tensor] = {}
 
     def claim(leaf, t: torch.Tensor) -> torch.Tensor:
@@ -165,19 +160,19 @@ def load_resharded(directory, step: int, *, model: Optional[torch.nn.Module] = N
             wanted = sorted(index[p] for g in optimizer.optim.param_groups for p in g["params"])
         else:
             wanted = sorted(merged)
-        state = {}
+        per_param = {}
         for idx in wanted:
             if idx not in merged:
                 continue  # no state yet (the parameter never had a step)
-            state[idx] = {}
+            per_param[idx] = {}
             for name, v in merged[idx].items():
                 if isinstance(v, _state._TensorLeaf):
                     e = entries.get(v.key)
                     if e is None:
                         raise StateDictMismatchError(f"step {step} of {directory}: no tensor '{v.key}' on any rank")
                     v = claim(v, torch.empty(e["shape"], dtype=_state.dtype_from_name(e["dtype"])))
-                state[idx][name] = v
-        opt_state = {"state": state, "param_groups": parts[0]["param_groups"]}
+                per_param[idx][name] = v
+        opt_state = {"state": per_param, "param_groups": parts[0]["param_groups"]}
     both = sorted(set(targets) & set(dest))
     if both:
         raise InvalidArgumentError(f"load_resharded: keys {both[:5]} are both in state= and in the model or "
