@@ -128,9 +128,12 @@ void CheckpointService::ServeConnection(int fd) {
           int world_size;
           std::shared_ptr<CommitCoordinator> commits;
           {
+            // Also runs outside Drain()'s view (before the next step is taken): the rank may be retired.
             std::lock_guard<std::mutex> l2(mu_);
-            dir = ranks_[rank]->hello.directory();
-            world_size = ranks_[rank]->hello.world_size();
+            auto it = ranks_.find(rank);
+            if (it == ranks_.end() || !it->second) return;
+            dir = it->second->hello.directory();
+            world_size = it->second->hello.world_size();
             commits = commits_;
           }
           // The other ranks may have persisted it: tell them not to wait for its COMMIT.
@@ -448,6 +451,58 @@ std::set<int64_t> CheckpointService::CommonMemorySteps() {
     first = false;
   }
   return common;
+}
+
+void CheckpointService::MemoryLayout(int* world, std::set<int>* ranks) {
+  std::lock_guard<std::mutex> l(mu_);
+  *world = 0;
+  ranks->clear();
+  for (auto& [rank, r] : ranks_) {
+    const int w = static_cast<int>(r->hello.world_size());
+    if (ranks->empty()) *world = w;
+    if (w != *world) *world = 0;
+    ranks->insert(rank);
+  }
+}
+
+void CheckpointService::RetireRanksOutside(const std::set<int>& keep) {
+  std::vector<std::pair<int, Persister*>> retiring;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_)
+      if (!keep.count(rank)) retiring.emplace_back(rank, r->persister.get());
+  }
+  if (retiring.empty()) return;
+  // Abandon() runs the dropped steps' callbacks, which take mu_.
+  for (auto& [rank, p] : retiring) p->Abandon("abandoned: this node no longer runs the rank");
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, p] : retiring)
+      if (auto it = ranks_.find(rank); it != ranks_.end() && it->second->commits_in_flight)
+        it->second->commits_in_flight->WakeAll();
+  }
+  // Their callbacks look the rank up: it stays registered until they are idle.
+  for (auto& [rank, p] : retiring) {
+    absl::Status s = p->Drain(std::chrono::seconds(60));
+    if (!s.ok()) FCK_LOG(kError, "agent: a persist of retired rank ", rank, " still runs: ", s.message());
+  }
+  std::vector<std::unique_ptr<Rank>> gone;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, p] : retiring) {
+      auto it = ranks_.find(rank);
+      if (it == ranks_.end()) continue;
+      gone.push_back(std::move(it->second));
+      ranks_.erase(it);
+    }
+  }
+  for (auto& r : gone) {
+    r->persister.reset();  // its thread ends before the rest of the rank goes
+    r->seg.reset();
+    SharedSegment::Unlink(r->hello.shm_path()).IgnoreError();
+    FCK_LOG(kInfo, "agent: rank ", r->hello.rank(), " of the old world (", r->hello.world_size(),
+            " ranks) is not run here any more: its persists stopped and ", r->hello.shm_path(), " is removed");
+  }
 }
 
 std::string CheckpointService::Directory() {

@@ -92,6 +92,15 @@ class CheckpointService {
   uint64_t SnapshotsTaken() const { return snapshots_.load(); }
   // The steps every registered rank holds in memory.
   std::set<int64_t> CommonMemorySteps();
+  // The world size the registered ranks' snapshots were taken in (0 when they
+  // disagree or none registered) and those ranks.
+  void MemoryLayout(int* world, std::set<int>* ranks);
+  // After an elastic change: every registered rank outside `keep` is
+  // forgotten (its queued and in-flight persists abandoned, its shared-memory
+  // segment removed; what it committed stays in storage). A rank kept keeps
+  // its segment, also when its snapshots were taken in a world of another size:
+  // its worker in the new world may read a committed step from it.
+  void RetireRanksOutside(const std::set<int>& keep);
   // The checkpoint directory the workers use ("" before any registered).
   std::string Directory();
   void RecordRecovery(RecoveryTiming timing);

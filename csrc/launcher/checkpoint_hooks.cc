@@ -14,7 +14,8 @@ namespace flashckpt::launcher {
 
 std::string EncodeNodeSteps(const NodeSteps& s) {
   if (!s.known) return "";
-  return absl::StrCat("v1;mem=", absl::StrJoin(s.memory, ","), ";committed=", absl::StrJoin(s.committed, ","));
+  return absl::StrCat("v1;mem=", absl::StrJoin(s.memory, ","), ";committed=", absl::StrJoin(s.committed, ","),
+                      ";world=", s.world, ";ranks=", absl::StrJoin(s.ranks, ","));
 }
 
 NodeSteps DecodeNodeSteps(const std::string& payload) {
@@ -23,6 +24,17 @@ NodeSteps DecodeNodeSteps(const std::string& payload) {
   s.known = true;
   for (absl::string_view part : absl::StrSplit(payload.substr(3), ';')) {
     std::pair<std::string, std::string> kv = absl::StrSplit(part, absl::MaxSplits('=', 1));
+    if (kv.first == "world") {
+      if (!absl::SimpleAtoi(kv.second, &s.world) || s.world < 0) s.world = 0;
+      continue;
+    }
+    if (kv.first == "ranks") {
+      for (absl::string_view v : absl::StrSplit(kv.second, ',', absl::SkipEmpty())) {
+        int r;
+        if (absl::SimpleAtoi(v, &r) && r >= 0) s.ranks.insert(r);
+      }
+      continue;
+    }
     std::set<int64_t>* into = kv.first == "mem" ? &s.memory : kv.first == "committed" ? &s.committed : nullptr;
     if (!into) continue;
     for (absl::string_view v : absl::StrSplit(kv.second, ',', absl::SkipEmpty())) {
@@ -33,7 +45,28 @@ NodeSteps DecodeNodeSteps(const std::string& payload) {
   return s;
 }
 
-std::optional<int64_t> AgreeRestoreStep(const std::vector<NodeSteps>& nodes) {
+RoundLayout LayoutOf(const RoundAssignment& round) {
+  RoundLayout l;
+  l.world = round.world_size;
+  // The dynamic rendezvous lists every node (ranks follow in that order); the
+  // static one only this node, whose first rank is its offset.
+  const bool all = static_cast<int>(round.nodes.size()) == round.group_world_size;
+  int first = all ? 0 : round.rank_offset;
+  for (const auto& n : round.nodes) {
+    std::set<int> ranks;
+    for (int r = 0; r < n.local_world_size; ++r) ranks.insert(first + r);
+    first += n.local_world_size;
+    l.ranks.push_back(std::move(ranks));
+  }
+  return l;
+}
+
+bool MemoryRestores(const NodeSteps& node, const RoundLayout& layout, size_t i) {
+  return node.known && node.world > 0 && node.world == layout.world && i < layout.ranks.size() &&
+         node.ranks == layout.ranks[i];
+}
+
+std::optional<int64_t> AgreeRestoreStep(const std::vector<NodeSteps>& nodes, const RoundLayout& layout) {
   bool any_known = false;
   std::set<int64_t> committed;  // storage is shared: what any node sees committed
   for (const auto& n : nodes) {
@@ -42,16 +75,13 @@ std::optional<int64_t> AgreeRestoreStep(const std::vector<NodeSteps>& nodes) {
   }
   if (!any_known) return std::nullopt;
   std::optional<std::set<int64_t>> common;
-  for (const auto& n : nodes) {
+  for (size_t i = 0; i < nodes.size(); ++i) {
     std::set<int64_t> avail = committed;
-    avail.insert(n.memory.begin(), n.memory.end());
+    if (MemoryRestores(nodes[i], layout, i)) avail.insert(nodes[i].memory.begin(), nodes[i].memory.end());
     if (!common) {
       common = avail;
     } else {
-      std::set<int64_t> x;
-      for (int64_t s : *common)
-        if (avail.count(s)) x.insert(s);
-      common = x;
+      std::erase_if(*common, [&](int64_t s) { return !avail.count(s); });
     }
   }
   if (!common || common->empty()) return std::nullopt;
@@ -90,6 +120,7 @@ std::string CheckpointHooks::NodePayload() {
   if (dir.empty()) return "";  // no worker ever registered here
   s.known = true;
   s.memory = service_->CommonMemorySteps();
+  service_->MemoryLayout(&s.world, &s.ranks);
   if (!dir.empty())
     for (int64_t c : CommittedSteps(dir)) s.committed.insert(c);
   return EncodeNodeSteps(s);
@@ -99,13 +130,27 @@ absl::Status CheckpointHooks::BeforeWorkersStart(int restart_count, const RoundA
   round_ = Clock::now();
   std::vector<NodeSteps> nodes;
   for (const auto& n : round.nodes) nodes.push_back(DecodeNodeSteps(n.payload));
-  std::optional<int64_t> step = AgreeRestoreStep(nodes);
+  const RoundLayout layout = LayoutOf(round);
+  std::optional<int64_t> step = AgreeRestoreStep(nodes, layout);
   restore_step_ = step ? std::to_string(*step) : "";
+  std::vector<std::string> moved;  // nodes whose snapshots were taken by other ranks or another world
+  for (size_t i = 0; i < nodes.size(); ++i)
+    if (nodes[i].known && !MemoryRestores(nodes[i], layout, i))
+      moved.push_back(absl::StrCat(round.nodes[i].node_id, " held ranks ", absl::StrJoin(nodes[i].ranks, ","),
+                                   " of ", nodes[i].world));
+  if (!moved.empty())
+    Say(absl::StrCat("the world is now ", layout.world, " ranks (", absl::StrJoin(moved, "; "),
+                     "): only committed steps restore it"));
   if (step) {
     int from_memory = 0;
-    for (const auto& n : nodes) from_memory += n.memory.count(*step) ? 1 : 0;
-    Say(absl::StrCat("restore step ", *step, ": in memory on ", from_memory, "/", nodes.size(), " nodes",
-                     from_memory == static_cast<int>(nodes.size()) ? "" : ", the others load it from storage"));
+    for (size_t i = 0; i < nodes.size(); ++i)
+      from_memory += MemoryRestores(nodes[i], layout, i) && nodes[i].memory.count(*step) ? 1 : 0;
+    const int all = static_cast<int>(nodes.size());
+    Say(absl::StrCat("restore step ", *step, ": ",
+                     from_memory == all ? absl::StrCat("in memory on ", all == 1 ? "this node" : "every node")
+                     : from_memory == 0 ? std::string("from storage")
+                                        : absl::StrCat("in memory on ", from_memory, "/", all,
+                                                       " nodes, the others load it from storage")));
   } else if (restart_count > 0) {
     Say("no step is available on every node: workers start from what they find");
   }
@@ -128,6 +173,11 @@ absl::Status CheckpointHooks::BeforeWorkersStart(int restart_count, const RoundA
   // then make the restore step durable in the background (its slot stays
   // pinned while the agent reads it).
   if (service_ && (rounds_++ > 0 || restart_count > 0)) service_->Restart(step.value_or(-1));
+  // Ranks this node no longer runs (a world that shrank or grew renumbered
+  // them): their persisters stop and their segments go; the old world can no
+  // longer commit what only they hold.
+  const size_t me = layout.ranks.size() == 1 ? 0 : static_cast<size_t>(round.group_rank);
+  if (service_ && me < layout.ranks.size()) service_->RetireRanksOutside(layout.ranks[me]);
   return absl::OkStatus();
 }
 

@@ -16,16 +16,35 @@
 namespace flashckpt::launcher {
 
 // What a node reports in the rendezvous: "v1;mem=<steps every local rank holds in
-// memory>;committed=<committed steps it sees>"; empty before any worker registered.
+// memory>;committed=<committed steps it sees>;world=<the world size those
+// snapshots were taken in>;ranks=<the global ranks whose snapshots it holds>";
+// empty before any worker registered.
 struct NodeSteps {
   bool known = false;
   std::set<int64_t> memory;
   std::set<int64_t> committed;
+  int world = 0;  // 0: not said (memory then counts for nothing)
+  std::set<int> ranks;
 };
 std::string EncodeNodeSteps(const NodeSteps& s);
 NodeSteps DecodeNodeSteps(const std::string& payload);
-// The newest step every node can get from its memory or from committed storage.
-std::optional<int64_t> AgreeRestoreStep(const std::vector<NodeSteps>& nodes);
+
+// The world of a round and the global ranks each of its nodes runs, in the
+// order of RoundAssignment::nodes.
+struct RoundLayout {
+  int world = 0;
+  std::vector<std::set<int>> ranks;
+};
+RoundLayout LayoutOf(const RoundAssignment& round);
+// Whether node `i`'s memory snapshots can restore its workers in `layout`:
+// they were taken by the same ranks in a world of the same size. After an
+// elastic change (a node lost for good, one added, ranks renumbered) they
+// cannot: their steps were never committed by the old world, or are read from
+// storage, which every node shares.
+bool MemoryRestores(const NodeSteps& node, const RoundLayout& layout, size_t i);
+// The newest step every node of the round can get: from its memory where
+// MemoryRestores, else committed (storage is shared: any node's commits count).
+std::optional<int64_t> AgreeRestoreStep(const std::vector<NodeSteps>& nodes, const RoundLayout& layout);
 
 class CheckpointHooks : public NodeHooks {
  public:

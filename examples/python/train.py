@@ -74,6 +74,11 @@ def main():
     ap.add_argument("--ckpt", choices=["flashckpt", "torch"], default="flashckpt")
     ap.add_argument("--digest-out", help="rank 0 writes the final parameter digest here")
     ap.add_argument("--step-sleep", type=float, default=0.0, help="extra seconds per step")
+    ap.add_argument("--replicated", action="store_true",
+                    help="declare model and optimizer replicated (the same on every rank, as in DDP): each "
+                         "step is written once, spread over the ranks, and loads into any world size")
+    ap.add_argument("--events", help="every rank appends 'save|resume|done step=S world=W rank=R digest=D' "
+                                     "lines to this file (the elastic tests compare them)")
     args = ap.parse_args()
 
     t_start = time.time()
@@ -90,7 +95,8 @@ def main():
     # restored needs no random init.
     ckpt, resume_from = None, None
     if args.ckpt == "flashckpt":
-        ckpt = flashckpt.Checkpointer(args.dir, keep_last=2, persist_every=args.persist_every)
+        ckpt = flashckpt.Checkpointer(args.dir, keep_last=2, persist_every=args.persist_every,
+                                      replicated=True if args.replicated else None)
         if ckpt.latest_step() is not None or os.environ.get("FLASHCKPT_RESTORE_STEP"):
             resume_from = "flashckpt"
     else:
@@ -125,6 +131,14 @@ def main():
     log(f"resume_point t={t_load:.6f} start={start} source={source} "
         f"pg_init_s={t_pg - t_start:.4f} load_s={t_load - t_model:.4f}")
 
+    def event(what, step, **more):
+        if args.events:
+            extra = "".join(f" {k}={v}" for k, v in more.items())
+            with open(args.events, "a") as f:
+                f.write(f"{what} step={step} world={world} rank={rank} digest={digest(model)}{extra}\n")
+
+    if start:
+        event("resume", start, source=source, attempt=attempt)
     params = list(model.parameters())
     for step in range(start + 1, args.steps + 1):
         x, y = batch(step, rank, args.width)
@@ -153,6 +167,7 @@ def main():
                     os.fsync(f.fileno())
                 os.replace(path + ".tmp", path)
             log(f"step {step} loss {loss.item():.6f} snapshot {1000 * (time.perf_counter() - t0):.1f} ms")
+            event("save", step)
         if step == args.crash_at_step and attempt == 0 and world > 1:
             dist.barrier()  # every rank has its snapshot of this step before the failure
         if step == args.crash_at_step and rank == args.crash_rank and attempt == 0:
@@ -163,6 +178,7 @@ def main():
         ckpt.close()
     d = digest(model)
     log(f"done: step {args.steps}, parameters digest {d}")
+    event("done", args.steps)
     if rank == 0 and args.digest_out:
         with open(args.digest_out, "w") as f:
             f.write(d + "\n")

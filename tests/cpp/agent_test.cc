@@ -121,3 +121,64 @@ TEST(CheckpointService, UnreachableAgentIsAClearError) {
 
 }  // namespace
 }  // namespace flashckpt
+
+namespace flashckpt {
+namespace {
+
+// After an elastic change the node no longer runs ranks 2 and 3 of a world of 4:
+// their persist of step 1, a non-zero rank waiting for a COMMIT that rank 0 (on
+// a node that is gone) will never write, is abandoned at once rather than after
+// its 600 s commit timeout, and their segments are removed.
+TEST(CheckpointService, RetiresTheRanksANewWorldDoesNotGiveThisNode) {
+  ScratchDirs dirs;
+  CheckpointServiceOptions so;
+  so.socket_path = (dirs.root / "agent.sock").string();
+  so.status_file = (dirs.root / "status.json").string();
+  auto service = CheckpointService::Start(so);
+  ASSERT_TRUE(service.ok()) << service.status();
+  std::vector<std::unique_ptr<Checkpointer>> workers;
+  for (int r : {2, 3}) {
+    CheckpointerOptions o = dirs.Options(r, 4);
+    o.agent_socket = so.socket_path;
+    o.commit_timeout = std::chrono::seconds(600);
+    workers.push_back(std::make_unique<Checkpointer>(o));
+  }
+  std::vector<SaveHandle> hs;
+  for (size_t i = 0; i < workers.size(); ++i) {
+    FakeState s = FakeState::ForStep(10 + static_cast<int>(i));
+    hs.push_back(workers[i]->save(1, s.Refs(), s.Blobs()));
+  }
+  // Both ranks' records are durable: they now wait for rank 0's COMMIT.
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!(fs::exists(dirs.ckpt + "/step-1/rank-2.durable") && fs::exists(dirs.ckpt + "/step-1/rank-3.durable")) &&
+         std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_TRUE(fs::exists(dirs.ckpt + "/step-1/rank-3.durable"));
+  int world = -1;
+  std::set<int> ranks;
+  (*service)->MemoryLayout(&world, &ranks);
+  EXPECT_EQ(world, 4);
+  EXPECT_EQ(ranks, (std::set<int>{2, 3}));
+  std::vector<std::string> segments;
+  for (const auto& e : fs::directory_iterator(dirs.shm)) segments.push_back(e.path().string());
+  EXPECT_EQ(segments.size(), 2u);
+
+  auto t0 = std::chrono::steady_clock::now();
+  (*service)->RetireRanksOutside({0, 1});  // the new world: ranks 0 and 1 of 2 here
+  const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_LT(took, 10.0) << "the retired ranks' persists waited for their commit timeout";
+  for (auto& h : hs) {
+    h.wait_durable();  // answered: dropped, which is no failure of the worker's
+    EXPECT_FALSE(h.persisted());
+  }
+  (*service)->MemoryLayout(&world, &ranks);
+  EXPECT_EQ(world, 0);
+  EXPECT_TRUE(ranks.empty());
+  EXPECT_TRUE((*service)->MemorySteps().empty());
+  for (const std::string& s : segments) EXPECT_FALSE(fs::exists(s)) << s << " was not removed";
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-1/COMMIT"));
+  for (auto& w : workers) w->close();
+}
+
+}  // namespace
+}  // namespace flashckpt

@@ -63,11 +63,12 @@ TEST(Faults, DiskFullKeepsThePreviousStepLoadable) {
 }
 
 // Runs the crash child; returns its wait status.
-int RunChild(const ScratchDirs& dirs, long crash_at, int steps, std::string* trace_out = nullptr) {
+// `crash_at`: FLASHCKPT_CRASH_AT ("N" or "NAME@N"); empty: trace every point instead.
+int RunChild(const ScratchDirs& dirs, const std::string& crash_at, int steps, std::string* trace_out = nullptr) {
   std::string log = (dirs.root / "child.log").string();
   pid_t pid = fork();
   if (pid == 0) {
-    if (crash_at > 0) setenv("FLASHCKPT_CRASH_AT", std::to_string(crash_at).c_str(), 1);
+    if (!crash_at.empty()) setenv("FLASHCKPT_CRASH_AT", crash_at.c_str(), 1);
     else setenv("FLASHCKPT_CRASH_TRACE", "1", 1);
     setenv("FLASHCKPT_LOG", "error", 1);
     FILE* f = freopen(log.c_str(), "w", stderr);
@@ -92,6 +93,28 @@ int RunChild(const ScratchDirs& dirs, long crash_at, int steps, std::string* tra
     *trace_out = std::string(std::istreambuf_iterator<char>(in), {});
   }
   return status;
+}
+
+int RunChild(const ScratchDirs& dirs, long crash_at, int steps, std::string* trace_out = nullptr) {
+  return RunChild(dirs, crash_at > 0 ? std::to_string(crash_at) : std::string(), steps, trace_out);
+}
+
+TEST(Faults, NamedCrashPointKillsTheNthTimeItIsPassed) {
+  // Each step passes "persist: before rank record" once: the 3rd time is step 3's
+  // persist, after steps 1 and 2 were committed.
+  ScratchDirs dirs;
+  std::string log;
+  int st = RunChild(dirs, "persist: before rank record@3", 5, &log);
+  ASSERT_TRUE(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL) << log;
+  EXPECT_NE(log.find("injected crash at point"), std::string::npos) << log;
+  EXPECT_NE(log.find("(persist: before rank record)"), std::string::npos) << log;
+  CheckpointerOptions o = dirs.Options();
+  o.persist = false;
+  o.unlink_memory_on_close = false;
+  Checkpointer ckpt(o);
+  EXPECT_EQ(ckpt.latest_step(), 2);
+  ckpt.close();
+  ckpt.unlink_memory();
 }
 
 TEST(Faults, SigkillAtEveryCrashPointLeavesACommittedStepLoadable) {
