@@ -4,7 +4,10 @@ tensors in the same run.
     /usr/bin/python3 benchmarks/python/bench_small_tensors.py          # 20,000 x 4 KiB and 6,672 x ~3 KiB
 
 For each state: the median pause of ``ckpt.save`` (slots reserved up front, persist
-off: the pause only), the median of a plain ``copy_`` loop into touched tensors, and
+off: the pause only) through the save plan (the layout of the previous save: only
+new data pointers) and through the full flatten (the plan dropped before each save:
+what every save cost before plans, and what the first save and a changed layout
+still cost), the median of a plain ``copy_`` loop into touched tensors, and
 of the same loop into views of one shared-memory tensor (``share_memory_()``: what a
 peer that keeps its snapshot as torch tensors in /dev/shm does). The cost per tensor above the
 byte copy is (pause - copy_) / tensors. Writes benchmarks/results/small_tensors.json.
@@ -55,6 +58,13 @@ def one(n, numel, runs):
                 step[0] += 1
 
             pause = timed(save, runs)
+            assert c._plan is not None, "the state did not get a save plan"
+
+            def save_full():
+                c._plan = None
+                save()
+
+            full = timed(save_full, runs)
             c.unlink_memory()
     finally:
         shutil.rmtree(d, ignore_errors=True)
@@ -75,13 +85,16 @@ def one(n, numel, runs):
     copy = timed(lambda: copy_into(dst), runs)
     shm_copy = timed(lambda: copy_into(shm), runs)
     p, cp, sc = statistics.median(pause), statistics.median(copy), statistics.median(shm_copy)
+    fp = statistics.median(full)
     r = {"tensors": n, "bytes": nbytes, "save_pause_s_median": p, "copy_loop_s_median": cp,
          "shm_copy_loop_s_median": sc, "us_per_tensor_above_copy": (p - cp) / n * 1e6,
          "save_vs_copy_loop": p / cp, "save_vs_shm_copy_peer": p / sc,
-         "save_pause_s": pause, "copy_loop_s": copy, "shm_copy_loop_s": shm_copy}
-    print(f"{n} tensors ({nbytes / 2**20:.1f} MiB): save {p * 1e3:.1f} ms, copy_ loop {cp * 1e3:.1f} ms, "
-          f"shm copy_ peer {sc * 1e3:.1f} ms -> {(p - cp) / n * 1e6:.2f} us/tensor above the copy, "
-          f"{p / cp:.1f}x copy_, {p / sc:.1f}x the peer", flush=True)
+         "full_flatten_pause_s_median": fp, "full_flatten_us_per_tensor_above_copy": (fp - cp) / n * 1e6,
+         "save_pause_s": pause, "full_flatten_pause_s": full, "copy_loop_s": copy, "shm_copy_loop_s": shm_copy}
+    print(f"{n} tensors ({nbytes / 2**20:.1f} MiB): save {p * 1e3:.1f} ms (full flatten {fp * 1e3:.1f} ms), "
+          f"copy_ loop {cp * 1e3:.1f} ms, shm copy_ peer {sc * 1e3:.1f} ms -> {(p - cp) / n * 1e6:.2f} us/tensor "
+          f"above the copy (full flatten {(fp - cp) / n * 1e6:.2f}), {p / cp:.2f}x copy_, {p / sc:.2f}x the peer",
+          flush=True)
     return r
 
 

@@ -142,6 +142,20 @@ std::pair<std::vector<std::tuple<int, std::string, std::string>>, uint64_t> Take
   return {std::move(out), dropped};
 }
 
+struct PySavePlan {
+  std::vector<TensorRef> refs;
+};
+
+std::vector<BlobRef> BlobRefs(const py::list& blobs) {
+  std::vector<BlobRef> out;
+  out.reserve(blobs.size());
+  for (const auto& item : blobs) {
+    auto t = item.cast<py::tuple>();
+    out.push_back(BlobRef{t[0].cast<std::string>(), t[1].cast<std::string>()});
+  }
+  return out;
+}
+
 LoadOptions MakeLoadOptions(std::optional<int64_t> step, bool prefer_memory,
                             bool allow_fallback, bool verify) {
   LoadOptions o;
@@ -273,6 +287,16 @@ PYBIND11_MODULE(_C, m) {
   });
 
   // What save() hands over per tensor, by name on both sides of the binding.
+  // The records of a save, kept for the next saves of the same layout
+  // (python/flashckpt/_state.py, SavePlan): only their data pointers change.
+  py::class_<PySavePlan>(m, "SavePlan")
+      .def(py::init([](const py::list& records) {
+        PySavePlan p;
+        p.refs.reserve(records.size());
+        for (const auto& item : records) p.refs.push_back(item.cast<const TensorRef&>());
+        return p;
+      }))
+      .def("__len__", [](const PySavePlan& p) { return p.refs.size(); });
   py::class_<TensorRef>(m, "TensorRecord")
       .def(py::init([](std::string key, uintptr_t data, uint64_t nbytes, std::string dtype, std::vector<int64_t> shape,
                        uint32_t element_size, int device, uintptr_t cuda_stream, std::vector<int64_t> strides,
@@ -454,16 +478,24 @@ PYBIND11_MODULE(_C, m) {
             std::vector<TensorRef> refs;
             refs.reserve(tensors.size());
             for (const auto& item : tensors) refs.push_back(item.cast<const TensorRef&>());
-            std::vector<BlobRef> brefs;
-            brefs.reserve(blobs.size());
-            for (const auto& item : blobs) {
-              auto t = item.cast<py::tuple>();
-              brefs.push_back(BlobRef{t[0].cast<std::string>(), t[1].cast<std::string>()});
-            }
+            std::vector<BlobRef> brefs = BlobRefs(blobs);
             py::gil_scoped_release nogil;
             return c.save(step, refs, brefs, blocking);
           },
           py::arg("step"), py::arg("tensors"), py::arg("blobs"), py::arg("blocking") = true)
+      .def(
+          "save_planned",
+          [](Checkpointer& c, int64_t step, PySavePlan& plan, const std::vector<uintptr_t>& data,
+             const py::list& blobs, bool blocking) {
+            if (data.size() != plan.refs.size())
+              throw py::value_error("save_planned: " + std::to_string(data.size()) + " data pointers for a plan of " +
+                                    std::to_string(plan.refs.size()) + " tensors");
+            for (size_t i = 0; i < data.size(); ++i) plan.refs[i].data = reinterpret_cast<const void*>(data[i]);
+            std::vector<BlobRef> brefs = BlobRefs(blobs);
+            py::gil_scoped_release nogil;
+            return c.save(step, plan.refs, brefs, blocking);
+          },
+          py::arg("step"), py::arg("plan"), py::arg("data"), py::arg("blobs"), py::arg("blocking") = true)
       .def(
           "load",
           [](Checkpointer& c, std::optional<int64_t> step, bool prefer_memory,

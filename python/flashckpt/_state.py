@@ -20,6 +20,7 @@ non-contiguous tensors are copied with ``.contiguous()`` first.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import pickle
@@ -172,6 +173,10 @@ class FlatState:
     keepalive: List[torch.Tensor] = field(default_factory=list)  # temporaries and sources
     nbytes: int = 0
     has_cuda: bool = False
+    structure: Any = None  # the state with _TensorLeaf placeholders (what the blob pickles)
+    blob_meta: Optional[dict] = None  # the pickled blob's dict
+    aliases: Dict[str, str] = field(default_factory=dict)
+    data: Optional[List[int]] = None  # a planned save: the new data pointers (records are the plan's)
 
 
 def _check_tensor(t: torch.Tensor, path) -> None:
@@ -428,6 +433,183 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
         raise TypeError(f"cannot save {_path_repr(path)}: a {type(_get(state, path)).__name__} "
                         f"cannot be pickled ({err})") from err
     flat.blobs.append((STRUCTURE_BLOB, data))
+    flat.structure, flat.blob_meta, flat.aliases = structure, blob, aliases
+    return flat
+
+
+# -- the save plan: what one save learnt, reused by the next ones ------------------------
+#
+# Training saves the same state over and over: the same keys, the same tensor
+# shapes and dtypes, only new bytes (and a few new scalars: a learning rate, a
+# step count). flatten() spends ~10 us a tensor finding that out again (keys
+# built from paths, records made, the structure pickled). A SavePlan keeps what
+# a full flatten() produced for a state whose tensors are each alone on their
+# storage, contiguous, non-empty and in host memory; the next save walks the
+# state once, compares, and hands the core only new data pointers.
+#
+# How a change is detected, cheaply: the walk yields the *skeleton* (each
+# container's type and keys or length, in walk order, and an OrderedDict's
+# attributes such as state_dict()'s _metadata), the tensors, and the other
+# leaves, which must be plain values (numbers, strings, bytes, None). The plan
+# is reused when the skeleton is equal, every tensor has the dtype, shape, type
+# (Tensor or Parameter) and requires_grad it had, is contiguous at storage
+# offset 0 in host memory, and no two tensors start at the same address (so
+# none shares storage with another: each would otherwise be one entry with
+# views). The pickled structure is reused as it is when the plain values are
+# equal too (and of the same types); when some changed (a scheduler's new
+# learning rate) they are patched into the kept structure and it is pickled
+# again. Anything else (Shards, views, CUDA tensors, other objects) takes the
+# full flatten(), which makes a new plan when the state qualifies.
+
+_Tensor = torch.Tensor
+_Parameter = torch.nn.Parameter
+_PLAIN_VALUES = frozenset((int, float, complex, str, bytes, bool, type(None)))
+_PLAIN_DICTS = frozenset((dict, collections.OrderedDict))
+
+
+def _walk_plain(obj, skel: list, tensors: list, values: list) -> bool:
+    """flatten()'s walk order over a state of plain containers, tensors and plain
+    values; False at anything else."""
+    tp = type(obj)
+    if tp in _PLAIN_DICTS:
+        skel.append((tp, tuple(obj)))
+        if tp is not dict:
+            skel.append(obj.__dict__)
+        items = obj.values()
+    elif tp is list or tp is tuple:
+        skel.append((tp, len(obj)))
+        items = obj
+    elif tp is _Tensor or tp is _Parameter:
+        tensors.append(obj)
+        return True
+    elif tp in _PLAIN_VALUES:
+        values.append(obj)
+        return True
+    else:
+        return False
+    for v in items:
+        tv = type(v)
+        if tv is _Tensor or tv is _Parameter:
+            tensors.append(v)
+        elif tv in _PLAIN_VALUES:
+            values.append(v)
+        elif not _walk_plain(v, skel, tensors, values):
+            return False
+    return True
+
+
+def _walk_state(state):
+    """(skeleton, tensors, plain values) of ``state``, or None when it is not all plain."""
+    skel: list = []
+    tensors: list = []
+    values: list = []
+    try:
+        if not _walk_plain(state, skel, tensors, values):
+            return None
+    except RecursionError:  # a cycle: the full path names it
+        return None
+    return skel, tensors, values
+
+
+def _value_slots(structure, slots: list) -> None:
+    """Where each plain value sits in a flattened structure, in walk order:
+    (container, key), or None inside a tuple (which cannot be patched)."""
+    tp = type(structure)
+    if tp in _PLAIN_DICTS or tp is list:
+        pairs = structure.items() if tp is not list else enumerate(structure)
+        for k, v in pairs:
+            tv = type(v)
+            if tv in _PLAIN_VALUES:
+                slots.append((structure, k))
+            elif tv is not _TensorLeaf:
+                _value_slots(v, slots)
+    elif tp is tuple:
+        for v in structure:
+            tv = type(v)
+            if tv in _PLAIN_VALUES:
+                slots.append(None)
+            elif tv is not _TensorLeaf:
+                _value_slots(v, slots)
+
+
+class SavePlan:
+    """A full flatten() of a state that qualifies (see above), kept for the next saves."""
+
+    __slots__ = ("skel", "metas", "values", "value_types", "slots", "blob_meta", "blob", "native", "nbytes",
+                 "replicated")
+
+
+def plan_of(state: Any, flat: FlatState, replicated=None) -> Optional[SavePlan]:
+    """The plan of ``state``, just flattened into ``flat``, or None when it does not qualify."""
+    if flat.keepalive or flat.has_cuda or not flat.records or flat.structure is None:
+        return None
+    walked = _walk_state(state)
+    if walked is None:
+        return None
+    skel, tensors, values = walked
+    if len(tensors) != len(flat.records) or flat.aliases:
+        return None
+    ptrs = set()
+    for t, r in zip(tensors, flat.records):
+        if (not t.is_cpu or not t.is_contiguous() or t.storage_offset() != 0 or t.numel() == 0
+                or r.storage_key or r.strides or r.global_shape or r.data != t.data_ptr()):
+            return None
+        ptrs.add(r.data)
+    if len(ptrs) != len(tensors):
+        return None
+    slots: list = []
+    _value_slots(flat.structure, slots)
+    if len(slots) != len(values):
+        return None
+    plan = SavePlan()
+    plan.skel = copy.deepcopy(skel)
+    plan.metas = [(type(t), t.dtype, t.shape, t.requires_grad) for t in tensors]
+    plan.values = list(values)
+    plan.value_types = [type(v) for v in values]
+    plan.slots = slots
+    plan.blob_meta = flat.blob_meta
+    plan.blob = flat.blobs
+    plan.native = _native.load().SavePlan(flat.records)
+    plan.nbytes = flat.nbytes
+    plan.replicated = replicated
+    return plan
+
+
+def flatten_planned(state: Any, plan: SavePlan) -> Optional[FlatState]:
+    """``state`` through ``plan`` (``flat.data``: the new data pointers, in the plan's
+    record order), or None when it changed in a way the plan cannot follow."""
+    walked = _walk_state(state)
+    if walked is None:
+        return None
+    skel, tensors, values = walked
+    metas = plan.metas
+    if len(tensors) != len(metas) or skel != plan.skel:
+        return None
+    ptrs = []
+    append = ptrs.append
+    for t, (tp, dt, shape, rg) in zip(tensors, metas):
+        if (type(t) is not tp or t.dtype is not dt or t.requires_grad is not rg or t.shape != shape
+                or not t.is_cpu or not t.is_contiguous() or t.storage_offset()):
+            return None
+        append(t.data_ptr())
+    if len(set(ptrs)) != len(ptrs):
+        return None
+    if len(values) != len(plan.values):
+        return None
+    if values != plan.values or [type(v) for v in values] != plan.value_types:
+        changed = [i for i, (a, b) in enumerate(zip(values, plan.values)) if a != b or type(a) is not type(b)]
+        if any(plan.slots[i] is None for i in changed):
+            return None  # a value inside a tuple: the full path rebuilds the structure
+        for i in changed:
+            container, key = plan.slots[i]
+            container[key] = values[i]
+        plan.values = list(values)
+        plan.value_types = [type(v) for v in values]
+        plan.blob = [(STRUCTURE_BLOB, pickle.dumps(plan.blob_meta, protocol=pickle.HIGHEST_PROTOCOL))]
+    flat = FlatState()
+    flat.blobs = plan.blob
+    flat.nbytes = plan.nbytes
+    flat.data = ptrs
     return flat
 
 

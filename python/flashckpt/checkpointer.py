@@ -198,6 +198,7 @@ class Checkpointer:
                     f"replicated must be True, False or a collection of top-level state keys "
                     f"(got {replicated!r})") from None
         self._replicated = replicated or None
+        self._plan: Optional[_state.SavePlan] = None  # the last save's layout, reused while it holds
         self.directory = directory
         self.rank = rank
         self.world_size = world_size
@@ -297,11 +298,17 @@ class Checkpointer:
                         f"save({step}): replicated={sorted(map(str, self._replicated))} names top-level keys of "
                         f"the state, but " + (f"the state is a {type(state).__name__}, not a dict" if unknown is None
                                               else f"{unknown} are not among its keys {sorted(map(str, state))}"))
-            flat = _state.flatten(state, replicated=self._replicated)
+            flat = _state.flatten_planned(state, self._plan) if self._plan is not None else None
+            if flat is None:
+                flat = _state.flatten(state, replicated=self._replicated)
+                self._plan = _state.plan_of(state, flat, self._replicated)
             keepalive = flat.keepalive
             if not blocking:
                 keepalive = keepalive + _collect_tensors(state)
-            h = self._core.save(step, flat.records, flat.blobs, blocking=blocking)
+            if flat.data is not None:  # the layout of the last save: only new data pointers
+                h = self._core.save_planned(step, self._plan.native, flat.data, flat.blobs, blocking=blocking)
+            else:
+                h = self._core.save(step, flat.records, flat.blobs, blocking=blocking)
             handle = SaveHandle(h, keepalive if not blocking else [], flat.nbytes, step,
                                 blocking)
             if not blocking:
