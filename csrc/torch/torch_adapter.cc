@@ -197,8 +197,33 @@ TensorRef Describe(const std::string& key, const torch::Tensor& t) {
   return r;
 }
 
-SaveHandle save(Checkpointer& ckpt, int64_t step, const NamedTensors& tensors,
-                const std::map<std::string, std::string>& blobs, bool blocking) {
+TensorRef DescribeShard(const std::string& key, const torch::Tensor& t, std::vector<int64_t> global_shape,
+                        std::vector<int64_t> global_offset) {
+  TensorRef r = Describe(key, t);
+  r.global_shape = std::move(global_shape);
+  r.global_offset = std::move(global_offset);
+  return r;
+}
+
+MutableTensorRef DescribeTarget(torch::Tensor& dst, std::vector<int64_t> global_shape,
+                                std::vector<int64_t> global_offset) {
+  if (!dst.is_contiguous() || dst.is_cuda())
+    throw Error(ErrorCode::kInvalidArgument,
+                "a load target must be a contiguous tensor in host memory (got " +
+                    std::string(dst.is_cuda() ? "a CUDA tensor" : "a non-contiguous tensor") + ")");
+  MutableTensorRef m;
+  m.data = dst.data_ptr();
+  m.nbytes = dst.numel() * dst.element_size();
+  m.dtype = DtypeName(dst);
+  m.shape = dst.sizes().vec();
+  m.global_shape = std::move(global_shape);
+  m.global_offset = std::move(global_offset);
+  return m;
+}
+
+namespace {
+SaveHandle SaveNamed(Checkpointer& ckpt, int64_t step, const NamedTensors& tensors,
+                     const std::map<std::string, std::string>& blobs, bool blocking, bool replicated) {
   std::vector<torch::Tensor> keep;  // contiguous copies live until the copy is done
   std::vector<TensorRef> refs;
   for (const auto& [k, t] : tensors) {
@@ -208,21 +233,26 @@ SaveHandle save(Checkpointer& ckpt, int64_t step, const NamedTensors& tensors,
       keep.push_back(c);
     }
     refs.push_back(Describe(k, c));
+    refs.back().replicated = replicated;
   }
   std::vector<BlobRef> brefs;
   for (const auto& [k, v] : blobs) brefs.push_back({k, v});
-  SaveHandle h = ckpt.save(step, refs, brefs, blocking || !keep.empty());
-  return h;
+  return ckpt.save(step, refs, brefs, blocking || !keep.empty());
+}
+}  // namespace
+
+SaveHandle save(Checkpointer& ckpt, int64_t step, const NamedTensors& tensors,
+                const std::map<std::string, std::string>& blobs, bool blocking) {
+  return SaveNamed(ckpt, step, tensors, blobs, blocking, /*replicated=*/false);
 }
 
 SaveHandle save(Checkpointer& ckpt, int64_t step, const torch::nn::Module& model,
-                torch::optim::Optimizer* optimizer, const std::map<std::string, std::string>& extra,
-                bool blocking) {
+                torch::optim::Optimizer* optimizer, const ModuleSaveOptions& options) {
   NamedTensors tensors;
   for (const auto& p : model.named_parameters()) tensors.emplace_back("model." + p.key(), p.value());
   for (const auto& b : model.named_buffers()) tensors.emplace_back("model." + b.key(), b.value());
   std::map<std::string, std::string> blobs;
-  for (const auto& [k, v] : extra) blobs["extra." + k] = v;
+  for (const auto& [k, v] : options.extra) blobs["extra." + k] = v;
   if (optimizer != nullptr) GroupOptions(*optimizer, &blobs);
   if (optimizer != nullptr && !OptimizerTensors(*optimizer, &tensors, &blobs)) {
     std::ostringstream os;
@@ -231,7 +261,16 @@ SaveHandle save(Checkpointer& ckpt, int64_t step, const torch::nn::Module& model
     archive.save_to(os);
     blobs["optim.archive"] = os.str();
   }
-  return save(ckpt, step, tensors, blobs, blocking);
+  return SaveNamed(ckpt, step, tensors, blobs, options.blocking, options.replicated);
+}
+
+SaveHandle save(Checkpointer& ckpt, int64_t step, const torch::nn::Module& model,
+                torch::optim::Optimizer* optimizer, const std::map<std::string, std::string>& extra,
+                bool blocking) {
+  ModuleSaveOptions o;
+  o.extra = extra;
+  o.blocking = blocking;
+  return save(ckpt, step, model, optimizer, o);
 }
 
 int64_t load(Checkpointer& ckpt, torch::nn::Module& model, torch::optim::Optimizer* optimizer,
