@@ -19,6 +19,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/strip.h"
+#include "launcher/events.h"
 #include "launcher/failure_report.h"
 #include "launcher/worker_environment.h"
 #include "launcher/worker_group.h"
@@ -122,6 +123,7 @@ std::vector<WorkerLaunch> PlanWorkers(const Job& job, const RoundAssignment& rou
     launch.local_rank = local_rank;
     launch.global_rank = id.global_rank;
     launch.argv = job.command;
+    id.virtual_local_rank = o.virtual_local_rank;
     launch.env = MergeEnvironment(job.agent_env, WorkerVariables(id, job.agent_env));
     launch.stdout_log = (rank_dir / "stdout.log").string();
     launch.stderr_log = (rank_dir / "stderr.log").string();
@@ -136,6 +138,10 @@ std::vector<WorkerLaunch> PlanWorkers(const Job& job, const RoundAssignment& rou
       }
     }
     launch.console_prefix = absl::StrFormat("[%s%d]:", o.role, local_rank);
+    launch.stdout_filters = o.duplicate_stdout_filters;
+    launch.stderr_filters = o.duplicate_stderr_filters;
+    launch.filtered_stdout_log = (attempt_dir / "filtered_stdout.log").string();
+    launch.filtered_stderr_log = (attempt_dir / "filtered_stderr.log").string();
     launch.error_file = id.error_file;
     launch.heartbeat_file = id.heartbeat_file;
     if (o.standby) {
@@ -242,6 +248,7 @@ void BlockHandledSignals(const LaunchOptions& options) {
 }
 
 int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
+  const auto job_started = Clock::now();
   auto mark = [&hooks](const char* what) {
     TraceMark(what);
     hooks.OnEvent(what);
@@ -485,7 +492,43 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
       }
     }
 
+    // --event-log-handler: torchelastic's status events when the job ends, one
+    // per worker of this node and one for the agent (after torchrun's agent).
+    auto record_status = [&](const char* state, const std::vector<WorkerFailure>& failed, std::vector<pid_t> pids) {
+      if (o.event_log_handler == "null") return;
+      StatusEvent e;
+      e.state = state;
+      e.run_id = job.run_id;
+      e.group_rank = round->group_rank;
+      e.role = o.role;
+      e.hostname = job.hostname;
+      e.rdzv_backend = o.standalone ? "c10d" : o.rdzv_backend;
+      e.agent_restarts = restart_count;
+      e.group_world_size = round->group_world_size;
+      e.role_world_size = round->world_size;
+      e.entry_point = o.training_script;
+      e.total_run_time_s = std::chrono::duration<double>(Clock::now() - job_started).count();
+      for (int local_rank = 0; local_rank < o.nproc_per_node; ++local_rank) {
+        StatusEvent w = e;
+        w.source = "WORKER";
+        w.local_rank = local_rank;
+        w.global_rank = round->rank_offset + local_rank;
+        w.pid = local_rank < static_cast<int>(pids.size()) ? pids[local_rank] : -1;
+        w.state = "SUCCEEDED";
+        for (const WorkerFailure& f : failed) {
+          if (f.local_rank != local_rank) continue;
+          w.state = "FAILED";
+          w.pid = f.pid;
+          w.raw_error = f.message.empty() ? absl::StrFormat("exitcode %d", f.exitcode) : f.message;
+        }
+        RecordStatusEvent(o.event_log_handler, w);
+      }
+      e.source = "AGENT";
+      RecordStatusEvent(o.event_log_handler, e);
+    };
+
     if (state == GroupState::kSucceeded) {
+      const std::vector<pid_t> finished_pids = group.pids();
       group.Stop(SIGTERM, shutdown_grace);  // reaps; stragglers in the process groups are killed
       // Exit barrier: the rendezvous host must outlive the others' last calls.
       absl::Status barrier =
@@ -498,7 +541,13 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
         continue;
       }
       if (!barrier.ok()) Say(absl::StrFormat("warning: exit barrier: %s", barrier.message()));
-      (void)rendezvous->Barrier("exited", Clock::now() + std::chrono::seconds(5), signal_pending);
+      // close_timeout (torchrun's rdzv-conf, default 30 s): how long the nodes wait for one another to leave
+      // the rendezvous; the host keeps serving until every node has left or it runs out.
+      const std::chrono::milliseconds close_timeout = ConfSeconds(o, "close_timeout", 30);
+      absl::Status closed = rendezvous->Barrier("exited", Clock::now() + close_timeout, signal_pending);
+      if (!closed.ok() && closed.code() != absl::StatusCode::kCancelled)
+        Say(absl::StrFormat("warning: closing the rendezvous (close_timeout %.0f s): %s",
+                            close_timeout.count() / 1000.0, closed.message()));
       absl::Status durable = hooks.BeforeExit();
       rendezvous->Shutdown();
       if (!durable.ok()) {
@@ -506,6 +555,7 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
         Say(absl::StrFormat("exiting %d: the job's newest snapshots are not on storage", kExitNotDurable));
         return kExitNotDurable;
       }
+      record_status("SUCCEEDED", {}, finished_pids);
       Say("all workers finished successfully");
       return 0;
     }
@@ -540,8 +590,10 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
                           o.max_restarts - remaining_restarts, o.max_restarts));
       continue;
     }
+    const std::vector<pid_t> failed_pids = group.pids();
     group.Stop(SIGTERM, shutdown_grace);
     before_exit();
+    record_status("FAILED", failures, failed_pids);
     Say(absl::StrFormat("worker group failed (%s); no restarts left (--max-restarts %d)", DescribeFailures(failures),
                         o.max_restarts));
     std::fprintf(stderr, "%s", FormatFailureSummary(job.title_name, job.hostname, failures).c_str());

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 
 #include "absl/strings/ascii.h"
 #include "absl/strings/numbers.h"
@@ -29,10 +30,14 @@ constexpr const char* kUsage =
     "                [--start-method {spawn,fork,forkserver}] [--role ROLE] [-m]\n"
     "                [--no-python] [--run-path] [--log-dir LOG_DIR] [-r REDIRECTS]\n"
     "                [-t TEE] [--local-ranks-filter LOCAL_RANKS_FILTER]\n"
+    "                [--duplicate-stdout-filters DUPLICATE_STDOUT_FILTERS]\n"
+    "                [--duplicate-stderr-filters DUPLICATE_STDERR_FILTERS]\n"
+    "                [--event-log-handler EVENT_LOG_HANDLER]\n"
     "                [--node-rank NODE_RANK] [--master-addr MASTER_ADDR]\n"
     "                [--master-port MASTER_PORT] [--local-addr LOCAL_ADDR]\n"
+    "                [--logs-specs LOGS_SPECS] [--numa-binding NUMA_BINDING]\n"
     "                [--signals-to-handle SIGNALS_TO_HANDLE]\n"
-    "                [--shutdown-timeout SHUTDOWN_TIMEOUT]\n"
+    "                [--shutdown-timeout SHUTDOWN_TIMEOUT] [--virtual-local-rank]\n"
     "                [--worker-timeout WORKER_TIMEOUT] [--node-name NODE_NAME]\n"
     "                [--standby] [--standby-import STANDBY_IMPORT]\n"
     "                [--max-nproc-per-node MAX_NPROC_PER_NODE]\n"
@@ -54,7 +59,8 @@ constexpr const char* kHelpBody =
     "                        <minimum_nodes>:<maximum_nodes>.\n"
     "  --nproc-per-node NPROC_PER_NODE, --nproc_per_node NPROC_PER_NODE\n"
     "                        Number of workers per node; supported values: [auto,\n"
-    "                        cpu, gpu, int].\n"
+    "                        cpu, gpu, xpu, int] (gpu counts the devices\n"
+    "                        CUDA_VISIBLE_DEVICES leaves visible).\n"
     "  --rdzv-backend RDZV_BACKEND, --rdzv_backend RDZV_BACKEND\n"
     "                        Rendezvous backend: static or c10d (built in).\n"
     "  --rdzv-endpoint RDZV_ENDPOINT, --rdzv_endpoint RDZV_ENDPOINT\n"
@@ -82,7 +88,12 @@ constexpr const char* kHelpBody =
     "                        checks).\n"
     "  --start-method {spawn,fork,forkserver}, --start_method {spawn,fork,forkserver}\n"
     "                        Multiprocessing start method to use when creating\n"
-    "                        workers (accepted; workers are always exec'd).\n"
+    "                        workers: spawn (every worker is a fresh process;\n"
+    "                        fork and forkserver are refused, see --standby).\n"
+    "  --event-log-handler EVENT_LOG_HANDLER, --event_log_handler EVENT_LOG_HANDLER\n"
+    "                        null (default) or console: torchelastic's worker and\n"
+    "                        agent status events, a JSON line each on stderr, when\n"
+    "                        the job ends.\n"
     "  --role ROLE           User-defined role for the workers.\n"
     "  -m, --module          Change each process to interpret the launch script as\n"
     "                        a Python module, executing with the same behavior as\n"
@@ -112,6 +123,12 @@ constexpr const char* kHelpBody =
     "                        Only show logs from specified ranks in console (e.g.\n"
     "                        [--local-ranks-filter=0,1,2] will only show logs from\n"
     "                        rank 0, 1 and 2).\n"
+    "  --duplicate-stdout-filters DUPLICATE_STDOUT_FILTERS, --duplicate_stdout_filters DUPLICATE_STDOUT_FILTERS\n"
+    "                        Duplicates worker stdout lines that contain any of\n"
+    "                        these comma-separated strings (',,' is a comma) to\n"
+    "                        <log-dir>/<run>/attempt_<n>/filtered_stdout.log.\n"
+    "  --duplicate-stderr-filters DUPLICATE_STDERR_FILTERS, --duplicate_stderr_filters DUPLICATE_STDERR_FILTERS\n"
+    "                        The same for stderr (filtered_stderr.log).\n"
     "  --node-rank NODE_RANK, --node_rank NODE_RANK\n"
     "                        Rank of the node for multi-node distributed training.\n"
     "  --master-addr MASTER_ADDR, --master_addr MASTER_ADDR\n"
@@ -126,12 +143,21 @@ constexpr const char* kHelpBody =
     "                        Address of the local node. If specified, will use the\n"
     "                        given address for connection. Else, will look up the\n"
     "                        local node address instead.\n"
+    "  --logs-specs LOGS_SPECS, --logs_specs LOGS_SPECS\n"
+    "                        Refused: a torchrun.logs_specs entry point is Python\n"
+    "                        code torchrun loads into itself.\n"
+    "  --numa-binding NUMA_BINDING, --numa_binding NUMA_BINDING\n"
+    "                        Refused: NUMA binding is not supported yet.\n"
     "  --signals-to-handle SIGNALS_TO_HANDLE, --signals_to_handle SIGNALS_TO_HANDLE\n"
     "                        Comma-separated list of signals to handle and forward\n"
     "                        to the workers.\n"
     "  --shutdown-timeout SHUTDOWN_TIMEOUT, --shutdown_timeout SHUTDOWN_TIMEOUT\n"
     "                        Seconds between SIGTERM and SIGKILL when stopping\n"
     "                        workers.\n"
+    "  --virtual-local-rank, --virtual_local_rank\n"
+    "                        Every worker gets LOCAL_RANK=0 and, as\n"
+    "                        CUDA_VISIBLE_DEVICES, the one device it is assigned\n"
+    "                        (the local_rank-th of those the agent sees).\n"
     "  --worker-timeout WORKER_TIMEOUT, --worker_timeout WORKER_TIMEOUT\n"
     "                        (flashrun) A worker that sends no heartbeat for this\n"
     "                        many seconds is treated as hung and restarted\n"
@@ -193,6 +219,12 @@ const std::vector<FlagSpec>& Flags() {
     add("redirects", {"-r"}, ValueKind::kRequired);
     add("tee", {"-t"}, ValueKind::kRequired);
     add("local_ranks_filter", {}, ValueKind::kRequired);
+    add("duplicate_stdout_filters", {}, ValueKind::kRequired);
+    add("duplicate_stderr_filters", {}, ValueKind::kRequired);
+    add("event_log_handler", {}, ValueKind::kRequired);
+    add("logs_specs", {}, ValueKind::kRequired);
+    add("numa_binding", {}, ValueKind::kRequired);
+    add("virtual_local_rank", {}, ValueKind::kNone);
     add("node_rank", {}, ValueKind::kRequired);
     add("master_addr", {}, ValueKind::kRequired);
     add("master_port", {}, ValueKind::kRequired);
@@ -213,11 +245,25 @@ struct ParseError {
   std::string message;
 };
 
-int CountGpus() {
+int CountPhysicalGpus() {
   int count = 0;
   for (int i = 0; i < 64; ++i) {
     struct stat st;
     if (::stat(absl::StrCat("/dev/nvidia", i).c_str(), &st) == 0) ++count;
+  }
+  return count;
+}
+
+// Intel GPUs (torch.xpu): DRM render nodes whose PCI vendor is Intel.
+int CountXpus() {
+  int count = 0;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator("/sys/class/drm", ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.rfind("renderD", 0) != 0) continue;
+    std::ifstream vendor(e.path() / "device" / "vendor");
+    std::string v;
+    if (vendor >> v && v == "0x8086") ++count;
   }
   return count;
 }
@@ -286,6 +332,39 @@ int StreamSelection::ForLocalRank(int local_rank) const {
 }
 
 std::string UsageLine() { return kUsage; }
+
+int VisibleGpus(int physical, const char* cuda_visible_devices) {
+  if (cuda_visible_devices == nullptr) return physical;
+  std::set<std::string> seen;
+  int count = 0;
+  for (absl::string_view raw : absl::StrSplit(cuda_visible_devices, ',')) {
+    const std::string item(absl::StripAsciiWhitespace(raw));
+    int index = -1;
+    const bool uuid = item.rfind("GPU-", 0) == 0 || item.rfind("MIG-", 0) == 0;
+    if (!uuid && (!absl::SimpleAtoi(item, &index) || index < 0 || index >= physical)) break;
+    if (!seen.insert(uuid ? item : std::to_string(index)).second) break;
+    ++count;
+  }
+  return std::min(count, physical);
+}
+
+std::vector<std::string> CommaSeparatedList(const std::string& text) {
+  std::vector<std::string> out;
+  std::string item;
+  for (size_t i = 0; i < text.size(); ++i) {
+    if (text[i] == ',' && i + 1 < text.size() && text[i + 1] == ',') {
+      item += ',';
+      ++i;
+    } else if (text[i] == ',') {
+      if (!item.empty()) out.push_back(item);
+      item.clear();
+    } else {
+      item += text[i];
+    }
+  }
+  if (!item.empty()) out.push_back(item);
+  return out;
+}
 
 std::optional<int> SignalNumberFromName(const std::string& name) {
   static const std::map<std::string, int> known = {
@@ -436,16 +515,26 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
   if (auto v = value_of("nproc_per_node")) {
     options.nproc_per_node_text = *v;
     int n = 0;
+    const char* visible = getenv("CUDA_VISIBLE_DEVICES");
+    const int physical = CountPhysicalGpus();
     if (*v == "cpu") {
       n = CountCpus();
     } else if (*v == "gpu") {
-      n = CountGpus();
-      if (n == 0) return fail("argument --nproc-per-node: 'gpu' was asked for but no GPU is visible (/dev/nvidia*)");
+      n = VisibleGpus(physical, visible);
+      if (n == 0)
+        return fail(absl::StrFormat("argument --nproc-per-node: 'gpu' was asked for but no GPU is visible "
+                                    "(%d in /dev/nvidia*, CUDA_VISIBLE_DEVICES=%s)",
+                                    physical, visible ? absl::StrCat("'", visible, "'") : std::string("unset")));
+    } else if (*v == "xpu") {
+      n = CountXpus();
+      if (n == 0) return fail("argument --nproc-per-node: 'xpu' was asked for but no Intel GPU is visible "
+                              "(/sys/class/drm/renderD*, vendor 0x8086)");
     } else if (*v == "auto") {
-      n = CountGpus();
+      n = VisibleGpus(physical, visible);
+      if (n == 0) n = CountXpus();
       if (n == 0) n = CountCpus();
     } else if (!absl::SimpleAtoi(*v, &n)) {
-      return fail(absl::StrFormat("argument --nproc-per-node: '%s' is not one of [auto, cpu, gpu, int]", *v));
+      return fail(absl::StrFormat("argument --nproc-per-node: '%s' is not one of [auto, cpu, gpu, xpu, int]", *v));
     }
     if (n < 1) return fail(absl::StrFormat("argument --nproc-per-node: must be at least 1, got '%s'", *v));
     options.nproc_per_node = n;
@@ -502,6 +591,12 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
       return fail(absl::StrFormat(
           "argument --start-method: invalid choice: '%s' (choose from 'spawn', 'fork', 'forkserver')", *v));
     }
+    if (*v != "spawn")
+      return fail(absl::StrFormat(
+          "argument --start-method: '%s' is not supported: flashrun starts every worker as a fresh process "
+          "(a new interpreter, as 'spawn' does; torchrun too runs a script that way whatever this says). For "
+          "workers that start with their imports done, use --standby",
+          *v));
     options.start_method = *v;
   }
   if (auto v = value_of("role")) options.role = *v;
@@ -525,6 +620,35 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
       ranks.push_back(r);
     }
     options.local_ranks_filter = ranks;
+  }
+  if (auto v = value_of("duplicate_stdout_filters")) options.duplicate_stdout_filters = CommaSeparatedList(*v);
+  if (auto v = value_of("duplicate_stderr_filters")) options.duplicate_stderr_filters = CommaSeparatedList(*v);
+  if (auto v = value_of("event_log_handler")) {
+    if (*v != "null" && *v != "console")
+      return fail(absl::StrFormat("argument --event-log-handler: '%s' is not a handler flashrun has (choose from "
+                                  "'null', 'console'; torchrun's others are Python logging handlers registered "
+                                  "in its process)",
+                                  *v));
+    options.event_log_handler = *v;
+  }
+  if (auto v = value_of("logs_specs"))
+    return fail(absl::StrFormat(
+        "argument --logs-specs: '%s' names a Python entry point (torchrun.logs_specs) that torchrun loads into "
+        "its own interpreter; flashrun is not a Python process and cannot load it. Its log layout is torchrun's "
+        "default: --log-dir, -r/--redirects, -t/--tee, --local-ranks-filter, --duplicate-stdout-filters",
+        *v));
+  if (auto v = value_of("numa_binding"))
+    return fail(absl::StrFormat(
+        "argument --numa-binding: '%s' is not supported yet (flashrun does not bind workers to NUMA nodes); "
+        "bind them yourself, e.g. with numactl --cpunodebind in a --no-python wrapper",
+        *v));
+  options.virtual_local_rank = switches["virtual_local_rank"];
+  if (const char* visible = getenv("CUDA_VISIBLE_DEVICES"); options.virtual_local_rank && visible) {
+    const std::vector<std::string> listed = absl::StrSplit(visible, ',', absl::SkipEmpty());
+    if (static_cast<int>(listed.size()) < options.nproc_per_node)
+      return fail(absl::StrFormat("argument --virtual-local-rank: CUDA_VISIBLE_DEVICES='%s' lists %d devices for "
+                                  "%d workers (each worker gets one of them as its device 0)",
+                                  visible, listed.size(), options.nproc_per_node));
   }
   if (auto e = int_flag("node_rank", &options.node_rank, 0)) return fail(*e);
   if (auto v = value_of("master_addr")) {

@@ -39,6 +39,12 @@ struct LaunchOptions {
   StreamSelection redirects;
   StreamSelection tee;
   std::optional<std::vector<int>> local_ranks_filter;
+  // Worker output lines that contain any of these are also written to
+  // <log dir>/<run>/attempt_<n>/filtered_{stdout,stderr}.log (torchrun 2.7).
+  std::vector<std::string> duplicate_stdout_filters;
+  std::vector<std::string> duplicate_stderr_filters;
+  std::string event_log_handler = "null";  // "null" or "console" (torchelastic events as JSON lines on stderr)
+  bool virtual_local_rank = false;         // LOCAL_RANK=0, CUDA_VISIBLE_DEVICES = the worker's device
   int node_rank = 0;
   std::string master_addr = "127.0.0.1";
   int master_port = 29500;
@@ -68,6 +74,14 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
                                 std::string* out_text, std::string* err_text);
 
 std::string UsageLine();
+
+// The GPUs a worker sees: torch.cuda.device_count()'s rule for
+// CUDA_VISIBLE_DEVICES (nullptr: unset, every one of `physical`): the entries
+// up to the first that is not a device (an index below `physical`, or a GPU-/MIG-
+// UUID), without repeats.
+int VisibleGpus(int physical, const char* cuda_visible_devices);
+// torchrun's comma_separated_list: "a,b" -> {a, b}; ",," is a literal comma. Empty items are dropped.
+std::vector<std::string> CommaSeparatedList(const std::string& text);
 
 // "SIGTERM" -> 15; nullopt for an unknown name.
 std::optional<int> SignalNumberFromName(const std::string& name);

@@ -2,6 +2,10 @@
 
 #include <unistd.h>
 
+#include <vector>
+
+#include "absl/strings/str_split.h"
+
 extern char** environ;
 
 namespace flashckpt::launcher {
@@ -36,6 +40,18 @@ std::map<std::string, std::string> WorkerVariables(const WorkerIdentity& w,
       {"FLASHCKPT_RESTORE_STEP", w.restore_step},
       {"FLASHCKPT_HEARTBEAT_FILE", w.heartbeat_file},
   };
+  if (w.virtual_local_rank) {
+    // torchrun --virtual-local-rank: every worker is local rank 0 of its own
+    // device, the local_rank-th of those the agent sees.
+    v["LOCAL_RANK"] = "0";
+    std::string device = std::to_string(w.local_rank);
+    auto it = agent_environment.find("CUDA_VISIBLE_DEVICES");
+    if (it != agent_environment.end()) {
+      std::vector<std::string> listed = absl::StrSplit(it->second, ',', absl::SkipEmpty());
+      if (w.local_rank < static_cast<int>(listed.size())) device = listed[w.local_rank];
+    }
+    v["CUDA_VISIBLE_DEVICES"] = device;
+  }
   return v;
 }
 

@@ -25,6 +25,7 @@ struct WorkerIdentity {
   std::string agent_socket;
   std::string restore_step;
   std::string heartbeat_file;
+  bool virtual_local_rank = false;  // LOCAL_RANK=0, CUDA_VISIBLE_DEVICES = this worker's device
 };
 
 // The variables flashrun sets for one worker, by name.

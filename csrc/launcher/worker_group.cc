@@ -53,8 +53,46 @@ OutputForwarder::~OutputForwarder() {
   if (wake_fd_ >= 0) ::close(wake_fd_);
 }
 
-void OutputForwarder::Add(int pipe_fd, int file_fd, int console_fd, std::string prefix) {
-  streams_.push_back(Stream{pipe_fd, file_fd, console_fd, std::move(prefix), {}});
+absl::Status OutputForwarder::Add(int pipe_fd, int file_fd, int console_fd, std::string prefix, bool prefix_console,
+                                  std::vector<std::string> filters, const std::string& filtered_path) {
+  int filtered_fd = -1;
+  if (!filters.empty()) {
+    auto it = filtered_fds_.find(filtered_path);
+    if (it == filtered_fds_.end()) {
+      const int fd = ::open(filtered_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+      if (fd < 0) {
+        ::close(pipe_fd);
+        if (file_fd >= 0) ::close(file_fd);
+        return absl::InternalError(absl::StrFormat("cannot create log file %s: %s", filtered_path, std::strerror(errno)));
+      }
+      it = filtered_fds_.emplace(filtered_path, fd).first;
+    }
+    filtered_fd = it->second;
+  }
+  streams_.push_back(
+      Stream{pipe_fd, file_fd, console_fd, std::move(prefix), prefix_console, std::move(filters), filtered_fd, {}});
+  return absl::OkStatus();
+}
+
+// The complete lines of stream.partial_line (all of it with `flush`) to the
+// console, prefixed, and those that match a filter to the filtered log.
+void OutputForwarder::Lines(Stream& stream, bool flush) {
+  if (flush && !stream.partial_line.empty() && stream.partial_line.back() != '\n') stream.partial_line += '\n';
+  std::string console, filtered;
+  size_t start = 0;
+  for (size_t nl; (nl = stream.partial_line.find('\n', start)) != std::string::npos; start = nl + 1) {
+    const absl::string_view line(stream.partial_line.data() + start, nl + 1 - start);
+    if (stream.console_fd >= 0) absl::StrAppend(&console, stream.prefix_console ? stream.prefix : "", line);
+    for (const std::string& f : stream.filters) {
+      if (line.find(f) != absl::string_view::npos) {
+        absl::StrAppend(&filtered, stream.prefix, line);
+        break;
+      }
+    }
+  }
+  stream.partial_line.erase(0, start);
+  if (!console.empty()) WriteAll(stream.console_fd, console.data(), console.size());
+  if (!filtered.empty()) WriteAll(stream.filtered_fd, filtered.data(), filtered.size());
 }
 
 void OutputForwarder::Start() {
@@ -69,27 +107,16 @@ void OutputForwarder::Drain(Stream& stream, bool at_eof) {
     if (n < 0 && errno == EINTR) continue;
     if (n > 0) {
       if (stream.file_fd >= 0) WriteAll(stream.file_fd, buffer, static_cast<size_t>(n));
-      if (stream.console_fd >= 0) {
+      if (stream.console_fd >= 0 || !stream.filters.empty()) {
         stream.partial_line.append(buffer, static_cast<size_t>(n));
-        size_t start = 0;
-        std::string out;
-        for (size_t nl; (nl = stream.partial_line.find('\n', start)) != std::string::npos; start = nl + 1) {
-          out += stream.prefix;
-          out.append(stream.partial_line, start, nl + 1 - start);
-        }
-        stream.partial_line.erase(0, start);
-        if (!out.empty()) WriteAll(stream.console_fd, out.data(), out.size());
+        Lines(stream, false);
       }
       if (!at_eof) return;  // one chunk per wake-up keeps streams fair
       continue;
     }
     // End of file (or an error, or no more data when draining at the end).
     if (n == 0 || (n < 0 && errno != EAGAIN) || at_eof) {
-      if (stream.console_fd >= 0 && !stream.partial_line.empty()) {
-        std::string out = stream.prefix + stream.partial_line + "\n";
-        WriteAll(stream.console_fd, out.data(), out.size());
-        stream.partial_line.clear();
-      }
+      Lines(stream, true);
       ::close(stream.pipe_fd);
       if (stream.file_fd >= 0) ::close(stream.file_fd);
       stream.pipe_fd = -1;
@@ -149,6 +176,8 @@ void OutputForwarder::Finish(Clock::time_point deadline) {
     s.pipe_fd = s.file_fd = -1;
   }
   streams_.clear();
+  for (auto& [path, fd] : filtered_fds_) ::close(fd);
+  filtered_fds_.clear();
 }
 
 void BecomeSubreaper() { ::prctl(PR_SET_CHILD_SUBREAPER, 1); }
@@ -209,29 +238,47 @@ absl::Status WorkerGroup::Start(std::vector<WorkerLaunch> launches) {
 
     int child_out = -1, child_err = -1;  // -1: inherit the agent's
     auto prepare_stream = [&](int stream_bit, const std::string& path, int console_fd,
+                              const std::vector<std::string>& filters, const std::string& filtered_path,
                               int* child_fd) -> absl::Status {
       const bool tee = l.tee_streams & stream_bit;
       const bool redirect = (l.redirect_streams & stream_bit) || tee;
-      if (!redirect) return absl::OkStatus();
-      const int file_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-      if (file_fd < 0) {
-        return absl::InternalError(absl::StrFormat("cannot create log file %s: %s", path, std::strerror(errno)));
+      if (!redirect && filters.empty()) return absl::OkStatus();
+      int file_fd = -1;
+      if (redirect) {
+        file_fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+        if (file_fd < 0) {
+          return absl::InternalError(absl::StrFormat("cannot create log file %s: %s", path, std::strerror(errno)));
+        }
       }
-      if (!tee) {
+      if (!tee && filters.empty()) {
         *child_fd = file_fd;
         return absl::OkStatus();
       }
       int p[2];
       if (::pipe2(p, O_CLOEXEC) != 0) {
-        ::close(file_fd);
+        if (file_fd >= 0) ::close(file_fd);
         return absl::InternalError(absl::StrFormat("pipe for %s: %s", path, std::strerror(errno)));
       }
-      forwarder_->Add(p[0], file_fd, console_fd, l.console_prefix);
+      // Teed: prefixed on the console; redirected only: not on it; neither
+      // (only filtered): on the console as the worker wrote it.
+      const bool to_console = tee || !redirect;
+      if (absl::Status s = forwarder_->Add(p[0], file_fd, to_console ? console_fd : -1, l.console_prefix,
+                                           /*prefix_console=*/tee, filters, filtered_path);
+          !s.ok()) {
+        ::close(p[1]);
+        return s;
+      }
       *child_fd = p[1];
       return absl::OkStatus();
     };
-    if (absl::Status s = prepare_stream(kStdout, l.stdout_log, STDOUT_FILENO, &child_out); !s.ok()) return s;
-    if (absl::Status s = prepare_stream(kStderr, l.stderr_log, STDERR_FILENO, &child_err); !s.ok()) return s;
+    if (absl::Status s = prepare_stream(kStdout, l.stdout_log, STDOUT_FILENO, l.stdout_filters,
+                                        l.filtered_stdout_log, &child_out);
+        !s.ok())
+      return s;
+    if (absl::Status s = prepare_stream(kStderr, l.stderr_log, STDERR_FILENO, l.stderr_filters,
+                                        l.filtered_stderr_log, &child_err);
+        !s.ok())
+      return s;
     if (!l.heartbeat_file.empty()) {
       const int fd = ::open(l.heartbeat_file.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
       if (fd >= 0) ::close(fd);

@@ -36,6 +36,10 @@ struct WorkerLaunch {
   int redirect_streams = 0;  // kStdout | kStderr: to the log file only
   int tee_streams = 0;       // kStdout | kStderr: to the log file and the console, prefixed
   std::string console_prefix;  // "[default0]:"
+  // Lines containing any of these are also appended, prefixed, to the
+  // attempt's filtered_{stdout,stderr}.log (--duplicate-stdout-filters).
+  std::vector<std::string> stdout_filters, stderr_filters;
+  std::string filtered_stdout_log, filtered_stderr_log;
   std::string error_file;
   std::string heartbeat_file;  // empty: no hang detection
   // Warm standby (WorkerGroup::EnableStandby): what a standby must have been
@@ -161,8 +165,12 @@ class OutputForwarder {
  public:
   OutputForwarder();
   ~OutputForwarder();
-  // Takes ownership of pipe_fd and file_fd; console_fd is 1 or 2, or -1 for none.
-  void Add(int pipe_fd, int file_fd, int console_fd, std::string prefix);
+  // Takes ownership of pipe_fd and file_fd; console_fd is 1 or 2, or -1 for
+  // none; console lines get `prefix` when `prefix_console`. Lines with any of
+  // `filters` in them also go, prefixed, to `filtered_path` (shared by the
+  // streams that name it).
+  absl::Status Add(int pipe_fd, int file_fd, int console_fd, std::string prefix, bool prefix_console = true,
+                   std::vector<std::string> filters = {}, const std::string& filtered_path = "");
   void Start();
   // Waits until every pipe reached end of file, at most until the deadline, then closes all.
   void Finish(std::chrono::steady_clock::time_point deadline);
@@ -173,8 +181,13 @@ class OutputForwarder {
     int file_fd;
     int console_fd;
     std::string prefix;
+    bool prefix_console;
+    std::vector<std::string> filters;
+    int filtered_fd = -1;  // owned by filtered_fds_
     std::string partial_line;
   };
+  void Lines(Stream& stream, bool flush);
+  std::map<std::string, int> filtered_fds_;
   void Loop();
   void Drain(Stream& stream, bool at_eof);
   std::vector<Stream> streams_;

@@ -412,3 +412,87 @@ def test_a_persist_that_failed_at_the_end_makes_flashrun_exit_3(flashrun, launch
     finally:
         for f in shm.iterdir():  # the undurable segment is kept for a later run: not for this test
             f.unlink()
+
+
+# --- torch 2.x's flags (torch/distributed/run.py) ------------------------------
+PRINTER = ("import os, sys\n"
+           "r = os.environ['RANK']\n"
+           "print('step 1 loss 0.5 rank ' + r, flush=True)\n"
+           "print('nothing to see ' + r, flush=True)\n"
+           "print('acc,top1 ' + r, flush=True)\n"
+           "print('NCCL WARN rank ' + r, file=sys.stderr, flush=True)\n"
+           "print('plain stderr ' + r, file=sys.stderr, flush=True)\n")
+
+
+def _run_dir(logs):
+    dirs = glob.glob(str(logs / "*"))
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.mark.parametrize("streams", ["console", "tee", "redirect"])
+def test_duplicate_filters_copy_matching_lines_to_the_attempt_log(flashrun, launchers, tmp_path, streams):
+    prog = tmp_path / "printer.py"
+    prog.write_text(PRINTER)
+    logs = tmp_path / "logs"
+    extra = {"console": [], "tee": ["-t", "3"], "redirect": ["-r", "3"]}[streams]
+    rc, out, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "--log-dir", str(logs),
+                                  "--duplicate-stdout-filters", "loss,acc,,top1", "--duplicate_stderr_filters", "NCCL"]
+                                 + extra + [str(prog)], timeout=60)
+    assert rc == 0, err
+    attempt = os.path.join(_run_dir(logs), "attempt_0")
+    with open(os.path.join(attempt, "filtered_stdout.log")) as f:
+        lines = sorted(f.read().splitlines())
+    assert lines == sorted(["[default%d]:step 1 loss 0.5 rank %d" % (r, r) for r in (0, 1)]
+                           + ["[default%d]:acc,top1 %d" % (r, r) for r in (0, 1)]), lines
+    with open(os.path.join(attempt, "filtered_stderr.log")) as f:
+        assert sorted(f.read().splitlines()) == ["[default0]:NCCL WARN rank 0", "[default1]:NCCL WARN rank 1"]
+    # the console and the per-rank logs are what they are without filters
+    if streams == "console":
+        assert "nothing to see 0" in out and "\nstep 1 loss 0.5 rank 1" in "\n" + out
+        assert "plain stderr 1" in err
+    elif streams == "tee":
+        assert "[default1]:nothing to see 1" in out
+    else:
+        assert "nothing to see" not in out and "loss" not in out
+    if streams != "console":
+        with open(os.path.join(attempt, "1", "stdout.log")) as f:
+            assert f.read().count("\n") == 3
+
+
+def test_virtual_local_rank_gives_each_worker_its_device_as_device_0(flashrun, launchers, tmp_path):
+    env = {"CUDA_VISIBLE_DEVICES": "5,7"}
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "--virtual-local-rank",
+                                script("flashrun_env_dump.py"), str(tmp_path)], timeout=30, env=env)
+    assert rc == 0, err
+    for rank, device in ((0, "5"), (1, "7")):
+        with open(tmp_path / ("env_%d.json" % rank)) as f:
+            e = json.load(f)
+        assert e["LOCAL_RANK"] == "0" and e["RANK"] == str(rank) and e["CUDA_VISIBLE_DEVICES"] == device, e
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "--virtual-local-rank",
+                                script("flashrun_env_dump.py"), str(tmp_path)], timeout=30,
+                               env={"CUDA_VISIBLE_DEVICES": "3"})
+    assert rc == 2 and "CUDA_VISIBLE_DEVICES='3' lists 1 devices for 2 workers" in err, err
+
+
+def test_console_event_log_handler_prints_torchelastic_status_events(flashrun, launchers, tmp_path):
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "2", "--event-log-handler", "console",
+                                script("flashrun_env_dump.py"), str(tmp_path)], timeout=30)
+    assert rc == 0, err
+    events = [json.loads(line) for line in err.splitlines() if line.startswith('{"name": "torchelastic.')]
+    assert [(e["source"], e["metadata"]["global_rank"]) for e in events] == [("WORKER", 0), ("WORKER", 1),
+                                                                           ("AGENT", None)], events
+    assert all(e["name"] == "torchelastic.worker.status.SUCCEEDED" for e in events)
+    assert json.loads(events[1]["metadata"]["metadata"])["local_rank"] == 1
+    # a failure: FAILED, with the worker's error
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "1", "--event_log_handler", "console",
+                                script("flashrun_fail_always.py"), str(tmp_path)], timeout=60)
+    assert rc == 1
+    events = [json.loads(line) for line in err.splitlines() if line.startswith('{"name": "torchelastic.')]
+    assert [e["name"] for e in events] == ["torchelastic.worker.status.FAILED"] * 2, events
+    assert events[0]["metadata"]["raw_error"], events[0]
+    # and none with the default handler
+    rc, _, err = launchers.run([flashrun, "--standalone", "--nproc-per-node", "1", script("flashrun_env_dump.py"),
+                                str(tmp_path)], timeout=30)
+    assert rc == 0 and "torchelastic.worker.status" not in err
+

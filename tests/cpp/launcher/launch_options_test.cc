@@ -111,5 +111,67 @@ TEST(LaunchOptions, HelpExitsZero) {
   EXPECT_NE(p.out.find("--nproc-per-node NPROC_PER_NODE, --nproc_per_node NPROC_PER_NODE"), std::string::npos);
 }
 
+// The flags torch 2.x's torchrun has beyond 1.13's (torch/distributed/run.py):
+// honoured, or refused with the reason.
+TEST(LaunchOptions, Torch2FlagsAreHonouredOrRefusedWithAReason) {
+  Parsed p = Parse({"--duplicate-stdout-filters", "loss,,acc,step", "--duplicate_stderr_filters", "NCCL",
+                    "--event-log-handler", "console", "--virtual-local-rank", "--no-python", "p"});
+  ASSERT_TRUE(p.outcome.options) << p.err;
+  const LaunchOptions& o = *p.outcome.options;
+  EXPECT_EQ(o.duplicate_stdout_filters, (std::vector<std::string>{"loss,acc", "step"}));
+  EXPECT_EQ(o.duplicate_stderr_filters, (std::vector<std::string>{"NCCL"}));
+  EXPECT_EQ(o.event_log_handler, "console");
+  EXPECT_TRUE(o.virtual_local_rank);
+  Parsed d = Parse({"--no-python", "p"});
+  EXPECT_TRUE(d.outcome.options->duplicate_stdout_filters.empty());
+  EXPECT_EQ(d.outcome.options->event_log_handler, "null");
+  EXPECT_FALSE(d.outcome.options->virtual_local_rank);
+
+  struct Refused {
+    std::vector<std::string> args;
+    std::map<std::string, std::string> env;
+    std::string says;
+  };
+  for (const Refused& r : std::vector<Refused>{
+           {{"--logs-specs", "custom", "--no-python", "p"}, {}, "argument --logs-specs: 'custom' names a Python entry point"},
+           {{"--numa-binding", "node", "--no-python", "p"}, {}, "argument --numa-binding: 'node' is not supported yet"},
+           {{"--start-method", "fork", "--no-python", "p"}, {}, "argument --start-method: 'fork' is not supported"},
+           {{"--start_method", "forkserver", "--no-python", "p"}, {}, "use --standby"},
+           {{"--event-log-handler", "dynamic_rendezvous", "--no-python", "p"}, {}, "choose from 'null', 'console'"},
+           {{"--nproc-per-node", "4", "--virtual-local-rank", "--no-python", "p"},
+            {{"CUDA_VISIBLE_DEVICES", "2,3"}},
+            "CUDA_VISIBLE_DEVICES='2,3' lists 2 devices for 4 workers"},
+       }) {
+    Parsed bad = Parse(r.args, r.env);
+    EXPECT_FALSE(bad.outcome.options) << r.says;
+    EXPECT_EQ(bad.outcome.exit_code, 2);
+    EXPECT_NE(bad.err.find(r.says), std::string::npos) << bad.err;
+  }
+  EXPECT_TRUE(Parse({"--start-method", "spawn", "--no-python", "p"}).outcome.options);
+  Parsed help = Parse({"--help"});
+  for (const char* flag : {"--duplicate-stdout-filters DUPLICATE_STDOUT_FILTERS", "--event-log-handler",
+                           "--virtual-local-rank", "--logs-specs", "--numa-binding", "xpu"})
+    EXPECT_NE(help.out.find(flag), std::string::npos) << flag;
+}
+
+TEST(LaunchOptions, VisibleGpusFollowTorchsRuleForCudaVisibleDevices) {
+  EXPECT_EQ(VisibleGpus(4, nullptr), 4);
+  EXPECT_EQ(VisibleGpus(4, "0,1"), 2);
+  EXPECT_EQ(VisibleGpus(4, ""), 0);
+  EXPECT_EQ(VisibleGpus(4, "-1"), 0);     // "no GPU", as people write it
+  EXPECT_EQ(VisibleGpus(4, "2,7,1"), 1);  // up to the first device that is not there
+  EXPECT_EQ(VisibleGpus(4, "1,1"), 1);    // a repeat ends the list
+  EXPECT_EQ(VisibleGpus(2, "GPU-8c3a,MIG-1f2e"), 2);
+  EXPECT_EQ(VisibleGpus(8, " 3 , 5 "), 2);
+  EXPECT_EQ(VisibleGpus(0, "0"), 0);
+}
+
+TEST(LaunchOptions, CommaSeparatedListLikeTorchrun) {
+  EXPECT_EQ(CommaSeparatedList("a,b"), (std::vector<std::string>{"a", "b"}));
+  EXPECT_EQ(CommaSeparatedList("a,,b"), (std::vector<std::string>{"a,b"}));
+  EXPECT_EQ(CommaSeparatedList(""), std::vector<std::string>{});
+  EXPECT_EQ(CommaSeparatedList("x,"), (std::vector<std::string>{"x"}));
+}
+
 }  // namespace
 }  // namespace flashckpt::launcher
