@@ -1,0 +1,175 @@
+"""Multi-node end to end on the test bed (tests/e2e/scripts/testbed.py): each node
+in its own network and mount namespace, with its own address on a bridge and its
+own /dev/shm; the checkpoint directory is shared. Skipped with the reason where
+namespaces cannot be made (not root, no kernel support); the loopback variants in
+test_recovery.py run everywhere.
+"""
+import glob
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "scripts"))
+from flashrun_harness import PYTHON, flashrun_binary, wait_for  # noqa: E402
+from testbed import TestBed  # noqa: E402
+from test_recovery import (FAST_RDZV, TRAIN as TRAIN_SCRIPT, _committed_steps, _env, make_ckpt_dir,  # noqa: E402
+                           resumed, snapshotted, train_args, worker_logs)
+
+PORT = 29400  # every node has its own port space
+
+
+@pytest.fixture
+def bed():
+    b = TestBed.create()
+    yield b
+    b.destroy()
+
+
+@pytest.fixture(scope="module")
+def flashrun():
+    return flashrun_binary()
+
+
+def agent(flashrun, node, name, endpoint, run_id, logs, extra, max_restarts="2"):
+    return [flashrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+            "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "--rdzv-conf", FAST_RDZV, "--monitor-interval", "0.1",
+            "--local-addr", node.address, "--node-name", name, "--max-restarts", max_restarts,
+            "--log-dir", str(logs), "-r", "3"] + extra
+
+
+def communicate(p, timeout):
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(p.pid, signal.SIGKILL)
+        out, err = p.communicate(timeout=10)
+        raise AssertionError("timed out after %s s\nstdout:\n%s\nstderr:\n%s" % (timeout, out[-3000:], err[-6000:]))
+
+
+def test_nodes_have_their_own_address_memory_and_nothing_else(bed, tmp_path):
+    a, b = bed.add_node("a"), bed.add_node("b")
+    probe = ("import os, socket, sys\n"
+             "open('/dev/shm/fck-bed-probe', 'w').write(sys.argv[1])\n"
+             "print(sorted(f for f in os.listdir('/dev/shm') if f.startswith('fck-bed')))\n"
+             "s = socket.socket(); s.settimeout(3)\n"
+             "print('peer', s.connect_ex((sys.argv[2], 9)))\n"  # closed port on the peer: refused (111), not unreachable
+             "s = socket.socket(); s.settimeout(3)\n"
+             "print('outside', s.connect_ex(('192.0.2.1', 80)))\n")  # no route off the bridge
+    outs = []
+    for node, peer in ((a, b), (b, a)):
+        p = node.start([PYTHON, "-c", probe, node.name, peer.address])
+        out, err = communicate(p, 30)
+        assert p.returncode == 0, err
+        outs.append(out)
+    for out in outs:
+        assert "['fck-bed-probe']" in out, out  # its own file only
+        assert "peer 111" in out, out
+        assert re.search(r"outside (101|113|110|11)\b", out), out  # ENETUNREACH / EHOSTUNREACH / timeout
+    assert not os.path.exists("/dev/shm/fck-bed-probe")  # the host's /dev/shm saw nothing
+
+
+def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage(bed, flashrun, tmp_path):
+    ck = make_ckpt_dir(tmp_path / "ckpt")
+    a, b = bed.add_node("a"), bed.add_node("b")
+    endpoint = "%s:%d" % (a.address, PORT)
+    env = _env()
+    env["GLOO_SOCKET_IFNAME"] = "eth0"  # gloo would take the address the host name resolves to (loopback here)
+
+    # 1. rank 3 (node b) SIGKILLs itself right after step 15: both nodes restore it from their own memory.
+    crash = train_args(ck, "--crash-at-step", 15, "--crash-rank", 3)
+    pa = a.start(agent(flashrun, a, "node-a", endpoint, "bed-kill", tmp_path / "logs-a", crash), env=env)
+    time.sleep(1)  # node a hosts the rendezvous
+    pb = b.start(agent(flashrun, b, "node-b", endpoint, "bed-kill", tmp_path / "logs-b", crash), env=env)
+    out_a, err_a = communicate(pa, 120)
+    out_b, err_b = communicate(pb, 60)
+    assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
+    for err in (err_a, err_b):
+        assert "restore step 15: in memory on every node" in err, err[-4000:]
+        assert "commit through the rendezvous store at %s" % endpoint in err, err[-4000:]
+    for logs in ("logs-a", "logs-b"):
+        out = worker_logs(tmp_path / logs, 1)
+        assert sorted(out) == [0, 1] and all(resumed(t) == [(15, "memory")] for t in out.values()), out
+    assert 30 in _committed_steps(ck)
+
+    # 2. node b is lost (its processes killed, its /dev/shm gone with its mount namespace);
+    #    its replacement, with empty memory, and node a resume from the same committed step.
+    ck2 = make_ckpt_dir(tmp_path / "ckpt2")
+    slow = train_args(ck2, "--persist-every", 2, "--step-sleep", 0.15)
+    pa = a.start(agent(flashrun, a, "node-a", endpoint, "bed-loss", tmp_path / "loss-a", slow), env=env)
+    time.sleep(1)
+    pb = b.start(agent(flashrun, b, "node-b", endpoint, "bed-loss", tmp_path / "loss-b", slow), env=env)
+
+    def newest_on_a():
+        logs = worker_logs(tmp_path / "loss-a", 0)
+        return min([max(snapshotted(t), default=0) for t in logs.values()] or [0]) if len(logs) == 2 else 0
+
+    wait_for(lambda: newest_on_a() >= 20, 120, "node a's workers to snapshot step 20")
+    b.kill()
+    committed = _committed_steps(ck2)
+    assert committed, "nothing committed before the node was lost"
+    b2 = bed.add_node("b2")
+    pb2 = b2.start(agent(flashrun, b2, "node-b", endpoint, "bed-loss", tmp_path / "loss-b2", slow), env=env)
+    out_a, err_a = communicate(pa, 180)
+    out_b2, err_b2 = communicate(pb2, 60)
+    assert pa.returncode == 0 and pb2.returncode == 0, err_a[-4000:] + err_b2[-4000:]
+    last_a = max(int(p.rsplit("_", 1)[1]) for p in glob.glob(str(tmp_path / "loss-a" / "*" / "attempt_*")))
+    lines = [resumed(t) for t in worker_logs(tmp_path / "loss-a", last_a).values()]
+    lines_b2 = [resumed(t) for t in worker_logs(tmp_path / "loss-b2", 0).values()]
+    steps = {l[0][0] for l in lines + lines_b2}
+    assert len(lines + lines_b2) == 4 and len(steps) == 1, (lines, lines_b2)
+    assert steps.pop() == max(committed), (lines, lines_b2, committed)
+    assert all(l[0][1] == "storage" for l in lines_b2), lines_b2
+
+
+def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, tmp_path):
+    """--nnodes 1:2. Node b's link goes down: node a stops hearing its keep-alives, re-rendezvous
+    alone and finishes the job in a world of 2 from the newest committed step; node b cannot reach
+    the rendezvous, stops its workers and exits with an error instead of training on as a second
+    world (split brain) over the same checkpoint directory."""
+    ck = make_ckpt_dir(tmp_path / "ckpt")
+    a, b = bed.add_node("a"), bed.add_node("b")
+    endpoint = "%s:%d" % (a.address, PORT)
+    env = _env()
+    env["GLOO_SOCKET_IFNAME"] = "eth0"
+    ev = tmp_path / "events"
+    train = [TRAIN_SCRIPT, "--dir", str(ck), "--steps", "60", "--every", "5", "--replicated", "--events", str(ev),
+             "--step-sleep", "0.1"]
+
+    def start(node, name):
+        args = agent(flashrun, node, name, endpoint, "bed-split", tmp_path / ("logs-" + node.name), train)
+        args[args.index("--nnodes") + 1] = "1:2"
+        return node.start(args, env=env)
+
+    pa = start(a, "node-a")
+    time.sleep(1)
+    pb = start(b, "node-b")
+    wait_for(lambda: len([l for l in _lines(ev) if l.startswith("save step=10 ")]) == 4, 120,
+             "the world of 4 to save step 10")
+    b.partition()
+    cut = time.time()
+    out_b, err_b = communicate(pb, 120)
+    b_exited = time.time() - cut
+    out_a, err_a = communicate(pa, 180)
+    assert pa.returncode == 0, err_a[-6000:]
+    assert pb.returncode != 0, err_b[-4000:]
+    assert b_exited < 90, b_exited
+    # it noticed within its keep-alives, stopped its workers, and gave up after join_timeout
+    assert "lost the rendezvous server" in err_b and "could not join after" in err_b, err_b[-4000:]
+    assert endpoint in err_b.splitlines()[-1] if err_b.splitlines() else False, err_b[-2000:]
+    assert not b.pids(), b.pids()  # its workers are gone with it
+    saves = [l for l in _lines(ev) if l.startswith("save ")]
+    # after the cut, node b's ranks (2, 3) saved nothing in a world of their own
+    assert not [l for l in saves if " world=2 " in l and (" rank=2 " in l or " rank=3 " in l)], saves
+    done = [l for l in _lines(ev) if l.startswith("done ")]
+    assert sorted(done) == sorted(l for l in done if " world=2 " in l) and len(done) == 2, done
+    assert "the world is now 2 ranks" in err_a, err_a[-6000:]
+
+
+def _lines(path):
+    return open(path).read().splitlines() if os.path.exists(path) else []
