@@ -463,6 +463,7 @@ def flatten(state: Any, cuda_stream_of=None, replicated=None) -> FlatState:
 
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
+_STRIDED = torch.strided
 _PLAIN_VALUES = frozenset((int, float, complex, str, bytes, bool, type(None)))
 _PLAIN_DICTS = frozenset((dict, collections.OrderedDict))
 
@@ -589,7 +590,7 @@ def flatten_planned(state: Any, plan: SavePlan) -> Optional[FlatState]:
     append = ptrs.append
     for t, (tp, dt, shape, rg) in zip(tensors, metas):
         if (type(t) is not tp or t.dtype is not dt or t.requires_grad is not rg or t.shape != shape
-                or not t.is_cpu or not t.is_contiguous() or t.storage_offset()):
+                or t.layout is not _STRIDED or not t.is_cpu or not t.is_contiguous() or t.storage_offset()):
             return None
         append(t.data_ptr())
     if len(set(ptrs)) != len(ptrs):

@@ -216,3 +216,12 @@ def test_a_cycle_added_after_a_plan_is_still_the_clear_error(saver):
         saver.ckpt.save(99, state)
     state["optim"]["param_groups"].pop()
     saver.check_all()
+
+
+def test_a_sparse_tensor_swapped_in_after_a_plan_gets_the_full_paths_clear_error(saver):
+    state = model_state()
+    assert saver.save(state) is not None
+    state["model"]["layer0.weight"] = state["model"]["layer0.weight"].to_sparse()  # same dtype and shape
+    with pytest.raises(TypeError, match="layout"):
+        saver.ckpt.save(99, state)
+    saver.check_all()
