@@ -281,35 +281,46 @@ void CheckpointService::PersistDone(int rank, const PersistOutcome& o, const std
   if (!o.superseded) WriteStatus();
 }
 
+void CheckpointService::AbandonPersists(const std::vector<int>& ranks, const std::string& why,
+                                        const std::string& if_late) {
+  std::vector<std::pair<int, Persister*>> persisters;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (int rank : ranks)
+      if (auto it = ranks_.find(rank); it != ranks_.end()) persisters.emplace_back(rank, it->second->persister.get());
+  }
+  // Abandon() runs the dropped steps' callbacks, which take mu_.
+  for (auto& [rank, p] : persisters) p->Abandon(why);
+  {
+    // A persist blocked on the store notices the abandon now, not after its poll.
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, p] : persisters)
+      if (auto it = ranks_.find(rank); it != ranks_.end() && it->second->commits_in_flight)
+        it->second->commits_in_flight->WakeAll();
+  }
+  // In-flight persists notice within one barrier poll; a data write in
+  // progress finishes first (about a second per GiB).
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  for (auto& [rank, p] : persisters) {
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+    absl::Status s = p->Drain(std::max(left, std::chrono::milliseconds(0)));
+    if (!s.ok())
+      FCK_LOG(kError, "agent: rank ", rank, ": an abandoned persist still runs (", s.message(), ")", if_late);
+  }
+}
+
 void CheckpointService::Restart(int64_t restore_step) {
   std::vector<int> local_ranks;
-  std::vector<Persister*> persisters;
   std::string dir;
   {
     std::lock_guard<std::mutex> l(mu_);
     for (auto& [rank, r] : ranks_) {
       local_ranks.push_back(rank);
-      persisters.push_back(r->persister.get());
       dir = r->hello.directory();
     }
   }
-  for (Persister* p : persisters) p->Abandon("abandoned: a restart made it obsolete");
-  {
-    // A persist blocked on the store notices the abandon now, not after its poll.
-    std::lock_guard<std::mutex> l(mu_);
-    for (auto& [rank, r] : ranks_)
-      if (r->commits_in_flight) r->commits_in_flight->WakeAll();
-  }
-  // In-flight persists notice within one barrier poll; a data write in
-  // progress finishes first (about a second per GiB).
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-  for (Persister* p : persisters) {
-    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-    absl::Status s = p->Drain(std::max(left, std::chrono::milliseconds(0)));
-    if (!s.ok())
-      FCK_LOG(kError, "agent: restart goes on while an abandoned persist still runs (", s.message(),
-              "); its files of the dead timeline may be left for the next restart or retention");
-  }
+  AbandonPersists(local_ranks, "abandoned: a restart made it obsolete",
+                  "; its files of the dead timeline may be left for the next restart or retention");
   if (!dir.empty()) {
     for (const auto& st : ListSteps(dir)) {
       if (st.committed) continue;
@@ -466,30 +477,19 @@ void CheckpointService::MemoryLayout(int* world, std::set<int>* ranks) {
 }
 
 void CheckpointService::RetireRanksOutside(const std::set<int>& keep) {
-  std::vector<std::pair<int, Persister*>> retiring;
+  std::vector<int> retiring;
   {
     std::lock_guard<std::mutex> l(mu_);
     for (auto& [rank, r] : ranks_)
-      if (!keep.count(rank)) retiring.emplace_back(rank, r->persister.get());
+      if (!keep.count(rank)) retiring.push_back(rank);
   }
   if (retiring.empty()) return;
-  // Abandon() runs the dropped steps' callbacks, which take mu_.
-  for (auto& [rank, p] : retiring) p->Abandon("abandoned: this node no longer runs the rank");
-  {
-    std::lock_guard<std::mutex> l(mu_);
-    for (auto& [rank, p] : retiring)
-      if (auto it = ranks_.find(rank); it != ranks_.end() && it->second->commits_in_flight)
-        it->second->commits_in_flight->WakeAll();
-  }
   // Their callbacks look the rank up: it stays registered until they are idle.
-  for (auto& [rank, p] : retiring) {
-    absl::Status s = p->Drain(std::chrono::seconds(60));
-    if (!s.ok()) FCK_LOG(kError, "agent: a persist of retired rank ", rank, " still runs: ", s.message());
-  }
+  AbandonPersists(retiring, "abandoned: this node no longer runs the rank", "");
   std::vector<std::unique_ptr<Rank>> gone;
   {
     std::lock_guard<std::mutex> l(mu_);
-    for (auto& [rank, p] : retiring) {
+    for (int rank : retiring) {
       auto it = ranks_.find(rank);
       if (it == ranks_.end()) continue;
       gone.push_back(std::move(it->second));

@@ -141,6 +141,10 @@ class CheckpointService {
   // Call without mu_ held (superseded steps are answered at once).
   void Enqueue(int rank, int64_t step, int slot, std::shared_ptr<Connection> reply_to);
   void Unpin(Rank& r, int slot);
+  // Abandons every queued and in-flight persist of `ranks` (`why` is their
+  // outcome), wakes those blocked on the store, and waits up to 60 s for
+  // them to stop; one still running is logged, with `if_late` appended.
+  void AbandonPersists(const std::vector<int>& ranks, const std::string& why, const std::string& if_late);
   static std::unique_ptr<core::CommitBarrier> MakeBarrier(const std::shared_ptr<CommitCoordinator>& commits,
                                                     const std::string& directory, std::function<bool()> cancelled);
   void MetricsLoop();
