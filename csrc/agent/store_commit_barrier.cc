@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/strip.h"
 #include "common/log.h"
 #include "common/status.h"
 #include "flashckpt.pb.h"
@@ -26,11 +27,22 @@ std::string RestartMessage(int64_t step) {
   return absl::StrCat("step ", step, " abandoned: a restart made it obsolete");
 }
 
+// Every round's keys start with it.
+std::string CommitRoot(const CommitStoreOptions& o) { return absl::StrCat(o.key_root, o.run_id, "/commit/r"); }
+
 }  // namespace
 
-std::string CommitStoreOptions::endpoint() const { return rendezvous::FormatEndpoint(host, port); }
+rendezvous::KeyStoreAddress CommitStoreOptions::address() const {
+  rendezvous::KeyStoreAddress a{host, port, token, run_id, etcd};
+  if (a.etcd) a.etcd->request_timeout = std::min(a.etcd->request_timeout, unreachable_timeout);
+  return a;
+}
 
-std::string CommitStoreOptions::round_prefix() const { return absl::StrCat(run_id, "/commit/r", Padded(round)); }
+std::string CommitStoreOptions::endpoint() const { return rendezvous::KeyStoreEndpoint(address()); }
+
+std::string CommitStoreOptions::Describe() const { return rendezvous::DescribeKeyStore(address()); }
+
+std::string CommitStoreOptions::round_prefix() const { return absl::StrCat(CommitRoot(*this), Padded(round)); }
 
 std::string CommitStoreOptions::step_prefix(int64_t step) const {
   return absl::StrCat(round_prefix(), "/s", Padded(static_cast<uint64_t>(std::max<int64_t>(0, step))));
@@ -45,29 +57,29 @@ StoreCommitBarrier::~StoreCommitBarrier() = default;
 void StoreCommitBarrier::Wake() {
   std::lock_guard<std::mutex> l(mu_);
   woken_ = true;
-  if (client_) client_->Interrupt();
+  if (store_) store_->Interrupt();
 }
 
-rendezvous::RendezvousClient& StoreCommitBarrier::Client() {
+rendezvous::KeyStore& StoreCommitBarrier::Store() {
   std::lock_guard<std::mutex> l(mu_);
-  if (!client_) {
-    client_ = std::make_unique<rendezvous::RendezvousClient>(options_.host, options_.port, options_.token,
-                                                             options_.run_id);
-    if (woken_) client_->Interrupt();  // a wake before the first call is not lost
+  if (!store_) {
+    store_ = rendezvous::OpenKeyStore(options_.address());
+    if (woken_) store_->Interrupt();  // a wake before the first call is not lost
   }
-  return *client_;
+  return *store_;
 }
 
 void StoreCommitBarrier::Rearm() {
   std::lock_guard<std::mutex> l(mu_);
-  client_.reset();
+  store_.reset();
   woken_ = false;
 }
 
 absl::Status StoreCommitBarrier::Unreachable(int64_t step, const char* doing, const absl::Status& s) const {
-  return absl::UnavailableError(absl::StrCat("commit of step ", step, ": ", doing, " through the rendezvous store at ",
-                                             options_.endpoint(),
-                                             " failed (is the agent hosting the rendezvous gone?): ", s.message()));
+  return absl::UnavailableError(absl::StrCat("commit of step ", step, ": ", doing, " through ", options_.Describe(),
+                                             options_.etcd ? " failed (is etcd up and reachable from this node?): "
+                                                           : " failed (is the agent hosting the rendezvous gone?): ",
+                                             s.message()));
 }
 
 template <typename T, typename F>
@@ -87,7 +99,7 @@ absl::Status StoreCommitBarrier::Set(int64_t step, const std::string& key, const
   return Run<bool>(
              step, "setting a key",
              [&]() -> absl::StatusOr<bool> {
-               FCK_RETURN_IF_ERROR(Client().StoreSet(key, value, Clock::now() + options_.unreachable_timeout));
+               FCK_RETURN_IF_ERROR(Store().Set(key, value, Clock::now() + options_.unreachable_timeout));
                return true;
              },
              cancelled_)
@@ -97,7 +109,7 @@ absl::Status StoreCommitBarrier::Set(int64_t step, const std::string& key, const
 absl::StatusOr<std::optional<std::string>> StoreCommitBarrier::GetNow(int64_t step, const std::string& key) {
   return Run<std::optional<std::string>>(
       step, "reading a key",
-      [&] { return Client().StoreWait(key, std::chrono::milliseconds(0), Clock::now() + options_.unreachable_timeout); },
+      [&] { return Store().Wait(key, std::chrono::milliseconds(0), Clock::now() + options_.unreachable_timeout); },
       cancelled_);
 }
 
@@ -107,7 +119,7 @@ absl::StatusOr<std::optional<std::string>> StoreCommitBarrier::WaitKey(int64_t s
   const auto wait = std::clamp(std::chrono::duration_cast<std::chrono::milliseconds>(until - now),
                                std::chrono::milliseconds(0), options_.poll);
   absl::StatusOr<std::optional<std::string>> r =
-      Client().StoreWait(key, wait, now + wait + options_.unreachable_timeout);
+      Store().Wait(key, wait, now + wait + options_.unreachable_timeout);
   if (r.ok()) return r;
   if (r.status().code() != absl::StatusCode::kCancelled) return Unreachable(step, "waiting", r.status());
   Rearm();  // woken: the caller looks at cancelled
@@ -118,7 +130,7 @@ void StoreCommitBarrier::DropStepKeys(int64_t step) {
   // "/commit" sorts before every other key of the step: it stays for the
   // ranks still waiting on it; the next commit drops it with the older steps.
   const std::string p = options_.step_prefix(step);
-  (void)Client().StoreDelete(p + "/count", p + "/~", Clock::now() + options_.unreachable_timeout);
+  (void)Store().DeleteRange(p + "/count", p + "/~", Clock::now() + options_.unreachable_timeout);
 }
 
 absl::Status StoreCommitBarrier::RankDurable(int64_t step, int rank, const std::string& record) {
@@ -132,8 +144,8 @@ absl::Status StoreCommitBarrier::RankDurable(int64_t step, int rank, const std::
   FCK_ASSIGN_OR_RETURN(int64_t n, Run<int64_t>(
                                       step, "counting durable ranks",
                                       [&] {
-                                        return Client().StoreAdd(p + "/count", 1,
-                                                                 Clock::now() + options_.unreachable_timeout);
+                                        return Store().Add(p + "/count", 1,
+                                                           Clock::now() + options_.unreachable_timeout);
                                       },
                                       cancelled_));
   if (n >= static_cast<int64_t>(rec.world_size())) FCK_RETURN_IF_ERROR(Set(step, p + "/wake", "all"));
@@ -162,7 +174,8 @@ absl::StatusOr<std::vector<std::string>> StoreCommitBarrier::WaitAll(int64_t ste
       return absl::DeadlineExceededError(
           absl::StrCat(where, ": ", world_size - static_cast<int>(missing.size()), "/", world_size,
                        " ranks durable after ", std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
-                       " s (rendezvous store at ", options_.endpoint(), "); missing ranks ", absl::StrJoin(missing, ",")));
+                       " s (", absl::StripPrefix(options_.Describe(), "the "), "); missing ranks ",
+                       absl::StrJoin(missing, ",")));
     }
     FCK_ASSIGN_OR_RETURN(std::optional<std::string> woke, WaitKey(step, p + "/wake", deadline));
     if (!woke) continue;
@@ -200,9 +213,9 @@ void StoreCommitBarrier::Committed(int64_t step) {
   // this step's records, and older rounds' keys go.
   const auto deadline = Clock::now() + options_.unreachable_timeout;
   const std::string round = options_.round_prefix();
-  (void)Client().StoreDelete(round + "/s", options_.step_prefix(step), deadline);
+  (void)Store().DeleteRange(round + "/s", options_.step_prefix(step), deadline);
   DropStepKeys(step);
-  (void)Client().StoreDelete(absl::StrCat(options_.run_id, "/commit/r"), round, deadline);
+  (void)Store().DeleteRange(CommitRoot(options_), round, deadline);
 }
 
 absl::Status StoreCommitBarrier::WaitCommitted(int64_t step, std::chrono::milliseconds timeout,
@@ -213,8 +226,8 @@ absl::Status StoreCommitBarrier::WaitCommitted(int64_t step, std::chrono::millis
     if (cancelled && cancelled()) return absl::CancelledError(RestartMessage(step));
     if (Clock::now() >= deadline)
       return absl::DeadlineExceededError(
-          absl::StrCat("COMMIT of step ", step, " in ", directory_, ": no word from rank 0 through the rendezvous store at ",
-                       options_.endpoint(), " within ", std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
+          absl::StrCat("COMMIT of step ", step, " in ", directory_, ": no word from rank 0 through ", options_.Describe(),
+                       " within ", std::chrono::duration_cast<std::chrono::seconds>(timeout).count(),
                        " s (is rank 0 running and persisting?)"));
     absl::StatusOr<std::optional<std::string>> decided = WaitKey(step, key, deadline);
     if (!decided.ok()) {
@@ -231,9 +244,7 @@ absl::Status StoreCommitBarrier::WaitCommitted(int64_t step, std::chrono::millis
   }
 }
 
-std::string StoreCommitBarrier::Describe() const {
-  return absl::StrCat("the rendezvous store at ", options_.endpoint());
-}
+std::string StoreCommitBarrier::Describe() const { return options_.Describe(); }
 
 class StoreCommits::Tracked : public StoreCommitBarrier {
  public:
@@ -261,8 +272,6 @@ void StoreCommits::WakeAll() {
   for (StoreCommitBarrier* b : live_->barriers) b->Wake();
 }
 
-std::string StoreCommits::Describe() const {
-  return absl::StrCat("the rendezvous store at ", options_.endpoint());
-}
+std::string StoreCommits::Describe() const { return options_.Describe(); }
 
 }  // namespace flashckpt

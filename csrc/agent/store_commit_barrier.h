@@ -1,10 +1,12 @@
-// The cross-node commit through the rendezvous store (flashrun with the c10d
-// rendezvous): ranks report their records there instead of polling small
-// files on a shared file system. COMMIT stays a file, written by rank 0 once
-// every rank is durable; the store only coordinates.
+// The cross-node commit through the agents' key-value store (the built-in
+// rendezvous server's with the c10d rendezvous, etcd with etcd-v3): ranks
+// report their records there instead of polling small files on a shared
+// file system. COMMIT stays a file, written by rank 0 once every rank is
+// durable; the store only coordinates.
 //
-// Keys, all under "<run_id>/commit/r<round>/s<step>" (numbers zero-padded to
-// 20 digits, so that a range delete can drop older steps and rounds):
+// Keys, all under "<key_root><run_id>/commit/r<round>/s<step>" (numbers
+// zero-padded to 20 digits, so that a range delete can drop older steps and
+// rounds):
 //   /rank/<r>  rank r's framed RankRecord
 //   /count     how many ranks reported (a counter)
 //   /wake      set when the count reaches the world size, or by a failure:
@@ -29,7 +31,8 @@
 #include "absl/status/statusor.h"
 #include "agent/checkpoint_service.h"
 #include "storage/commit_barrier.h"
-#include "rendezvous/rendezvous_client.h"
+#include "rendezvous/etcd_client.h"
+#include "rendezvous/key_store.h"
 
 namespace flashckpt {
 
@@ -39,15 +42,25 @@ struct CommitStoreOptions {
   std::string token;
   std::string run_id;
   uint64_t round = 0;
+  // Set: the store is etcd (host, port and token are not used), every key
+  // under key_root (e.g. "/flashrun/"); "" for the built-in store.
+  std::optional<rendezvous::EtcdOptions> etcd;
+  std::string key_root;
   // A store that does not answer for this long fails the persist, naming
-  // host:port (the agent hosting the rendezvous is gone).
+  // host:port (the agent hosting the rendezvous is gone) or etcd's endpoints.
   std::chrono::milliseconds unreachable_timeout{10000};
   // One blocking wait on the store lasts at most this long before
   // `cancelled` is looked at again (Wake() ends it at once).
   std::chrono::milliseconds poll{500};
 
+  // "host:port", or etcd's endpoints "a:1, b:2"
   std::string endpoint() const;
-  // "<run_id>/commit/r<round>"
+  // "the rendezvous store at host:port" or "etcd at a:1, b:2"
+  std::string Describe() const;
+  // The store a barrier opens; an etcd request's timeout is capped at
+  // unreachable_timeout, so that one hung request cannot outlast it.
+  rendezvous::KeyStoreAddress address() const;
+  // key_root + "<run_id>/commit/r<round>"
   std::string round_prefix() const;
   // round_prefix() + "/s<step>"
   std::string step_prefix(int64_t step) const;
@@ -78,14 +91,15 @@ class StoreCommitBarrier : public core::CommitBarrier {
  private:
   // The connection; after a Wake() every call on it fails at once (kCancelled)
   // until Rearm() drops it.
-  rendezvous::RendezvousClient& Client();
+  rendezvous::KeyStore& Store();
   void Rearm();
   // Runs a store call until it is answered; kCancelled when Wake()
   // interrupted it and `cancelled` says so; kUnavailable (Unreachable) when
   // the store does not answer.
   template <typename T, typename F>
   absl::StatusOr<T> Run(int64_t step, const char* doing, F&& call, const std::function<bool()>& cancelled);
-  // The error for a call that got no answer: names the store's host:port.
+  // The error for a call that got no answer: names the store's host:port
+  // (or etcd's endpoints).
   absl::Status Unreachable(int64_t step, const char* doing, const absl::Status& s) const;
   // Blocks up to poll (or until `until`) on key. nullopt: not set yet, or
   // woken (then cancelled() is looked at by the caller).
@@ -99,8 +113,8 @@ class StoreCommitBarrier : public core::CommitBarrier {
   CommitStoreOptions options_;
   std::string directory_;
   std::function<bool()> cancelled_;
-  std::mutex mu_;  // client_ against Wake()
-  std::unique_ptr<rendezvous::RendezvousClient> client_;
+  std::mutex mu_;  // store_ against Wake()
+  std::unique_ptr<rendezvous::KeyStore> store_;
   bool woken_ = false;
 };
 

@@ -154,14 +154,16 @@ absl::Status CheckpointHooks::BeforeWorkersStart(int restart_count, const RoundA
   } else if (restart_count > 0) {
     Say("no step is available on every node: workers start from what they find");
   }
-  // The commit runs across nodes through the rendezvous store, under this
-  // round's keys (the round is the same on every node).
+  // The commit runs across nodes through the rendezvous store (or etcd),
+  // under this round's keys (the round is the same on every node).
   if (service_ && round.store) {
     CommitStoreOptions so;
     so.host = round.store->host;
     so.port = round.store->port;
     so.token = round.store->token;
     so.run_id = round.store->run_id;
+    so.etcd = round.store->etcd;
+    so.key_root = round.store->key_prefix;
     so.round = round.round;
     auto commits = std::make_shared<StoreCommits>(so);
     if (!announced_store_) Say(absl::StrCat("commit through ", commits->Describe()));

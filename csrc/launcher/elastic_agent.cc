@@ -169,14 +169,16 @@ absl::StatusOr<std::unique_ptr<NodeRendezvous>> MakeRendezvous(const LaunchOptio
   }
   DynamicRendezvousOptions d;
   d.run_id = job.run_id;
+  const bool etcd = o.rdzv_backend == "etcd-v3" && !o.standalone;
   if (o.standalone) {
     d.endpoint_host = "127.0.0.1";
     d.endpoint_port = 0;  // a free port: a busy 29400 never fails a standalone job
     d.is_host = true;
-  } else {
-    if (o.rdzv_endpoint.empty()) {
-      return absl::InvalidArgumentError("--rdzv-backend c10d needs --rdzv-endpoint host[:port]");
-    }
+  } else if (o.rdzv_endpoint.empty()) {
+    return absl::InvalidArgumentError(absl::StrFormat("--rdzv-backend %s needs --rdzv-endpoint %s", o.rdzv_backend,
+                                                      etcd ? "host:port[,host:port...] (the etcd members)"
+                                                           : "host[:port]"));
+  } else if (!etcd) {
     std::string host = o.rdzv_endpoint;
     int port = 29400;
     if (host.front() == '[') {  // [v6]:port
@@ -220,7 +222,29 @@ absl::StatusOr<std::unique_ptr<NodeRendezvous>> MakeRendezvous(const LaunchOptio
     absl::SimpleAtoi(it->second, &d.keep_alive_max_attempt);
     d.keep_alive_max_attempt = std::max(1, d.keep_alive_max_attempt);
   }
-  return StartDynamicRendezvous(std::move(d));
+  if (!etcd) return StartDynamicRendezvous(std::move(d));
+
+  EtcdRendezvousOptions e;
+  e.rendezvous = std::move(d);
+  absl::StatusOr<std::vector<std::string>> endpoints = rendezvous::ParseEtcdEndpoints(o.rdzv_endpoint);
+  if (!endpoints.ok())
+    return absl::InvalidArgumentError(absl::StrCat("--rdzv-endpoint: ", endpoints.status().message()));
+  e.etcd.endpoints = *endpoints;
+  if (auto it = o.rdzv_conf.find("user"); it != o.rdzv_conf.end()) e.etcd.user = it->second;
+  if (auto env = job.agent_env.find("FLASHRUN_ETCD_PASSWORD"); env != job.agent_env.end()) e.etcd.password = env->second;
+  if (auto it = o.rdzv_conf.find("password_file"); it != o.rdzv_conf.end()) {
+    std::ifstream in(it->second);
+    if (!in)
+      return absl::NotFoundError(absl::StrFormat("--rdzv-conf password_file=%s cannot be read", it->second));
+    std::string password((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+    e.etcd.password = std::string(absl::StripTrailingAsciiWhitespace(password));
+  }
+  if (e.etcd.user.empty() && !e.etcd.password.empty())
+    return absl::InvalidArgumentError("an etcd password was given (password_file or FLASHRUN_ETCD_PASSWORD) but no "
+                                      "user: add --rdzv-conf user=NAME");
+  if (auto it = o.rdzv_conf.find("key_prefix"); it != o.rdzv_conf.end()) e.key_prefix = it->second;
+  if (e.key_prefix.empty() || e.key_prefix.back() != '/') e.key_prefix += '/';
+  return StartEtcdRendezvous(std::move(e));
 }
 
 std::string DescribeFailures(const std::vector<WorkerFailure>& failures) {

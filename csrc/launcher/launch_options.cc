@@ -62,10 +62,13 @@ constexpr const char* kHelpBody =
     "                        cpu, gpu, xpu, int] (gpu counts the devices\n"
     "                        CUDA_VISIBLE_DEVICES leaves visible).\n"
     "  --rdzv-backend RDZV_BACKEND, --rdzv_backend RDZV_BACKEND\n"
-    "                        Rendezvous backend: static or c10d (built in).\n"
+    "                        Rendezvous backend: static, c10d (built in) or\n"
+    "                        etcd-v3 (etcd's v3 API; 'etcd' and 'etcd-v2',\n"
+    "                        torchrun's v2-API backends, are refused).\n"
     "  --rdzv-endpoint RDZV_ENDPOINT, --rdzv_endpoint RDZV_ENDPOINT\n"
     "                        Rendezvous backend endpoint; usually in form\n"
-    "                        <host>:<port>.\n"
+    "                        <host>:<port>; for etcd-v3 a list of members,\n"
+    "                        host:port[,host:port...].\n"
     "  --rdzv-id RDZV_ID, --rdzv_id RDZV_ID\n"
     "                        User-defined group id.\n"
     "  --rdzv-conf RDZV_CONF, --rdzv_conf RDZV_CONF\n"
@@ -73,7 +76,9 @@ constexpr const char* kHelpBody =
     "                        (<key1>=<value1>,<key2>=<value2>,...): join_timeout,\n"
     "                        last_call_timeout, close_timeout, keep_alive_interval,\n"
     "                        keep_alive_max_attempt, is_host, read_timeout,\n"
-    "                        token_file.\n"
+    "                        token_file; for etcd-v3 also user, password_file\n"
+    "                        (or FLASHRUN_ETCD_PASSWORD) and key_prefix\n"
+    "                        (default /flashrun/).\n"
     "  --standalone          Start a local standalone rendezvous backend on a free\n"
     "                        port. Useful when launching single-node, multi-worker\n"
     "                        job. If specified --rdzv-backend, --rdzv-endpoint,\n"
@@ -316,6 +321,18 @@ std::optional<std::string> CheckRdzvConfValue(const std::string& key, const std:
     int n = 0;
     if (!absl::SimpleAtoi(value, &n) || n < 1)
       return absl::StrFormat("%s=%s must be a whole number of attempts, 1 or more", key, value);
+  } else if (key == "protocol") {
+    if (value == "https")
+      return std::string("protocol=https: TLS to etcd is not supported yet; use http on a trusted network "
+                         "(with etcd authentication: user=..., password_file=...)");
+    if (value != "http") return absl::StrFormat("protocol=%s must be http", value);
+  } else if (key == "cacert" || key == "cert" || key == "key") {
+    return absl::StrFormat("%s=%s: TLS to etcd is not supported yet; use http on a trusted network "
+                           "(with etcd authentication: user=..., password_file=...)",
+                           key, value);
+  } else if (key == "key_prefix") {
+    if (value.empty() || value.front() != '/')
+      return absl::StrFormat("key_prefix=%s must start with '/' (e.g. /flashrun/)", value);
   } else if (key == "is_host") {
     static const std::set<std::string> kBools = {"true", "false", "1", "0", "True", "False", "yes", "no"};
     if (!kBools.count(value)) return absl::StrFormat("%s=%s is not true or false", key, value);
@@ -553,11 +570,15 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
           options.nproc_per_node));
   }
   if (auto v = value_of("rdzv_backend")) {
-    if (*v == "etcd" || *v == "etcd-v2" || *v == "etcd-v3") {
-      return fail(absl::StrFormat("argument --rdzv-backend: '%s' is not supported yet (use c10d or static)", *v));
+    if (*v == "etcd" || *v == "etcd-v2") {
+      return fail(absl::StrFormat(
+          "argument --rdzv-backend: '%s' is torchrun's rendezvous over etcd's v2 API (python-etcd); flashrun speaks "
+          "etcd's v3 API only: use --rdzv-backend etcd-v3 with the same --rdzv-endpoint",
+          *v));
     }
-    if (*v != "static" && *v != "c10d") {
-      return fail(absl::StrFormat("argument --rdzv-backend: invalid choice: '%s' (choose from 'static', 'c10d')", *v));
+    if (*v != "static" && *v != "c10d" && *v != "etcd-v3") {
+      return fail(absl::StrFormat(
+          "argument --rdzv-backend: invalid choice: '%s' (choose from 'static', 'c10d', 'etcd-v3')", *v));
     }
     options.rdzv_backend = *v;
   }
@@ -568,7 +589,10 @@ ParseOutcome ParseLaunchOptions(const std::vector<std::string>& args,
                                                    "close_timeout",       "keep_alive_interval",
                                                    "keep_alive_max_attempt", "is_host",
                                                    "read_timeout",        "timeout",
-                                                   "token_file"};
+                                                   "token_file",          "user",
+                                                   "password_file",       "key_prefix",
+                                                   "protocol",            "cacert",
+                                                   "cert",                "key"};
     for (absl::string_view part : absl::StrSplit(*v, ',', absl::SkipEmpty())) {
       std::vector<std::string> kv = absl::StrSplit(part, absl::MaxSplits('=', 1));
       if (kv.size() != 2 || kv[0].empty()) {

@@ -59,6 +59,19 @@ std::string NumericAddress(const std::string& host) {
   return text;
 }
 
+}  // namespace
+
+absl::Status BarrierInterrupted(int rejoin_fd, const std::function<bool()>& stop_requested) {
+  uint64_t pending = 0;
+  if (::read(rejoin_fd, &pending, sizeof(pending)) == sizeof(pending)) {
+    const uint64_t one = 1;
+    (void)!::write(rejoin_fd, &one, sizeof(one));  // keep it readable for the agent loop
+    return absl::AbortedError("the round ended during the barrier");
+  }
+  if (stop_requested()) return absl::CancelledError("barrier abandoned: the agent was asked to stop");
+  return absl::OkStatus();
+}
+
 RoundAssignment AssignmentFromView(const rdzv::RoundView& view) {
   RoundAssignment a;
   a.round = view.round();
@@ -78,6 +91,8 @@ RoundAssignment AssignmentFromView(const rdzv::RoundView& view) {
   }
   return a;
 }
+
+namespace {
 
 class StaticRendezvous : public NodeRendezvous {
  public:
@@ -252,14 +267,8 @@ class DynamicRendezvous : public NodeRendezvous {
     const std::string key = absl::StrFormat("%s/round/%d/barrier/%s", options_.run_id, last_round_, name);
     absl::StatusOr<int64_t> count = client_->StoreAdd(key, 1, deadline);
     while (count.ok() && *count < group_world_size_) {
-      uint64_t pending = 0;
-      if (::read(rejoin_fd_, &pending, sizeof(pending)) == sizeof(pending)) {
-        const uint64_t one = 1;
-        (void)!::write(rejoin_fd_, &one, sizeof(one));  // keep it readable for the agent loop
-        return absl::AbortedError("the round ended during the barrier");
-      }
       if (Clock::now() >= deadline) break;
-      if (stop_requested()) return absl::CancelledError("barrier abandoned: the agent was asked to stop");
+      if (absl::Status s = BarrierInterrupted(rejoin_fd_, stop_requested); !s.ok()) return s;
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
       count = client_->StoreAdd(key, 0, deadline);
     }

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "rendezvous/etcd_client.h"
 #include "rendezvous/rendezvous_client.h"
 #include "rendezvous/rendezvous_server.h"
 
@@ -24,13 +25,16 @@ struct NodeInRound {
   std::string payload;  // what NodeHooks::NodePayload gave on that node
 };
 
-// The agents' key-value store (c10d rendezvous only): the checkpoint service
-// runs the cross-node commit through it.
+// The agents' key-value store: the checkpoint service runs the cross-node
+// commit through it. With the c10d rendezvous it is the built-in server at
+// host:port; with etcd-v3 it is etcd, every key under key_prefix + run_id + "/".
 struct RendezvousStore {
   std::string host;
   uint16_t port = 0;
   std::string token;
   std::string run_id;
+  std::optional<rendezvous::EtcdOptions> etcd;  // set: the store is etcd
+  std::string key_prefix;                       // etcd only, e.g. "/flashrun/"
 };
 
 struct RoundAssignment {
@@ -85,6 +89,18 @@ struct DynamicRendezvousOptions {
 
 absl::StatusOr<std::unique_ptr<NodeRendezvous>> StartDynamicRendezvous(DynamicRendezvousOptions options);
 
+// The rendezvous through etcd's v3 API: the round in one key, changed by
+// transactions; a lease per agent (TTL keep_alive_interval x
+// keep_alive_max_attempt) for liveness; watches instead of polls. Keys under
+// key_prefix + run_id + "/". `rendezvous.endpoint_*` and `is_host` are unused.
+struct EtcdRendezvousOptions {
+  DynamicRendezvousOptions rendezvous;
+  rendezvous::EtcdOptions etcd;
+  std::string key_prefix = "/flashrun/";
+};
+
+absl::StatusOr<std::unique_ptr<NodeRendezvous>> StartEtcdRendezvous(EtcdRendezvousOptions options);
+
 struct StaticRendezvousOptions {
   int node_rank = 0;
   int nnodes = 1;
@@ -93,6 +109,13 @@ struct StaticRendezvousOptions {
   int master_port = 29500;
 };
 std::unique_ptr<NodeRendezvous> MakeStaticRendezvous(StaticRendezvousOptions options);
+
+// The assignment a round view gives its node (ranks, MASTER_ADDR, the nodes).
+RoundAssignment AssignmentFromView(const rendezvous::RoundView& view);
+
+// In a barrier's wait: an error when the round ended (the rejoin notifier
+// fired; it is left readable for the agent loop) or the agent is stopping.
+absl::Status BarrierInterrupted(int rejoin_fd, const std::function<bool()>& stop_requested);
 
 // A port nothing listens on right now (bind to port 0, read it, close).
 int PickFreePort();

@@ -19,15 +19,19 @@ void RoundState::Join(const NodeDescriptor& node, SteadyTime now) {
   } else {
     waiting_[node.node_id()] = Waiting{node, next_join_order_++};
   }
+  BreakForNewcomer(node.node_id());
+  ++version_;
+  MaybeComplete(now);
+}
+
+void RoundState::BreakForNewcomer(const std::string& node_id) {
   if (round_ > 0 && !round_broken_) {
     // A member joining again means its workers stopped: the round is over for all.
     // A newcomer breaks the round only when there is room for it.
-    if (IsParticipant(node.node_id()) || participants_.size() < settings_.max_nodes) {
+    if (IsParticipant(node_id) || participants_.size() < settings_.max_nodes) {
       round_broken_ = true;
     }
   }
-  ++version_;
-  MaybeComplete(now);
 }
 
 void RoundState::Leave(const std::string& node_id, SteadyTime now) {
@@ -165,6 +169,58 @@ bool RoundState::HasNewsFor(const std::string& node_id, uint64_t known_round) co
   const bool member = IsParticipant(node_id);
   if (!member) return true;  // neither in line nor in the round: it must join (again)
   return round_ > known_round || round_broken_;
+}
+
+// Stored rounds run on a clock of unix milliseconds (the same on every agent
+// to within NTP): a steady time point that many milliseconds after zero.
+namespace {
+SteadyTime AtUnixMs(int64_t ms) { return SteadyTime{} + std::chrono::milliseconds(ms); }
+int64_t UnixMsOf(SteadyTime t) {
+  return std::chrono::duration_cast<std::chrono::milliseconds>(t - SteadyTime{}).count();
+}
+}  // namespace
+
+RoundState RoundState::FromStored(const RoundSettings& settings, const StoredRound& stored) {
+  RoundState s(settings);
+  const RoundRecord& r = stored.record;
+  s.round_ = r.round();
+  s.participants_.assign(r.participants().begin(), r.participants().end());
+  const std::set<std::string> dead(r.dead().begin(), r.dead().end());
+  for (const NodeDescriptor& n : s.participants_) s.participant_alive_[n.node_id()] = !dead.count(n.node_id());
+  s.round_broken_ = r.broken();
+  if (r.last_call_deadline_unix_ms() > 0) s.last_call_deadline_ = AtUnixMs(r.last_call_deadline_unix_ms());
+  for (const NodeDescriptor& n : stored.in_line) s.waiting_[n.node_id()] = Waiting{n, s.next_join_order_++};
+  return s;
+}
+
+RoundRecord RoundState::AdvanceStored(const RoundSettings& settings, const StoredRound& stored,
+                                      const std::set<std::string>& alive, int64_t now_unix_ms) {
+  RoundState s = FromStored(settings, stored);
+  const SteadyTime now = AtUnixMs(now_unix_ms);
+  for (const NodeDescriptor& n : s.participants_) {
+    bool& live = s.participant_alive_[n.node_id()];
+    if (live && !alive.count(n.node_id())) {
+      live = false;
+      if (s.round_ > 0) s.round_broken_ = true;
+    }
+  }
+  for (const NodeDescriptor& n : stored.in_line) s.BreakForNewcomer(n.node_id());
+  s.MaybeComplete(now);
+
+  RoundRecord out;
+  out.set_round(s.round_);
+  for (const NodeDescriptor& n : s.participants_) {
+    *out.add_participants() = n;
+    if (!s.participant_alive_[n.node_id()]) out.add_dead(n.node_id());
+  }
+  out.set_broken(s.round_broken_);
+  if (s.last_call_deadline_) out.set_last_call_deadline_unix_ms(UnixMsOf(*s.last_call_deadline_));
+  return out;
+}
+
+RoundView RoundState::ViewOfStored(const RoundSettings& settings, const StoredRound& stored,
+                                   const std::string& node_id) {
+  return FromStored(settings, stored).ViewFor(node_id);
 }
 
 }  // namespace flashckpt::rendezvous

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -27,9 +28,26 @@ struct RoundSettings {
   Duration node_expiry = std::chrono::seconds(15);
 };
 
+// The round as a store (etcd) holds it: the record one agent at a time
+// rewrites, and the nodes in line for a newer round, in join order.
+struct StoredRound {
+  RoundRecord record;
+  std::vector<NodeDescriptor> in_line;
+};
+
 class RoundState {
  public:
   explicit RoundState(RoundSettings settings) : settings_(settings) {}
+
+  // The same rules applied to a stored round at `now_unix_ms`: a member not
+  // in `alive` is dead and breaks the round, a member in line breaks it, a
+  // newcomer breaks it when there is room; the round completes as Join and
+  // Advance complete one (min/max nodes, the last call). Silence is not
+  // timed here: the store's leases decide who is alive.
+  static RoundRecord AdvanceStored(const RoundSettings& settings, const StoredRound& stored,
+                                   const std::set<std::string>& alive, int64_t now_unix_ms);
+  static RoundView ViewOfStored(const RoundSettings& settings, const StoredRound& stored,
+                                const std::string& node_id);
 
   // Adds the node to the next round. Returns true when the state changed in a
   // way pollers must hear about.
@@ -62,6 +80,9 @@ class RoundState {
     uint64_t join_order;
   };
   bool IsParticipant(const std::string& node_id) const;
+  // A node in line breaks a healthy round when it is a member or there is room.
+  void BreakForNewcomer(const std::string& node_id);
+  static RoundState FromStored(const RoundSettings& settings, const StoredRound& stored);
   void MaybeComplete(SteadyTime now);
   void Complete(SteadyTime now);
   void Touch(const std::string& node_id, SteadyTime now);

@@ -4,6 +4,7 @@ own /dev/shm; the checkpoint directory is shared. Skipped with the reason where
 namespaces cannot be made (not root, no kernel support); the loopback variants in
 test_recovery.py run everywhere.
 """
+import functools
 import glob
 import os
 import re
@@ -36,8 +37,8 @@ def flashrun():
     return flashrun_binary()
 
 
-def agent(flashrun, node, name, endpoint, run_id, logs, extra, max_restarts="2"):
-    return [flashrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+def agent_argv(flashrun, node, name, endpoint, run_id, logs, extra, max_restarts="2", backend="c10d"):
+    return [flashrun, "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", backend,
             "--rdzv-endpoint", endpoint, "--rdzv-id", run_id, "--rdzv-conf", FAST_RDZV, "--monitor-interval", "0.1",
             "--local-addr", node.address, "--node-name", name, "--max-restarts", max_restarts,
             "--log-dir", str(logs), "-r", "3"] + extra
@@ -74,24 +75,52 @@ def test_nodes_have_their_own_address_memory_and_nothing_else(bed, tmp_path):
     assert not os.path.exists("/dev/shm/fck-bed-probe")  # the host's /dev/shm saw nothing
 
 
-def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage(bed, flashrun, tmp_path):
+class Rendezvous:
+    """Where the agents meet: the built-in server hosted by node a's agent, or an
+    etcd member in a node of its own."""
+
+    def __init__(self, bed, backend, a):
+        self.backend = backend
+        if backend == "c10d":
+            self.endpoint = "%s:%d" % (a.address, PORT)
+            self.store = "the rendezvous store at %s" % self.endpoint
+            self.etcd = None
+        else:
+            self.etcd = bed.start_etcd(1)
+            self.endpoint = self.etcd.endpoints
+            self.store = "etcd at %s" % self.endpoint
+
+    def settle(self):
+        if self.backend == "c10d":
+            time.sleep(1)  # node a hosts the rendezvous: let it bind first
+
+
+BACKENDS = pytest.mark.parametrize("backend", ["c10d", "etcd-v3"])
+
+
+@BACKENDS
+def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage(bed, flashrun, tmp_path, backend):
     ck = make_ckpt_dir(tmp_path / "ckpt")
     a, b = bed.add_node("a"), bed.add_node("b")
-    endpoint = "%s:%d" % (a.address, PORT)
+    rdzv = Rendezvous(bed, backend, a)
+    endpoint = rdzv.endpoint
+
+    agent = functools.partial(agent_argv, backend=backend)
+
     env = _env()
     env["GLOO_SOCKET_IFNAME"] = "eth0"  # gloo would take the address the host name resolves to (loopback here)
 
     # 1. rank 3 (node b) SIGKILLs itself right after step 15: both nodes restore it from their own memory.
     crash = train_args(ck, "--crash-at-step", 15, "--crash-rank", 3)
     pa = a.start(agent(flashrun, a, "node-a", endpoint, "bed-kill", tmp_path / "logs-a", crash), env=env)
-    time.sleep(1)  # node a hosts the rendezvous
+    rdzv.settle()
     pb = b.start(agent(flashrun, b, "node-b", endpoint, "bed-kill", tmp_path / "logs-b", crash), env=env)
     out_a, err_a = communicate(pa, 120)
     out_b, err_b = communicate(pb, 60)
     assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
     for err in (err_a, err_b):
         assert "restore step 15: in memory on every node" in err, err[-4000:]
-        assert "commit through the rendezvous store at %s" % endpoint in err, err[-4000:]
+        assert "commit through %s" % rdzv.store in err, err[-4000:]
     for logs in ("logs-a", "logs-b"):
         out = worker_logs(tmp_path / logs, 1)
         assert sorted(out) == [0, 1] and all(resumed(t) == [(15, "memory")] for t in out.values()), out
@@ -102,7 +131,7 @@ def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage
     ck2 = make_ckpt_dir(tmp_path / "ckpt2")
     slow = train_args(ck2, "--persist-every", 2, "--step-sleep", 0.15)
     pa = a.start(agent(flashrun, a, "node-a", endpoint, "bed-loss", tmp_path / "loss-a", slow), env=env)
-    time.sleep(1)
+    rdzv.settle()
     pb = b.start(agent(flashrun, b, "node-b", endpoint, "bed-loss", tmp_path / "loss-b", slow), env=env)
 
     def newest_on_a():
@@ -127,14 +156,16 @@ def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage
     assert all(l[0][1] == "storage" for l in lines_b2), lines_b2
 
 
-def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, tmp_path):
+@BACKENDS
+def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, tmp_path, backend):
     """--nnodes 1:2. Node b's link goes down: node a stops hearing its keep-alives, re-rendezvous
     alone and finishes the job in a world of 2 from the newest committed step; node b cannot reach
     the rendezvous, stops its workers and exits with an error instead of training on as a second
     world (split brain) over the same checkpoint directory."""
     ck = make_ckpt_dir(tmp_path / "ckpt")
     a, b = bed.add_node("a"), bed.add_node("b")
-    endpoint = "%s:%d" % (a.address, PORT)
+    rdzv = Rendezvous(bed, backend, a)
+    endpoint = rdzv.endpoint
     env = _env()
     env["GLOO_SOCKET_IFNAME"] = "eth0"
     ev = tmp_path / "events"
@@ -142,12 +173,13 @@ def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, 
              "--step-sleep", "0.1"]
 
     def start(node, name):
-        args = agent(flashrun, node, name, endpoint, "bed-split", tmp_path / ("logs-" + node.name), train)
+        args = agent_argv(flashrun, node, name, endpoint, "bed-split", tmp_path / ("logs-" + node.name), train,
+                      backend=backend)
         args[args.index("--nnodes") + 1] = "1:2"
         return node.start(args, env=env)
 
     pa = start(a, "node-a")
-    time.sleep(1)
+    rdzv.settle()
     pb = start(b, "node-b")
     wait_for(lambda: len([l for l in _lines(ev) if l.startswith("save step=10 ")]) == 4, 120,
              "the world of 4 to save step 10")
@@ -160,7 +192,8 @@ def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, 
     assert pb.returncode != 0, err_b[-4000:]
     assert b_exited < 90, b_exited
     # it noticed within its keep-alives, stopped its workers, and gave up after join_timeout
-    assert "lost the rendezvous server" in err_b and "could not join after" in err_b, err_b[-4000:]
+    lost = "lost the rendezvous server" if backend == "c10d" else "lost this node's etcd lease"
+    assert lost in err_b and "could not join after" in err_b, err_b[-4000:]
     assert endpoint in err_b.splitlines()[-1] if err_b.splitlines() else False, err_b[-2000:]
     assert not b.pids(), b.pids()  # its workers are gone with it
     saves = [l for l in _lines(ev) if l.startswith("save ")]

@@ -154,6 +154,30 @@ TEST(LaunchOptions, Torch2FlagsAreHonouredOrRefusedWithAReason) {
     EXPECT_NE(help.out.find(flag), std::string::npos) << flag;
 }
 
+TEST(LaunchOptions, EtcdV3IsABackendAndTheV2BackendsAndTlsAreRefusedWithTheReason) {
+  Parsed ok = Parse({"--rdzv-backend", "etcd-v3", "--rdzv-endpoint", "10.0.0.1:2379,10.0.0.2:2379", "--rdzv-conf",
+                     "user=job,password_file=/run/pw,key_prefix=/team/,protocol=http", "--nnodes", "1:4",
+                     "--no-python", "p"});
+  ASSERT_TRUE(ok.outcome.options) << ok.err;
+  EXPECT_EQ(ok.outcome.options->rdzv_backend, "etcd-v3");
+  EXPECT_EQ(ok.outcome.options->rdzv_conf.at("user"), "job");
+  EXPECT_EQ(ok.outcome.options->rdzv_conf.at("key_prefix"), "/team/");
+  for (const auto& [args, says] : std::vector<std::pair<std::vector<std::string>, std::string>>{
+           {{"--rdzv-backend", "etcd"}, "'etcd' is torchrun's rendezvous over etcd's v2 API"},
+           {{"--rdzv-backend", "etcd-v2"}, "use --rdzv-backend etcd-v3"},
+           {{"--rdzv-backend", "zookeeper"}, "choose from 'static', 'c10d', 'etcd-v3'"},
+           {{"--rdzv-conf", "protocol=https"}, "protocol=https: TLS to etcd is not supported yet"},
+           {{"--rdzv-conf", "cacert=/ca.pem"}, "cacert=/ca.pem: TLS to etcd is not supported yet"},
+           {{"--rdzv-conf", "key_prefix=flashrun"}, "key_prefix=flashrun must start with '/'"},
+       }) {
+    std::vector<std::string> full = args;
+    full.insert(full.end(), {"--no-python", "p"});
+    Parsed bad = Parse(full);
+    EXPECT_FALSE(bad.outcome.options) << says;
+    EXPECT_NE(bad.err.find(says), std::string::npos) << bad.err;
+  }
+}
+
 TEST(LaunchOptions, VisibleGpusFollowTorchsRuleForCudaVisibleDevices) {
   EXPECT_EQ(VisibleGpus(4, nullptr), 4);
   EXPECT_EQ(VisibleGpus(4, "0,1"), 2);

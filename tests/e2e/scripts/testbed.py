@@ -9,6 +9,7 @@ is the same in every node.
     p = a.start([...flashrun...])   # runs inside the node (Popen)
     a.kill()                        # node loss: every process in it SIGKILLed, its /dev/shm gone
     a.partition() / a.heal()        # its link down / up
+    etcd = bed.start_etcd(3)        # an etcd cluster, each member in a node of its own
     bed.destroy()                   # processes, namespaces, links: all gone, also after a failure
 
 Traffic goes only to addresses on the bridge (nodes have no other route) and
@@ -123,6 +124,47 @@ class Node:
         shutil.rmtree(self.local_dir, ignore_errors=True)
 
 
+_HEALTH_PROBE = """
+import json, sys, urllib.request
+req = urllib.request.Request("http://%s:2379/v3/kv/range" % sys.argv[1], data=json.dumps({"key": "AA=="}).encode(),
+                             headers={"Content-Type": "application/json"})
+try:
+    urllib.request.urlopen(req, timeout=2).read()
+    print("up")
+except Exception as e:
+    print("down", e)
+"""
+
+
+class EtcdCluster:
+    """etcd members on the bed: `endpoints` is what --rdzv-endpoint takes."""
+
+    def __init__(self, nodes):
+        self.nodes = nodes
+        self.endpoints = ",".join("%s:2379" % n.address for n in nodes)
+
+    def answers(self, node):
+        """Whether the member in `node` serves reads (asked from inside that node)."""
+        r = subprocess.run(["ip", "netns", "exec", node.netns, "python3", "-c", _HEALTH_PROBE, node.address],
+                           capture_output=True, text=True, timeout=20)
+        return r.stdout.startswith("up")
+
+    def stop(self, i):
+        """Member i's process killed (its data stays)."""
+        self.nodes[i].kill()
+
+    def start(self, i):
+        self.nodes[i].start(self.nodes[i].etcd_argv)
+
+    def wait_healthy(self, timeout):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if all(self.answers(n) for n in self.nodes):
+                return
+            time.sleep(0.3)
+        raise AssertionError("etcd on the test bed did not come up within %s s (logs: /tmp/fck-*-etcd*.log)" % timeout)
+
+
 class TestBed:
     __test__ = False  # not a pytest test class
     def __init__(self):
@@ -130,6 +172,7 @@ class TestBed:
         self.bridge = "fckbr%s" % self.tag
         self.subnet = None
         self.nodes = []
+        self.logs = []
 
     @classmethod
     def create(cls):
@@ -162,6 +205,34 @@ class TestBed:
         node._setup()
         return node
 
+    def start_etcd(self, members=1):
+        """An etcd cluster of `members` members, each in a node of its own (data in
+        that node's private directory, log in /tmp), up and healthy; skips the test
+        where no etcd is installed. Returns an EtcdCluster."""
+        binary = shutil.which("etcd") or ("/usr/bin/etcd" if os.path.exists("/usr/bin/etcd") else None)
+        if binary is None:
+            pytest.skip("no etcd binary (apt install etcd-server)")
+        first = len([n for n in self.nodes if n.name.startswith("etcd")])
+        nodes = [self.add_node("etcd%d" % (first + i)) for i in range(members)]
+        cluster = ",".join("%s=http://%s:2380" % (n.name, n.address) for n in nodes)
+        for n in nodes:
+            # The data outlives the member's process (a restart keeps it); removed with the bed.
+            data = "/var/tmp/fck-%s-%s-data" % (self.tag, n.name)
+            log = "/tmp/fck-%s-%s.log" % (self.tag, n.name)
+            self.logs += [log, data]
+            n.etcd_argv = ["sh", "-c", "exec \"$0\" \"$@\" >> %s 2>&1" % log, binary, "--name", n.name,
+                           "--data-dir", data,
+                           "--listen-client-urls", "http://%s:2379,http://127.0.0.1:2379" % n.address,
+                           "--advertise-client-urls", "http://%s:2379" % n.address,
+                           "--listen-peer-urls", "http://%s:2380" % n.address,
+                           "--initial-advertise-peer-urls", "http://%s:2380" % n.address,
+                           "--initial-cluster", cluster, "--initial-cluster-state", "new",
+                           "--heartbeat-interval", "100", "--election-timeout", "1000", "--log-level", "error"]
+            n.start(n.etcd_argv)
+        etcd = EtcdCluster(nodes)
+        etcd.wait_healthy(60)
+        return etcd
+
     def destroy(self):
         errors = []
         for node in self.nodes:
@@ -173,5 +244,10 @@ class TestBed:
         left = [n.netns for n in self.nodes if n.netns in _ip("netns", "list", check=False).stdout]
         if _ip("link", "show", self.bridge, check=False).returncode == 0:
             left.append(self.bridge)
+        for path in self.logs:  # etcd logs and data directories
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.exists(path):
+                os.unlink(path)
         if errors or left:
             raise AssertionError("test bed teardown: %s; left: %s" % (errors, left))
