@@ -127,9 +127,10 @@ def _port_open(port):
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def agent_args(flashrun, port, run_id, node_name, log_dir, extra, nnodes="2", max_restarts="1"):
-    return [flashrun, "--nnodes", nnodes, "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-            "--rdzv-endpoint", "127.0.0.1:%d" % port, "--rdzv-id", run_id, "--rdzv-conf", FAST_RDZV,
+def agent_args(flashrun, port, run_id, node_name, log_dir, extra, nnodes="2", max_restarts="1", backend="c10d",
+               endpoint=None, rdzv_conf=FAST_RDZV):
+    return [flashrun, "--nnodes", nnodes, "--nproc-per-node", "2", "--rdzv-backend", backend,
+            "--rdzv-endpoint", endpoint or "127.0.0.1:%d" % port, "--rdzv-id", run_id, "--rdzv-conf", rdzv_conf,
             "--monitor-interval", "0.1", "--local-addr", "127.0.0.1", "--node-name", node_name,
             "--max-restarts", max_restarts, "--log-dir", log_dir, "-r", "3"] + extra
 

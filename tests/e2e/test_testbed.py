@@ -206,3 +206,161 @@ def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, 
 
 def _lines(path):
     return open(path).read().splitlines() if os.path.exists(path) else []
+
+
+# --- etcd faults (etcd-v3 only) ---------------------------------------------------------------
+def _etcd_job(bed, flashrun, tmp_path, run_id, etcd, rdzv_conf, steps="60"):
+    """2 nodes x 2 workers on etcd, training `steps` steps (a snapshot every 5, 0.1 s a step)."""
+    ck = make_ckpt_dir(tmp_path / "ckpt")
+    a, b = bed.add_node("a"), bed.add_node("b")
+    env = _env()
+    env["GLOO_SOCKET_IFNAME"] = "eth0"
+    ev = tmp_path / "events"
+    train = [TRAIN_SCRIPT, "--dir", str(ck), "--steps", steps, "--every", "5", "--events", str(ev),
+             "--step-sleep", "0.1"]
+    procs = []
+    for node, name in ((a, "node-a"), (b, "node-b")):
+        args = agent_argv(flashrun, node, name, etcd.endpoints, run_id, tmp_path / ("logs-" + node.name), train,
+                          backend="etcd-v3")
+        args[args.index("--rdzv-conf") + 1] = rdzv_conf
+        procs.append(node.start(args, env=env))
+    return ck, ev, procs
+
+
+def test_an_etcd_member_killed_mid_run_does_not_stop_the_job(bed, flashrun, tmp_path):
+    """A 3-member etcd cluster; the member every agent talks to first is killed after step 10:
+    the clients go on to the others, the job trains to the end in one attempt and commits."""
+    etcd = bed.start_etcd(3)
+    # A lease of 3 s rides out etcd's election of a new leader (election timeout 1 s here).
+    conf = "keep_alive_interval=1,keep_alive_max_attempt=3,last_call_timeout=1,join_timeout=30"
+    ck, ev, (pa, pb) = _etcd_job(bed, flashrun, tmp_path, "bed-member", etcd, conf)
+    wait_for(lambda: len([l for l in _lines(ev) if l.startswith("save step=10 ")]) == 4, 120,
+             "the world of 4 to save step 10")
+    etcd.stop(0)
+    out_a, err_a = communicate(pa, 180)
+    out_b, err_b = communicate(pb, 60)
+    assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
+    for err in (err_a, err_b):
+        assert "lost this node's etcd lease" not in err, err[-4000:]
+    assert 60 in _committed_steps(ck)
+    done = [l for l in _lines(ev) if l.startswith("done ")]
+    assert len(done) == 4 and all(" world=4 " in l for l in done), done
+    resumes = [l for l in _lines(ev) if l.startswith("resume ")]
+    assert not resumes, resumes  # never restarted
+
+
+def test_etcd_down_mid_run_stops_the_workers_and_the_job_resumes_when_it_is_back(bed, flashrun, tmp_path):
+    """All of etcd (one member) goes down after step 10. No agent can renew its lease: each stops
+    its workers (none trains on without the others' word) and keeps trying to join. etcd comes
+    back within join_timeout: the agents form the next round and resume from their memory."""
+    etcd = bed.start_etcd(1)
+    ck, ev, (pa, pb) = _etcd_job(bed, flashrun, tmp_path, "bed-down", etcd, FAST_RDZV)
+    wait_for(lambda: len([l for l in _lines(ev) if l.startswith("save step=10 ")]) == 4, 120,
+             "the world of 4 to save step 10")
+    etcd.stop(0)
+    down = time.time()
+    time.sleep(3.5)  # past the 2 s lease (and a renewal period): every agent has stopped its workers
+    saves_then = len([l for l in _lines(ev) if l.startswith("save ")])
+    time.sleep(2)  # 0.1 s a step, a save every 5: 4 more saves a second if anyone trained on
+    assert len([l for l in _lines(ev) if l.startswith("save ")]) == saves_then, "workers trained on without etcd"
+    etcd.start(0)
+    etcd.wait_healthy(30)
+    out_a, err_a = communicate(pa, 180)
+    out_b, err_b = communicate(pb, 60)
+    assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
+    for err in (err_a, err_b):
+        assert "lost this node's etcd lease" in err, err[-4000:]
+    resumes = [l for l in _lines(ev) if l.startswith("resume ")]
+    assert len(resumes) == 4 and all(" source=memory " in l for l in resumes), resumes
+    step = {int(re.search(r"step=(\d+)", l).group(1)) for l in resumes}
+    assert len(step) == 1 and step.pop() >= 10, resumes
+    done = [l for l in _lines(ev) if l.startswith("done ")]
+    assert len(done) == 4 and all(" world=4 " in l for l in done), done
+    assert 60 in _committed_steps(ck)
+    assert time.time() - down < 200
+
+
+def _two_node_job(bed, flashrun, tmp_path, backend, run_id, train, nnodes="2"):
+    """Nodes a and b, their agents' argv for `train`; returns (a, b, rdzv, start(node, name))."""
+    a, b = bed.add_node("a"), bed.add_node("b")
+    rdzv = Rendezvous(bed, backend, a)
+    env = _env()
+    env["GLOO_SOCKET_IFNAME"] = "eth0"
+
+    def start(node, name):
+        args = agent_argv(flashrun, node, name, rdzv.endpoint, run_id, tmp_path / ("logs-" + node.name), train,
+                          backend=backend)
+        args[args.index("--nnodes") + 1] = nnodes
+        return node.start(args, env=env)
+
+    return a, b, rdzv, start
+
+
+@BACKENDS
+def test_sigterm_to_every_flashrun_commits_the_newest_snapshot(bed, flashrun, tmp_path, backend):
+    """The workers persist only their first snapshot; SIGTERM to both agents at once: each
+    stops its workers and persists its ranks' newest snapshot, and rank 0's agent commits it
+    across the nodes before they exit."""
+    ck = make_ckpt_dir(tmp_path / "ckpt")
+    ev = tmp_path / "events"
+    train = [TRAIN_SCRIPT, "--dir", str(ck), "--steps", "1000", "--every", "5", "--persist-every", "1000",
+             "--events", str(ev), "--step-sleep", "0.05"]
+    a, b, rdzv, start = _two_node_job(bed, flashrun, tmp_path, backend, "bed-term", train)
+    pa = start(a, "node-a")
+    rdzv.settle()
+    pb = start(b, "node-b")
+
+    def newest_all():
+        saves = {}
+        for l in _lines(ev):
+            if l.startswith("save "):
+                r = int(re.search(r" rank=(\d+)", l).group(1))
+                saves[r] = max(saves.get(r, 0), int(re.search(r"step=(\d+)", l).group(1)))
+        return min(saves.values()) if len(saves) == 4 else 0
+
+    wait_for(lambda: newest_all() >= 20, 120, "every rank to snapshot step 20")
+    assert _committed_steps(ck) == [5]
+    pa.send_signal(signal.SIGTERM)
+    pb.send_signal(signal.SIGTERM)
+    out_a, err_a = communicate(pa, 90)
+    out_b, err_b = communicate(pb, 90)
+    assert pa.returncode == 128 + signal.SIGTERM and pb.returncode == 128 + signal.SIGTERM, err_a[-4000:] + err_b[-4000:]
+    newest = newest_all()
+    committed = _committed_steps(ck)
+    # a worker may have saved a step and been stopped before it logged it: at most one step newer
+    assert max(committed) in (newest, newest + 5), (committed, newest)
+    assert "persisting rank 0 step %d" % max(committed) in err_a + err_b, (err_a + err_b)[-4000:]
+
+
+@BACKENDS
+def test_a_node_joining_below_max_starts_a_round_with_it(bed, flashrun, tmp_path, backend):
+    """--nnodes 1:2: node a trains alone (a world of 2); node b joins: a's agent stops its
+    workers, the next round has both nodes, and the world of 4 goes on from the newest
+    committed step (a world of another size restores committed steps only)."""
+    ck = make_ckpt_dir(tmp_path / "ckpt")
+    ev = tmp_path / "events"
+    train = [TRAIN_SCRIPT, "--dir", str(ck), "--steps", "60", "--every", "5", "--replicated", "--events", str(ev),
+             "--step-sleep", "0.1"]
+    a, b, rdzv, start = _two_node_job(bed, flashrun, tmp_path, backend, "bed-join", train, nnodes="1:2")
+    pa = start(a, "node-a")
+    wait_for(lambda: [l for l in _lines(ev) if l.startswith("save step=10 ") and " world=2 " in l], 120,
+             "node a alone to save step 10")
+    pb = start(b, "node-b")
+    out_a, err_a = communicate(pa, 180)
+    out_b, err_b = communicate(pb, 90)
+    assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
+    resumes = [l for l in _lines(ev) if l.startswith("resume ") and " world=4 " in l]
+    assert len(resumes) == 4, _lines(ev)[-20:]
+    steps = {int(re.search(r"step=(\d+)", l).group(1)) for l in resumes}
+    assert len(steps) == 1, resumes
+    step = steps.pop()
+    assert step >= 10, resumes
+    # the world of 4 starts from exactly what the world of 2 saved (and committed) at that step
+    saved = {re.search(r"digest=(\w+)", l).group(1) for l in _lines(ev)
+             if l.startswith("save step=%d " % step) and " world=2 " in l}
+    assert len(saved) == 1, (step, saved)
+    digest = saved.pop()
+    assert all(" digest=%s " % digest in l for l in resumes), (digest, resumes)
+    done = [l for l in _lines(ev) if l.startswith("done ")]
+    assert len(done) == 4 and all(" world=4 " in l for l in done), done
+    assert "the world is now 4 ranks" in err_a, err_a[-4000:]
