@@ -253,13 +253,13 @@ class EtcdRendezvous : public NodeRendezvous {
 
   void KeepLeaseAlive(int64_t lease) {
     const auto interval = options_.rendezvous.keep_alive_interval;
-    const auto ttl = std::chrono::seconds(ttl_s_);
+    const milliseconds ttl(ttl_s_ * 1000);
     Clock::time_point renewed = Clock::now();
     absl::Status last = absl::OkStatus();
     std::unique_lock<std::mutex> l(mu_);
     while (!lease_stop_) {
       // Renew at a third of the TTL at most, so that one slow answer does not lose it.
-      cv_.wait_for(l, std::min<Clock::duration>(interval, ttl / 3), [&] { return lease_stop_; });
+      cv_.wait_for(l, std::min(interval, ttl / 3), [&] { return lease_stop_; });
       if (lease_stop_) return;
       l.unlock();
       absl::StatusOr<int64_t> left = lease_client_->KeepAlive(lease);

@@ -3,7 +3,10 @@
 // crashed agent is a forked child killed with SIGKILL, so that its lease
 // lapses as a dead node's would.
 #include <gtest/gtest.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -233,6 +236,41 @@ TEST(EtcdRendezvous, AnAgentRestartedUnderTheSameNodeIdWaitsForANewRoundInsteadO
   EXPECT_EQ(ra->round, 2u);
   EXPECT_EQ(r2->round, 2u);
   EXPECT_EQ(r2->master_port, ra->master_port);
+}
+
+// etcd's count of lease renewals (its /metrics page, over plain HTTP/1.0).
+int64_t LeaseRenewals(const EtcdServer& etcd) {
+  const std::string ep = etcd.endpoint();
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(std::stoi(ep.substr(ep.rfind(':') + 1))));
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string page;
+  if (::connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) {
+    const std::string req = "GET /metrics HTTP/1.0\r\n\r\n";
+    (void)!::write(fd, req.data(), req.size());
+    char buf[65536];
+    for (ssize_t n; (n = ::read(fd, buf, sizeof(buf))) > 0;) page.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  const std::string name = "\netcd_debugging_lease_renewed_total ";
+  const size_t at = page.find(name);
+  return at == std::string::npos ? -1 : std::stoll(page.substr(at + name.size()));
+}
+
+TEST(EtcdRendezvous, AnIdleAgentRenewsItsLeaseEveryKeepAliveIntervalNotInALoop) {
+  EtcdServer etcd;
+  REQUIRE_ETCD(etcd);
+  auto a = Start(Options(etcd, "node-a", 1, 1));  // keep-alives every 0.5 s, a 2 s lease
+  ASSERT_TRUE(a);
+  ASSERT_TRUE(a->NextRound("p", 0, kNever).ok());
+  const int64_t before = LeaseRenewals(etcd);
+  ASSERT_GE(before, 0) << "no etcd_debugging_lease_renewed_total on " << etcd.endpoint() << "/metrics";
+  std::this_thread::sleep_for(seconds(3));
+  const int64_t renewed = LeaseRenewals(etcd) - before;
+  EXPECT_GE(renewed, 3);   // about 6: the lease is kept
+  EXPECT_LE(renewed, 12);  // and not renewed in a busy loop
 }
 
 TEST(EtcdRendezvous, AJoinThatCannotCompleteSaysHowFarItGotAndWhere) {
