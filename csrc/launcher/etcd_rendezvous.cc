@@ -361,7 +361,9 @@ class EtcdRendezvous : public NodeRendezvous {
     RoundSnapshot snap;
     snap.revision = revision;
     if (auto it = copy.find(round_key_); it != copy.end()) {
-      if (snap.stored.record.ParseFromString(it->second.value())) snap.record_revision = it->second.mod_revision();
+      // A record that does not parse counts as none, and the leader's next write replaces it.
+      if (!snap.stored.record.ParseFromString(it->second.value())) snap.stored.record.Clear();
+      snap.record_revision = it->second.mod_revision();
     }
     std::map<std::string, uint64_t> members;  // node id -> the incarnation in the round
     for (const auto& n : snap.stored.record.participants()) members[n.node_id()] = n.incarnation();

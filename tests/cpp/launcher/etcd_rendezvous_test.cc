@@ -273,6 +273,18 @@ TEST(EtcdRendezvous, AnIdleAgentRenewsItsLeaseEveryKeepAliveIntervalNotInALoop) 
   EXPECT_LE(renewed, 12);  // and not renewed in a busy loop
 }
 
+TEST(EtcdRendezvous, AGarbledRoundRecordIsReplacedNotObeyed) {
+  EtcdServer etcd;
+  REQUIRE_ETCD(etcd);
+  rendezvous::EtcdOptions o;
+  o.endpoints = {etcd.endpoint()};
+  auto client = rendezvous::EtcdClient::Connect(o);
+  ASSERT_TRUE(client.ok()) << client.status();
+  ASSERT_TRUE((*client)->Put("/flashrun/job/rdzv/round", "\xff\xff not a RoundRecord").ok());
+  auto [a, b] = StartTwo(etcd);
+  ASSERT_TRUE(a && b && FormRound(a.get(), b.get()));
+}
+
 TEST(EtcdRendezvous, AJoinThatCannotCompleteSaysHowFarItGotAndWhere) {
   EtcdServer etcd;
   REQUIRE_ETCD(etcd);
