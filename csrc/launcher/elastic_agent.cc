@@ -244,6 +244,23 @@ absl::StatusOr<std::unique_ptr<NodeRendezvous>> MakeRendezvous(const LaunchOptio
                                       "user: add --rdzv-conf user=NAME");
   if (auto it = o.rdzv_conf.find("key_prefix"); it != o.rdzv_conf.end()) e.key_prefix = it->second;
   if (e.key_prefix.empty() || e.key_prefix.back() != '/') e.key_prefix += '/';
+  // TLS as torchrun's etcd backends take it: protocol=https, cacert, and cert (with key) for a client certificate.
+  auto conf = [&](const char* key) {
+    auto it = o.rdzv_conf.find(key);
+    return it == o.rdzv_conf.end() ? std::string() : it->second;
+  };
+  e.etcd.ca_file = conf("cacert");
+  e.etcd.cert_file = conf("cert");
+  e.etcd.key_file = conf("key");
+  const bool tls_files = !e.etcd.ca_file.empty() || !e.etcd.cert_file.empty() || !e.etcd.key_file.empty();
+  bool https_endpoint = false;
+  for (const std::string& ep : e.etcd.endpoints) https_endpoint = https_endpoint || ep.rfind("https://", 0) == 0;
+  if (conf("protocol") == "http" && (tls_files || https_endpoint))
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--rdzv-conf protocol=http does not go with ",
+        tls_files ? "cacert, cert or key (they are for TLS)" : absl::StrCat("--rdzv-endpoint ", o.rdzv_endpoint),
+        ": use protocol=https, or leave protocol out"));
+  e.etcd.tls = conf("protocol") == "https" || tls_files || https_endpoint;
   return StartEtcdRendezvous(std::move(e));
 }
 

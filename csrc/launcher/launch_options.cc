@@ -77,8 +77,12 @@ constexpr const char* kHelpBody =
     "                        last_call_timeout, close_timeout, keep_alive_interval,\n"
     "                        keep_alive_max_attempt, is_host, read_timeout,\n"
     "                        token_file; for etcd-v3 also user, password_file\n"
-    "                        (or FLASHRUN_ETCD_PASSWORD) and key_prefix\n"
-    "                        (default /flashrun/).\n"
+    "                        (or FLASHRUN_ETCD_PASSWORD), key_prefix (default\n"
+    "                        /flashrun/), protocol (http or https), cacert (the CA\n"
+    "                        file etcd's certificate is checked against; default:\n"
+    "                        the system's), cert and key (a client certificate and\n"
+    "                        its key, for etcd --client-cert-auth); cacert, cert\n"
+    "                        or key imply https.\n"
     "  --standalone          Start a local standalone rendezvous backend on a free\n"
     "                        port. Useful when launching single-node, multi-worker\n"
     "                        job. If specified --rdzv-backend, --rdzv-endpoint,\n"
@@ -322,14 +326,14 @@ std::optional<std::string> CheckRdzvConfValue(const std::string& key, const std:
     if (!absl::SimpleAtoi(value, &n) || n < 1)
       return absl::StrFormat("%s=%s must be a whole number of attempts, 1 or more", key, value);
   } else if (key == "protocol") {
-    if (value == "https")
-      return std::string("protocol=https: TLS to etcd is not supported yet; use http on a trusted network "
-                         "(with etcd authentication: user=..., password_file=...)");
-    if (value != "http") return absl::StrFormat("protocol=%s must be http", value);
+    if (value != "http" && value != "https") return absl::StrFormat("protocol=%s must be http or https", value);
   } else if (key == "cacert" || key == "cert" || key == "key") {
-    return absl::StrFormat("%s=%s: TLS to etcd is not supported yet; use http on a trusted network "
-                           "(with etcd authentication: user=..., password_file=...)",
-                           key, value);
+    // Read by every agent when it joins: a wrong path is better found now than at the first rendezvous.
+    struct stat st {};
+    if (value.empty()) return absl::StrFormat("%s= names no file (a PEM file for TLS to etcd)", key);
+    if (::access(value.c_str(), R_OK) != 0 || ::stat(value.c_str(), &st) != 0)
+      return absl::StrFormat("%s=%s cannot be read: %s", key, value, std::strerror(errno));
+    if (S_ISDIR(st.st_mode)) return absl::StrFormat("%s=%s is a directory, not a PEM file", key, value);
   } else if (key == "key_prefix") {
     if (value.empty() || value.front() != '/')
       return absl::StrFormat("key_prefix=%s must start with '/' (e.g. /flashrun/)", value);

@@ -1,12 +1,22 @@
 #include "rendezvous/etcd_client.h"
 
 #include <google/protobuf/util/json_util.h>
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509_vfy.h>
 
 #include <algorithm>
 #include <boost/asio.hpp>
+#include <boost/asio/ssl.hpp>
+#include <boost/asio/ssl/host_name_verification.hpp>
 #include <boost/beast/core.hpp>
 #include <boost/beast/http.hpp>
+#include <boost/beast/ssl.hpp>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <mutex>
+#include <optional>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -21,27 +31,261 @@ namespace {
 namespace asio = boost::asio;
 namespace beast = boost::beast;
 namespace http = beast::http;
+namespace ssl = asio::ssl;
 using tcp = asio::ip::tcp;
 using Clock = std::chrono::steady_clock;
 
 struct Endpoint {
+  enum class Scheme { kNone, kHttp, kHttps };
   std::string host, port;
+  Scheme scheme = Scheme::kNone;
   std::string Text() const { return absl::StrCat(host, ":", port); }
+  std::string Url() const {
+    return absl::StrCat(scheme == Scheme::kHttps ? "https://" : scheme == Scheme::kHttp ? "http://" : "", Text());
+  }
 };
 
 absl::StatusOr<Endpoint> ParseEndpoint(absl::string_view text) {
   absl::string_view t = absl::StripAsciiWhitespace(text);
-  if (absl::ConsumePrefix(&t, "https://"))
-    return absl::UnimplementedError(absl::StrCat("etcd endpoint ", text, ": TLS (https) is not supported yet"));
-  absl::ConsumePrefix(&t, "http://");
+  Endpoint ep;
+  if (absl::ConsumePrefix(&t, "https://")) ep.scheme = Endpoint::Scheme::kHttps;
+  else if (absl::ConsumePrefix(&t, "http://")) ep.scheme = Endpoint::Scheme::kHttp;
   absl::ConsumeSuffix(&t, "/");
   const size_t colon = t.rfind(':');
   int port = 0;
   if (colon == absl::string_view::npos || colon == 0 || !absl::SimpleAtoi(t.substr(colon + 1), &port) || port < 1 ||
       port > 65535)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "etcd endpoint '", text, "' is not host:port (e.g. 127.0.0.1:2379, http://etcd-0:2379 or https://etcd-0:2379)"));
+  ep.host = std::string(t.substr(0, colon));
+  ep.port = std::to_string(port);
+  return ep;
+}
+
+// Every member of a cluster speaks one protocol: a list that mixes http://
+// and https:// is a typo, and so is an http:// member when TLS is asked for.
+absl::Status CheckOneProtocol(const std::vector<Endpoint>& endpoints, bool tls_asked) {
+  std::vector<std::string> plain, secure;
+  for (const Endpoint& e : endpoints) {
+    if (e.scheme == Endpoint::Scheme::kHttp) plain.push_back(e.Url());
+    if (e.scheme == Endpoint::Scheme::kHttps) secure.push_back(e.Url());
+  }
+  if (!plain.empty() && !secure.empty())
+    return absl::InvalidArgumentError(absl::StrCat("etcd endpoints mix plain HTTP (", absl::StrJoin(plain, ", "),
+                                                   ") and TLS (", absl::StrJoin(secure, ", "),
+                                                   "): the members of one cluster speak one protocol"));
+  if (!plain.empty() && tls_asked)
+    return absl::InvalidArgumentError(absl::StrCat(
+        "etcd endpoint ", plain[0], " is plain HTTP, but TLS is asked for (--rdzv-conf protocol=https, cacert, cert "
+        "or key): write it https://", plain[0].substr(7), " or without a scheme"));
+  return absl::OkStatus();
+}
+
+// `path` can be opened for reading; else an error that names it and why.
+absl::Status CheckReadable(const char* what, const std::string& path) {
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (f == nullptr)
     return absl::InvalidArgumentError(
-        absl::StrCat("etcd endpoint '", text, "' is not host:port (e.g. 127.0.0.1:2379 or http://etcd-0:2379)"));
-  return Endpoint{std::string(t.substr(0, colon)), std::to_string(port)};
+        absl::StrCat("etcd TLS: the ", what, " file ", path, " cannot be read: ", std::strerror(errno)));
+  std::fclose(f);
+  return absl::OkStatus();
+}
+
+// Loads one PEM file into the TLS context; an error names the file, what
+// OpenSSL said, and what the file should hold.
+template <typename Load>
+absl::Status LoadPemFile(const char* what, const std::string& path, const std::string& needed, Load&& load) {
+  if (absl::Status s = CheckReadable(what, path); !s.ok()) return s;
+  beast::error_code ec;
+  load(path, ec);
+  if (ec)
+    return absl::InvalidArgumentError(
+        absl::StrCat("etcd TLS: the ", what, " file ", path, " cannot be loaded: ", ec.message(), " (", needed, ")"));
+  return absl::OkStatus();
+}
+
+// The client side of TLS, loaded once per client: the CA to check etcd's
+// certificate against, and the client certificate when there is one.
+absl::StatusOr<std::unique_ptr<ssl::context>> MakeTlsContext(const EtcdOptions& o) {
+  auto ctx = std::make_unique<ssl::context>(ssl::context::tls_client);
+  ctx->set_verify_mode(ssl::verify_peer);
+  // An encrypted key must fail, not prompt on the terminal for a password.
+  ctx->set_password_callback([](size_t, ssl::context::password_purpose) { return std::string(); });
+  if (!o.ca_file.empty()) {
+    absl::Status s = LoadPemFile("CA certificate (cacert)", o.ca_file, "PEM CA certificates are needed",
+                                 [&](const std::string& f, beast::error_code& ec) { ctx->load_verify_file(f, ec); });
+    if (!s.ok()) return s;
+  } else {
+    beast::error_code ec;
+    ctx->set_default_verify_paths(ec);
+    if (ec)
+      return absl::InvalidArgumentError(
+          absl::StrCat("etcd TLS: the system's CA store cannot be loaded (", ec.message(),
+                       "): give the CA that signed etcd's certificate with --rdzv-conf cacert=..."));
+  }
+  if (o.cert_file.empty() && !o.key_file.empty())
+    return absl::InvalidArgumentError(absl::StrCat("etcd TLS: a client key (key=", o.key_file,
+                                                   ") without its certificate: give --rdzv-conf cert=... too"));
+  if (o.cert_file.empty()) return ctx;
+  absl::Status s = LoadPemFile("client certificate (cert)", o.cert_file, "a PEM certificate (chain) is needed",
+                               [&](const std::string& f, beast::error_code& ec) {
+                                 ctx->use_certificate_chain_file(f, ec);
+                               });
+  if (!s.ok()) return s;
+  s = LoadPemFile("client key (key)", o.key_file.empty() ? o.cert_file : o.key_file,
+                  absl::StrCat("the unencrypted PEM private key of ", o.cert_file, " is needed"),
+                  [&](const std::string& f, beast::error_code& ec) {
+                    ctx->use_private_key_file(f, ssl::context::pem, ec);
+                  });
+  if (!s.ok()) return s;
+  return ctx;
+}
+
+bool IsIpAddress(const std::string& host) {
+  beast::error_code ec;
+  (void)asio::ip::make_address(host, ec);
+  return !ec;
+}
+
+// A connection to one endpoint, plain or TLS: resolving, connecting and (with
+// TLS) the handshake, in one place for the calls and the watches. The streams
+// are driven through Visit, which hands the caller the one in use.
+class Connection {
+ public:
+  Connection(asio::io_context& ioc, ssl::context* tls) : resolver_(ioc) {
+    if (tls != nullptr) secure_.emplace(ioc, *tls);
+    else plain_.emplace(ioc);
+  }
+
+  beast::tcp_stream& Tcp() { return secure_ ? beast::get_lowest_layer(*secure_) : *plain_; }
+
+  template <typename F>
+  void Visit(F&& f) {
+    if (secure_) f(*secure_);
+    else f(*plain_);
+  }
+
+  // Resolves, connects and shakes hands, then calls `then` (with the error, if any).
+  void AsyncOpen(const Endpoint& ep, std::function<void(beast::error_code)> then) {
+    then_ = std::move(then);
+    stage_ = "resolving";
+    resolver_.async_resolve(ep.host, ep.port, [this, ep](beast::error_code e, tcp::resolver::results_type results) {
+      if (e) return then_(e);
+      stage_ = "connecting";
+      Tcp().async_connect(results, [this, ep](beast::error_code e2, const tcp::endpoint&) {
+        if (e2 || !secure_) return then_(e2);
+        Handshake(ep);
+      });
+    });
+  }
+
+  const std::string& stage() const { return stage_; }
+  void set_stage(std::string stage) { stage_ = std::move(stage); }
+  // Why etcd's certificate did not verify, as OpenSSL says it ("" if it did).
+  const std::string& verify_failure() const { return verify_failure_; }
+
+  // Ends what is in flight too (its handlers run with operation_aborted).
+  void Close() {
+    resolver_.cancel();
+    beast::error_code ignored;
+    Tcp().socket().shutdown(tcp::socket::shutdown_both, ignored);
+    Tcp().socket().close(ignored);
+  }
+
+ private:
+  void Handshake(const Endpoint& ep) {
+    stage_ = "TLS handshake";
+    SSL* native = secure_->native_handle();
+    if (!IsIpAddress(ep.host)) SSL_set_tlsext_host_name(native, ep.host.c_str());  // SNI takes names only
+    const bool by_address = IsIpAddress(ep.host);
+    secure_->set_verify_callback(
+        [check = ssl::host_name_verification(ep.host), by_address](bool preverified, ssl::verify_context& ctx) {
+          if (!preverified) return false;  // the chain does not verify: OpenSSL has said why
+          if (check(preverified, ctx)) return true;
+          // Say why in the verify result, which host_name_verification leaves at "ok".
+          X509_STORE_CTX_set_error(ctx.native_handle(),
+                                   by_address ? X509_V_ERR_IP_ADDRESS_MISMATCH : X509_V_ERR_HOSTNAME_MISMATCH);
+          return false;
+        });
+    secure_->async_handshake(ssl::stream_base::client, [this](beast::error_code e) {
+      if (e) {
+        const long verified = SSL_get_verify_result(secure_->native_handle());
+        if (verified != X509_V_OK) verify_failure_ = X509_verify_cert_error_string(verified);
+      }
+      then_(e);
+    });
+  }
+
+  tcp::resolver resolver_;
+  std::optional<beast::tcp_stream> plain_;
+  std::optional<beast::ssl_stream<beast::tcp_stream>> secure_;
+  std::function<void(beast::error_code)> then_;
+  std::string stage_ = "resolving";
+  std::string verify_failure_;
+};
+
+// A failed connection or exchange as a status that names the endpoint and the
+// stage, and for TLS what to check. A TLS setup that cannot work is
+// FailedPrecondition: another attempt would fail the same way.
+absl::Status ConnectionError(const Endpoint& ep, const std::string& doing, const Connection& c, beast::error_code ec,
+                             const EtcdOptions& o) {
+  const std::string at = absl::StrCat(ep.Text(), ": ", doing.empty() ? "" : doing + ": ");
+  if (ec == beast::error::timeout) return absl::DeadlineExceededError(absl::StrCat(at, "no answer in time (", c.stage(), ")"));
+  // A closed connection, where a wrong protocol is one likely cause (an outage another): said, not FailedPrecondition.
+  const bool closed = ec == ssl::error::stream_truncated || ec == asio::error::eof || ec == http::error::end_of_stream ||
+                      ec == asio::error::connection_reset;
+  if (closed && o.tls && c.stage() == "TLS handshake")
+    return absl::UnavailableError(absl::StrCat(at, c.stage(), ": ", ec.message(),
+                                               " (etcd closed the connection during the TLS handshake: if it serves "
+                                               "plain HTTP, use http:// or --rdzv-conf protocol=http)"));
+  if (closed && !o.tls && c.stage() == "waiting for the answer")
+    return absl::UnavailableError(absl::StrCat(at, c.stage(), ": ", ec.message(),
+                                               " (etcd closed the connection without an answer: if it serves TLS, "
+                                               "use https:// or --rdzv-conf protocol=https,cacert=...)"));
+  if (ec.category() != asio::error::get_ssl_category())
+    return absl::UnavailableError(absl::StrCat(at, c.stage(), ": ", ec.message()));
+  const int reason = ERR_GET_REASON(static_cast<unsigned long>(ec.value()));
+  const std::string what = ec.message();
+  switch (reason) {
+    case SSL_R_CERTIFICATE_VERIFY_FAILED: {
+      const std::string& why = c.verify_failure();
+      std::string hint;
+      if (why == X509_verify_cert_error_string(X509_V_ERR_HOSTNAME_MISMATCH) ||
+          why == X509_verify_cert_error_string(X509_V_ERR_IP_ADDRESS_MISMATCH))
+        hint = absl::StrCat("etcd's certificate is not for ", ep.host,
+                            ": reach etcd by a name or address its certificate lists (subjectAltName)");
+      else if (!o.ca_file.empty())
+        hint = absl::StrCat("is --rdzv-conf cacert=", o.ca_file, " the CA that signed etcd's certificate?");
+      else
+        hint = "the system's CA store does not trust it: give the CA that signed etcd's certificate with --rdzv-conf "
+               "cacert=...";
+      return absl::FailedPreconditionError(
+          absl::StrCat(at, "TLS handshake failed: ", what, " (", why.empty() ? "" : why + "; ", hint, ")"));
+    }
+    case SSL_R_WRONG_VERSION_NUMBER:
+    case SSL_R_PACKET_LENGTH_TOO_LONG:
+    case SSL_R_RECORD_LENGTH_MISMATCH:
+    case SSL_R_UNKNOWN_PROTOCOL:
+      return absl::FailedPreconditionError(absl::StrCat(at, c.stage(), ": ", what, " (", ep.Text(),
+                                                        " does not answer in TLS: is it plain HTTP? then use http:// "
+                                                        "or --rdzv-conf protocol=http)"));
+    case SSL_R_TLSV13_ALERT_CERTIFICATE_REQUIRED:
+    case SSL_R_SSLV3_ALERT_BAD_CERTIFICATE:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_UNKNOWN:
+    case SSL_R_SSLV3_ALERT_CERTIFICATE_EXPIRED:
+    case SSL_R_SSLV3_ALERT_UNSUPPORTED_CERTIFICATE:
+    case SSL_R_TLSV1_ALERT_UNKNOWN_CA:
+    case SSL_R_TLSV1_ALERT_ACCESS_DENIED:
+    case SSL_R_SSLV3_ALERT_HANDSHAKE_FAILURE:
+      return absl::FailedPreconditionError(absl::StrCat(
+          at, "etcd refused the TLS connection: ", what, " (",
+          o.cert_file.empty() ? "etcd asks for a client certificate: give --rdzv-conf cert=...,key=..."
+                              : absl::StrCat("is --rdzv-conf cert=", o.cert_file,
+                                             " signed by a CA etcd trusts (its --trusted-ca-file) and still valid?"),
+          ")"));
+    default:
+      return absl::UnavailableError(absl::StrCat(at, c.stage(), ": TLS: ", what));
+  }
 }
 
 std::string ToJson(const google::protobuf::Message& m) {
@@ -65,13 +309,16 @@ absl::Status FromJson(const std::string& json, google::protobuf::Message* m, con
 }  // namespace
 
 absl::StatusOr<std::vector<std::string>> ParseEtcdEndpoints(const std::string& text) {
-  std::vector<std::string> out;
+  std::vector<Endpoint> parsed;
   for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
     auto ep = ParseEndpoint(part);
     if (!ep.ok()) return ep.status();
-    out.push_back(ep->Text());
+    parsed.push_back(*ep);
   }
-  if (out.empty()) return absl::InvalidArgumentError("no etcd endpoint given (host:port[,host:port...])");
+  if (parsed.empty()) return absl::InvalidArgumentError("no etcd endpoint given (host:port[,host:port...])");
+  if (absl::Status s = CheckOneProtocol(parsed, /*tls_asked=*/false); !s.ok()) return s;
+  std::vector<std::string> out;
+  for (const Endpoint& e : parsed) out.push_back(e.Url());
   return out;
 }
 
@@ -80,6 +327,7 @@ struct EtcdClient::Impl {
   std::vector<Endpoint> endpoints;
   size_t current = 0;
   std::string token;
+  std::unique_ptr<ssl::context> tls;  // null: plain HTTP
   std::mutex mu;  // one exchange at a time: the io_context is not shared between threads
   asio::io_context ioc;
 
@@ -88,22 +336,21 @@ struct EtcdClient::Impl {
     std::string body;
   };
 
-  // Runs the io_context until `done` or the deadline; then cancels what is left.
-  bool RunUntil(beast::tcp_stream& stream, tcp::resolver& resolver, const bool& done, Clock::time_point deadline) {
+  // Runs the io_context until `finished()`, the deadline or `cancelled()`
+  // (checked every 100 ms); then closes the connection and runs the handlers
+  // that cancels, which refer to the caller's frame. True when `finished()`.
+  bool RunUntil(Connection& c, const std::function<bool()>& finished, Clock::time_point deadline,
+                const std::function<bool()>& cancelled = {}) {
     ioc.restart();
-    while (!done && Clock::now() < deadline) {
-      ioc.run_one_until(deadline);
+    while (!finished() && Clock::now() < deadline && !(cancelled && cancelled())) {
+      ioc.run_one_until(std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
       if (ioc.stopped()) ioc.restart();
     }
-    if (!done) {
-      resolver.cancel();
-      beast::error_code ignored;
-      stream.socket().close(ignored);
-      ioc.restart();
-      ioc.run();  // the cancelled handlers, which refer to this frame
-      return false;
-    }
-    return true;
+    const bool done = finished();
+    c.Close();
+    ioc.restart();
+    ioc.run();
+    return done;
   }
 
   http::request<http::string_body> Request(const Endpoint& ep, const std::string& target, const std::string& body) {
@@ -119,50 +366,32 @@ struct EtcdClient::Impl {
   // One POST to one endpoint (a fresh connection).
   absl::StatusOr<Reply> Exchange(const Endpoint& ep, const std::string& target, const std::string& body,
                                  Clock::time_point deadline) {
-    beast::tcp_stream stream(ioc);
-    tcp::resolver resolver(ioc);
+    Connection c(ioc, tls.get());
     http::request<http::string_body> req = Request(ep, target, body);
     beast::flat_buffer buffer;
     http::response<http::string_body> res;
     beast::error_code ec;
     bool done = false;
-    std::string stage = "resolving";
-    stream.expires_at(deadline);
-    resolver.async_resolve(ep.host, ep.port, [&](beast::error_code e, tcp::resolver::results_type results) {
-      if (e) {
-        ec = e;
-        done = true;
-        return;
-      }
-      stage = "connecting";
-      stream.async_connect(results, [&](beast::error_code e2, const tcp::endpoint&) {
-        if (e2) {
-          ec = e2;
-          done = true;
-          return;
-        }
-        stage = "sending";
-        http::async_write(stream, req, [&](beast::error_code e3, size_t) {
-          if (e3) {
-            ec = e3;
-            done = true;
-            return;
-          }
-          stage = "waiting for the answer";
-          http::async_read(stream, buffer, res, [&](beast::error_code e4, size_t) {
-            ec = e4;
-            done = true;
-          });
+    auto fail = [&](beast::error_code e) {
+      ec = e;
+      done = true;
+    };
+    c.Tcp().expires_at(deadline);  // the connect, the handshake, the write and the read
+    c.AsyncOpen(ep, [&](beast::error_code e) {
+      if (e) return fail(e);
+      c.set_stage("sending");
+      c.Visit([&](auto& s) {
+        // The handlers run after Visit returns: they hold the stream itself, not Visit's parameter.
+        http::async_write(s, req, [&, &stream = s](beast::error_code e2, size_t) {
+          if (e2) return fail(e2);
+          c.set_stage("waiting for the answer");
+          http::async_read(stream, buffer, res, [&](beast::error_code e3, size_t) { fail(e3); });
         });
       });
     });
-    if (!RunUntil(stream, resolver, done, deadline))
-      return absl::DeadlineExceededError(absl::StrCat(ep.Text(), ": no answer in time (", stage, ")"));
-    if (ec == beast::error::timeout)
-      return absl::DeadlineExceededError(absl::StrCat(ep.Text(), ": no answer in time (", stage, ")"));
-    if (ec) return absl::UnavailableError(absl::StrCat(ep.Text(), ": ", stage, ": ", ec.message()));
-    beast::error_code ignored;
-    stream.socket().shutdown(tcp::socket::shutdown_both, ignored);
+    if (!RunUntil(c, [&] { return done; }, deadline))
+      return absl::DeadlineExceededError(absl::StrCat(ep.Text(), ": no answer in time (", c.stage(), ")"));
+    if (ec) return ConnectionError(ep, "", c, ec, options);
     return Reply{static_cast<int>(res.result_int()), std::move(res.body())};
   }
 
@@ -175,6 +404,11 @@ struct EtcdClient::Impl {
       if (!e.message().empty()) message = e.message();
       else if (!e.error().empty()) message = e.error();
       if (e.code() > 0 && e.code() <= 16) code = e.code();
+    }
+    if (r.http_status == 400 && absl::StrContains(r.body, "HTTPS server")) {  // Go's answer to plain HTTP on TLS
+      return absl::FailedPreconditionError(
+          absl::StrCat(ep.Text(), ": HTTP 400: ", absl::StripAsciiWhitespace(message),
+                       " (etcd there speaks TLS: use https:// or --rdzv-conf protocol=https,cacert=...)"));
     }
     return absl::Status(static_cast<absl::StatusCode>(code),
                         absl::StrCat(ep.Text(), ": HTTP ", r.http_status, ": ", message));
@@ -200,6 +434,7 @@ struct EtcdClient::Impl {
   absl::StatusOr<std::string> PostRaw(const std::string& target, const std::string& body, Clock::time_point deadline,
                                       bool auth = true) {
     std::vector<std::string> tried;
+    bool all_refused = true;  // by a TLS setup that cannot work (FailedPrecondition), not by an outage
     for (size_t n = 0; n < endpoints.size(); ++n) {
       const size_t i = (current + n) % endpoints.size();
       const auto now = Clock::now();
@@ -210,6 +445,7 @@ struct EtcdClient::Impl {
       absl::StatusOr<Reply> r = Exchange(endpoints[i], target, body, until);
       if (!r.ok()) {
         tried.push_back(std::string(r.status().message()));
+        all_refused = all_refused && r.status().code() == absl::StatusCode::kFailedPrecondition;
         continue;
       }
       if (r->http_status == 200) {
@@ -223,13 +459,16 @@ struct EtcdClient::Impl {
       }
       if (s.code() == absl::StatusCode::kUnavailable) {  // e.g. "etcdserver: no leader": another member may do
         tried.push_back(std::string(s.message()));
+        all_refused = false;
         continue;
       }
       current = i;
       return s;
     }
-    return absl::UnavailableError(absl::StrCat("etcd at ", Names(), ": ", target, " failed on every endpoint (",
-                                               tried.empty() ? "out of time" : absl::StrJoin(tried, "; "), ")"));
+    return absl::Status(
+        all_refused && !tried.empty() ? absl::StatusCode::kFailedPrecondition : absl::StatusCode::kUnavailable,
+        absl::StrCat("etcd at ", Names(), ": ", target, " failed on every endpoint (",
+                     tried.empty() ? "out of time" : absl::StrJoin(tried, "; "), ")"));
   }
 
   template <typename Response>
@@ -260,6 +499,15 @@ absl::StatusOr<std::unique_ptr<EtcdClient>> EtcdClient::Connect(EtcdOptions opti
     impl->endpoints.push_back(*ep);
   }
   if (impl->endpoints.empty()) return absl::InvalidArgumentError("no etcd endpoint given");
+  options.tls = options.tls || !options.ca_file.empty() || !options.cert_file.empty() || !options.key_file.empty() ||
+                std::any_of(impl->endpoints.begin(), impl->endpoints.end(),
+                            [](const Endpoint& e) { return e.scheme == Endpoint::Scheme::kHttps; });
+  if (absl::Status s = CheckOneProtocol(impl->endpoints, options.tls); !s.ok()) return s;
+  if (options.tls) {
+    auto ctx = MakeTlsContext(options);
+    if (!ctx.ok()) return ctx.status();
+    impl->tls = std::move(*ctx);
+  }
   impl->options = std::move(options);
   const auto deadline = Clock::now() + impl->options.request_timeout;
   if (!impl->options.user.empty()) {
@@ -347,8 +595,7 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
   w.mutable_create_request()->set_start_revision(start_revision);
   const std::string body = ToJson(w);
   const Endpoint ep = m.endpoints[m.current];
-  beast::tcp_stream stream(m.ioc);
-  tcp::resolver resolver(m.ioc);
+  Connection c(m.ioc, m.tls.get());
   http::request<http::string_body> req = m.Request(ep, "/v3/watch", body);
   beast::flat_buffer buffer;
   http::response_parser<http::string_body> parser;
@@ -358,7 +605,10 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
   std::vector<etcd::Event> events;
   absl::Status error;
   size_t parsed = 0;
-  std::function<void()> read_more;
+  auto fail = [&](beast::error_code e) {
+    ec = e;
+    failed = true;
+  };
   auto take_lines = [&] {
     std::string& b = parser.get().body();
     for (size_t nl; (nl = b.find('\n', parsed)) != std::string::npos; parsed = nl + 1) {
@@ -384,74 +634,49 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
       for (const auto& e : r.events()) events.push_back(e);
     }
   };
-  read_more = [&] {
-    http::async_read_some(stream, buffer, parser, [&](beast::error_code e, size_t) {
-      if (e) {
-        ec = e;
-        failed = true;
-        return;
-      }
-      take_lines();
-      if (!error.ok() || !events.empty() || parser.is_done()) return;
-      read_more();
-    });
-  };
-  stream.expires_never();
-  resolver.async_resolve(ep.host, ep.port, [&](beast::error_code e, tcp::resolver::results_type results) {
-    if (e) {
-      ec = e;
-      failed = true;
-      return;
-    }
-    stream.async_connect(results, [&](beast::error_code e2, const tcp::endpoint&) {
-      if (e2) {
-        ec = e2;
-        failed = true;
-        return;
-      }
-      http::async_write(stream, req, [&](beast::error_code e3, size_t) {
-        if (e3) {
-          ec = e3;
-          failed = true;
-          return;
-        }
-        http::async_read_header(stream, buffer, parser, [&](beast::error_code e4, size_t) {
-          if (e4) {
-            ec = e4;
-            failed = true;
-            return;
-          }
+  std::function<void()> read_more;
+  c.Tcp().expires_never();  // the watch's deadline is the loop's below
+  c.AsyncOpen(ep, [&](beast::error_code e) {
+    if (e) return fail(e);
+    c.set_stage("sending");
+    c.Visit([&](auto& s) {
+      // The handlers run after Visit returns: they hold the stream itself, not Visit's parameter.
+      read_more = [&, &stream = s] {
+        http::async_read_some(stream, buffer, parser, [&](beast::error_code e4, size_t) {
+          if (e4) return fail(e4);
+          take_lines();
+          if (!error.ok() || !events.empty() || parser.is_done()) return;
+          read_more();
+        });
+      };
+      http::async_write(s, req, [&, &stream = s](beast::error_code e2, size_t) {
+        if (e2) return fail(e2);
+        c.set_stage("waiting for the answer");
+        http::async_read_header(stream, buffer, parser, [&](beast::error_code e3, size_t) {
+          if (e3) return fail(e3);
           header = true;
           if (parser.get().result_int() != 200) {
             failed = true;
             return;
           }
+          c.set_stage("watching");
           read_more();
         });
       });
     });
   });
-  m.ioc.restart();
   auto finished = [&] { return failed || !error.ok() || !events.empty() || parser.is_done(); };
-  while (!finished() && Clock::now() < deadline && !(cancelled && cancelled())) {
-    m.ioc.run_one_for(std::chrono::milliseconds(100));
-    if (m.ioc.stopped()) m.ioc.restart();
-  }
-  const bool ended_here = !finished();  // the deadline or `cancelled`, not the server
-  resolver.cancel();
-  beast::error_code ignored;
-  stream.socket().close(ignored);  // ends the watch on the server too
-  m.ioc.restart();
-  m.ioc.run();
+  // Closing the connection at the end ends the watch on the server too.
+  const bool ended_here = !m.RunUntil(c, finished, deadline, cancelled);  // the deadline or `cancelled`
   if (!error.ok()) return error;
   if (!events.empty() || ended_here) return events;
   if (failed && header)
     return Impl::GatewayStatus(ep, Impl::Reply{static_cast<int>(parser.get().result_int()), parser.get().body()});
   if (failed) {
     m.current = (m.current + 1) % m.endpoints.size();  // the next call tries another member
-    return absl::UnavailableError(absl::StrCat(ep.Text(), ": watch: ", ec.message()));
+    return ConnectionError(ep, "watch", c, ec, m.options);
   }
-  return events;  // none before the deadline, or cancelled
+  return events;  // the server ended the watch with nothing
 }
 
 std::string EtcdClient::Describe() const { return absl::StrCat("etcd at ", impl_->Names()); }

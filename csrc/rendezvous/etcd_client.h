@@ -11,6 +11,13 @@
 // said. With a user name, the client authenticates first and again when its
 // token has expired.
 //
+// TLS (https): the server's certificate is checked against a CA file (or the
+// system's store) and must name the host (or IP address) it was reached by; a
+// client certificate goes with every connection when one is given. A TLS
+// setup that cannot work (a certificate that does not verify, a server that
+// wants a client certificate, a server that does not speak TLS) is
+// FailedPrecondition, not Unavailable: trying again would not help.
+//
 // One call runs at a time per client (a Watch holds it until it returns): keep
 // a lease alive from a client of its own while another one watches.
 #pragma once
@@ -28,13 +35,20 @@
 namespace flashckpt::rendezvous {
 
 struct EtcdOptions {
-  std::vector<std::string> endpoints;  // host:port or http://host:port
+  // host:port, http://host:port or https://host:port (https implies `tls`);
+  // one list may not mix http:// and https://.
+  std::vector<std::string> endpoints;
   std::string user;                    // etcd authentication; empty: none
   std::string password;
   std::chrono::milliseconds request_timeout{5000};  // each call, across the endpoints it tries
+  bool tls = false;       // also when an endpoint is https:// or a file below is given
+  std::string ca_file;    // PEM CA certificate(s) etcd's certificate must chain to; empty: the system's store
+  std::string cert_file;  // PEM client certificate (chain); empty: none
+  std::string key_file;   // its PEM private key, unencrypted; empty: in cert_file
 };
 
-// "a:1,b:2" or "http://a:1,http://b:2" -> endpoints; an error names a bad one.
+// "a:1,b:2", "http://a:1,http://b:2" or "https://a:1,https://b:2" -> endpoints
+// (the scheme kept as given); an error names a bad one, or the two kinds mixed.
 absl::StatusOr<std::vector<std::string>> ParseEtcdEndpoints(const std::string& text);
 
 class EtcdClient {

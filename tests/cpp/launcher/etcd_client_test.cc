@@ -1,7 +1,9 @@
 // The etcd v3 client against a real etcd (Debian's etcd-server, started by
 // each test on free ports with its own data directory): reads and writes,
 // transactions, leases that expire unless kept alive, watches, failover to
-// the next endpoint, errors that name the endpoints, authentication.
+// the next endpoint, errors that name the endpoints, authentication; and all
+// that over TLS, with certificates the openssl CLI makes for each test, and
+// errors that say which certificate or setting is wrong.
 #include "rendezvous/etcd_client.h"
 
 #include "etcd_test_server.h"
@@ -32,8 +34,13 @@ using std::chrono::milliseconds;
 using std::chrono::seconds;
 
 using etcd_testing::EtcdServer;
+using etcd_testing::EtcdTls;
 using etcd_testing::FindProgram;
 using etcd_testing::FreePort;
+using etcd_testing::TestCertificates;
+
+#define REQUIRE_CERTIFICATES(certs) \
+  if (!(certs).ok()) GTEST_SKIP() << (certs).error()
 
 std::unique_ptr<EtcdClient> ClientOf(const std::vector<std::string>& endpoints, milliseconds timeout = seconds(5)) {
   EtcdOptions o;
@@ -121,34 +128,30 @@ TEST(EtcdClient, ALeaseKeptAliveHoldsItsKeyAndOneLeftToExpireTakesItAway) {
   EXPECT_EQ(c->Get("/alive/kept")->kvs_size(), 0);
 }
 
-TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
-  EtcdServer etcd;
-  REQUIRE_ETCD(etcd);
-  auto c = ClientOf({etcd.endpoint()});
-  auto writer = ClientOf({etcd.endpoint()});
-  ASSERT_TRUE(c && writer);
-  auto p = c->Put("/w/before", "0");
-  ASSERT_TRUE(p.ok());
+// What a watch does, over plain HTTP or TLS: `c` watches under `dir`, `writer` puts.
+void CheckWatches(EtcdClient& c, EtcdClient& writer, const std::string& dir) {
+  auto p = c.Put(dir + "before", "0");
+  ASSERT_TRUE(p.ok()) << p.status();
   const int64_t rev = p->header().revision();
   // Nothing after rev yet: the watch waits, and ends empty at its deadline.
   const auto t0 = Clock::now();
-  auto none = c->Watch("/w/", true, rev + 1, Clock::now() + milliseconds(400));
+  auto none = c.Watch(dir, true, rev + 1, Clock::now() + milliseconds(400));
   ASSERT_TRUE(none.ok()) << none.status();
   EXPECT_TRUE(none->empty());
   EXPECT_GE(Clock::now() - t0, milliseconds(350));
   std::thread put([&] {
     std::this_thread::sleep_for(milliseconds(300));
-    EXPECT_TRUE(writer->Put("/w/after", "1").ok());
+    EXPECT_TRUE(writer.Put(dir + "after", "1").ok());
   });
-  auto events = c->Watch("/w/", true, rev + 1, Clock::now() + seconds(10));
+  auto events = c.Watch(dir, true, rev + 1, Clock::now() + seconds(10));
   put.join();
   ASSERT_TRUE(events.ok()) << events.status();
   ASSERT_EQ(events->size(), 1u);
-  EXPECT_EQ((*events)[0].kv().key(), "/w/after");
+  EXPECT_EQ((*events)[0].kv().key(), dir + "after");
   EXPECT_EQ((*events)[0].type(), etcd::Event::PUT);
   // From an old revision, history comes back at once (nothing missed between watches).
-  auto history = c->Watch("/w/", true, rev, Clock::now() + seconds(5));
-  ASSERT_TRUE(history.ok());
+  auto history = c.Watch(dir, true, rev, Clock::now() + seconds(5));
+  ASSERT_TRUE(history.ok()) << history.status();
   EXPECT_EQ(history->size(), 2u);
   // A cancelled watch returns soon.
   std::atomic<bool> stop{false};
@@ -157,11 +160,20 @@ TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
     stop = true;
   });
   const auto t1 = Clock::now();
-  auto cancelled = c->Watch("/w/", true, rev + 10, Clock::now() + seconds(30), [&] { return stop.load(); });
+  auto cancelled = c.Watch(dir, true, rev + 10, Clock::now() + seconds(30), [&] { return stop.load(); });
   canceller.join();
-  ASSERT_TRUE(cancelled.ok());
+  ASSERT_TRUE(cancelled.ok()) << cancelled.status();
   EXPECT_TRUE(cancelled->empty());
   EXPECT_LT(Clock::now() - t1, seconds(5));
+}
+
+TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
+  EtcdServer etcd;
+  REQUIRE_ETCD(etcd);
+  auto c = ClientOf({etcd.endpoint()});
+  auto writer = ClientOf({etcd.endpoint()});
+  ASSERT_TRUE(c && writer);
+  CheckWatches(*c, *writer, "/w/");
 }
 
 TEST(EtcdClient, AMemberThatIsDownIsPassedOverAndAllDownNamesEveryEndpoint) {
@@ -194,15 +206,20 @@ TEST(EtcdClient, AMemberThatIsDownIsPassedOverAndAllDownNamesEveryEndpoint) {
 TEST(EtcdClient, EndpointListsAreCheckedAndNamed) {
   auto ok = ParseEtcdEndpoints("10.0.0.1:2379, http://etcd-1:2379/");
   ASSERT_TRUE(ok.ok()) << ok.status();
-  EXPECT_EQ(*ok, (std::vector<std::string>{"10.0.0.1:2379", "etcd-1:2379"}));
-  for (const char* bad : {"", "etcd-0", "etcd-0:port", "etcd-0:0", ":2379"}) {
+  EXPECT_EQ(*ok, (std::vector<std::string>{"10.0.0.1:2379", "http://etcd-1:2379"}));
+  for (const char* bad : {"", "etcd-0", "etcd-0:port", "etcd-0:0", ":2379", "https://etcd-0"}) {
     auto r = ParseEtcdEndpoints(bad);
     EXPECT_FALSE(r.ok()) << bad;
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << bad;
   }
-  auto tls = ParseEtcdEndpoints("https://etcd-0:2379");
-  EXPECT_EQ(tls.status().code(), absl::StatusCode::kUnimplemented);
-  EXPECT_NE(std::string(tls.status().message()).find("https://etcd-0:2379"), std::string::npos);
+  auto tls = ParseEtcdEndpoints("https://etcd-0:2379, etcd-1:2379");
+  ASSERT_TRUE(tls.ok()) << tls.status();
+  EXPECT_EQ(*tls, (std::vector<std::string>{"https://etcd-0:2379", "etcd-1:2379"}));
+  auto mixed = ParseEtcdEndpoints("http://etcd-0:2379,https://etcd-1:2379");
+  EXPECT_EQ(mixed.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(std::string(mixed.status().message()).find("mix plain HTTP (http://etcd-0:2379) and TLS (https://etcd-1:2379)"),
+            std::string::npos)
+      << mixed.status();
   EXPECT_EQ(EtcdClient::PrefixEnd("/a/"), "/a0");
   EXPECT_EQ(EtcdClient::PrefixEnd(std::string("a\xff", 2)), "b");
 }
@@ -240,6 +257,190 @@ TEST(EtcdClient, AuthenticationWithTheRightPasswordWorksAndAWrongOneIsAClearErro
   auto anonymous = EtcdClient::Connect(o);
   ASSERT_FALSE(anonymous.ok());
   EXPECT_NE(std::string(anonymous.status().message()).find(etcd.endpoint()), std::string::npos) << anonymous.status();
+}
+
+// Over TLS with the CA that signed etcd's certificate: reads and writes, a
+// watch (events, its deadline, cancelled), a lease kept alive past its TTL.
+TEST(EtcdClientTls, PutGetAWatchAndALeaseKeptAliveOverTls) {
+  TestCertificates certs;
+  REQUIRE_CERTIFICATES(certs);
+  EtcdServer etcd(EtcdTls{&certs});
+  REQUIRE_ETCD(etcd);
+  EtcdOptions o = etcd.client_options();  // https://127.0.0.1:P, cacert: the test CA
+  auto connected = EtcdClient::Connect(o);
+  ASSERT_TRUE(connected.ok()) << connected.status();
+  auto c = std::move(*connected);
+  auto writer = EtcdClient::Connect(o);
+  ASSERT_TRUE(writer.ok()) << writer.status();
+  ASSERT_TRUE(c->Put("/tls/a", "1").ok());
+  auto got = c->Get("/tls/a");
+  ASSERT_TRUE(got.ok()) << got.status();
+  ASSERT_EQ(got->kvs_size(), 1);
+  EXPECT_EQ(got->kvs(0).value(), "1");
+  // TLS asked for with the option, the endpoint without a scheme.
+  EtcdOptions bare = o;
+  bare.endpoints = {etcd.endpoint()};
+  bare.tls = true;
+  bare.ca_file = certs.ca();
+  auto by_option = EtcdClient::Connect(bare);
+  ASSERT_TRUE(by_option.ok()) << by_option.status();
+  EXPECT_EQ((*by_option)->Get("/tls/a")->kvs_size(), 1);
+
+  CheckWatches(*c, **writer, "/tls/w/");
+
+  auto lease = c->GrantLease(1);
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  ASSERT_TRUE(c->Put("/tls/leased", "x", *lease).ok());
+  for (const auto until = Clock::now() + milliseconds(2500); Clock::now() < until;) {
+    auto ttl = c->KeepAlive(*lease);
+    ASSERT_TRUE(ttl.ok()) << ttl.status();
+    EXPECT_GT(*ttl, 0);
+    std::this_thread::sleep_for(milliseconds(300));
+  }
+  EXPECT_EQ(c->Get("/tls/leased")->kvs_size(), 1) << "a lease kept alive over TLS lost its key";
+  EXPECT_TRUE(c->RevokeLease(*lease).ok());
+}
+
+// etcd's certificate from a CA the client was not given, or not for the host
+// it was reached by: FailedPrecondition at once, naming the endpoint, what
+// failed and what to check.
+TEST(EtcdClientTls, ACertificateThatDoesNotVerifyIsAClearErrorWithinTheTimeout) {
+  TestCertificates certs;
+  REQUIRE_CERTIFICATES(certs);
+  EtcdServer etcd(EtcdTls{&certs});
+  REQUIRE_ETCD(etcd);
+  EtcdOptions o = etcd.client_options();
+  o.request_timeout = seconds(3);
+  auto refused = [&](const EtcdOptions& options) {
+    const auto t0 = Clock::now();
+    auto c = EtcdClient::Connect(options);
+    EXPECT_LT(Clock::now() - t0, milliseconds(3500));
+    EXPECT_FALSE(c.ok());
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kFailedPrecondition) << c.status();
+    return std::string(c.status().message());
+  };
+  o.ca_file = certs.other_ca();
+  const std::string wrong_ca = refused(o);
+  for (const std::string& says :
+       {etcd.endpoint() + ": TLS handshake failed: certificate verify failed (unable to get local issuer certificate",
+        "is --rdzv-conf cacert=" + certs.other_ca() + " the CA that signed etcd's certificate?"})
+    EXPECT_NE(wrong_ca.find(says), std::string::npos) << wrong_ca;
+  o.ca_file.clear();  // the system's store does not know the test CA either
+  const std::string system_store = refused(o);
+  EXPECT_NE(system_store.find("certificate verify failed"), std::string::npos) << system_store;
+  EXPECT_NE(system_store.find("the system's CA store does not trust it"), std::string::npos) << system_store;
+  o.ca_file = certs.ca();
+  const std::string port = etcd.endpoint().substr(etcd.endpoint().rfind(':') + 1);
+  o.endpoints = {"https://localhost:" + port};  // the certificate is for IP 127.0.0.1 only
+  const std::string wrong_host = refused(o);
+  EXPECT_NE(wrong_host.find("hostname mismatch; etcd's certificate is not for localhost"), std::string::npos)
+      << wrong_host;
+}
+
+TEST(EtcdClientTls, AClientCertificateIsSentAndEtcdThatWantsOneRefusesAClientWithout) {
+  TestCertificates certs;
+  REQUIRE_CERTIFICATES(certs);
+  EtcdServer etcd(EtcdTls{&certs, /*client_cert_auth=*/true});
+  REQUIRE_ETCD(etcd);
+  EtcdOptions o = etcd.client_options();  // with the client certificate
+  auto good = EtcdClient::Connect(o);
+  ASSERT_TRUE(good.ok()) << good.status();
+  EXPECT_TRUE((*good)->Put("/mtls", "1").ok());
+  o.cert_file.clear();
+  o.key_file.clear();
+  o.request_timeout = seconds(3);
+  const auto t0 = Clock::now();
+  auto without = EtcdClient::Connect(o);
+  EXPECT_LT(Clock::now() - t0, milliseconds(3500));
+  ASSERT_FALSE(without.ok());
+  EXPECT_EQ(without.status().code(), absl::StatusCode::kFailedPrecondition) << without.status();
+  const std::string m(without.status().message());
+  EXPECT_NE(m.find(etcd.endpoint() + ": etcd refused the TLS connection: "), std::string::npos) << m;
+  EXPECT_NE(m.find("etcd asks for a client certificate: give --rdzv-conf cert=...,key=..."), std::string::npos) << m;
+}
+
+// The wrong protocol either way round fails at once, saying which to use.
+TEST(EtcdClientTls, TlsToAPlainEtcdAndPlainHttpToATlsEtcdAreClearErrorsNotHangs) {
+  TestCertificates certs;
+  REQUIRE_CERTIFICATES(certs);
+  EtcdServer plain;
+  REQUIRE_ETCD(plain);
+  EtcdOptions o;
+  o.endpoints = {"https://" + plain.endpoint()};
+  o.ca_file = certs.ca();
+  o.request_timeout = seconds(3);
+  auto t0 = Clock::now();
+  auto to_plain = EtcdClient::Connect(o);
+  EXPECT_LT(Clock::now() - t0, milliseconds(3500));
+  ASSERT_FALSE(to_plain.ok());
+  std::string m(to_plain.status().message());
+  EXPECT_NE(m.find(plain.endpoint() + ": TLS handshake: "), std::string::npos) << m;
+  // etcd 3.4 hangs up on a ClientHello; a server that answers in plain text is "wrong version number".
+  EXPECT_TRUE(m.find("if it serves plain HTTP, use http:// or --rdzv-conf protocol=http") != std::string::npos ||
+              m.find("does not answer in TLS: is it plain HTTP? then use http:// or --rdzv-conf protocol=http") !=
+                  std::string::npos)
+      << m;
+
+  EtcdServer secure(EtcdTls{&certs});
+  REQUIRE_ETCD(secure);
+  o = EtcdOptions{};
+  o.endpoints = {secure.endpoint()};
+  o.request_timeout = seconds(3);
+  t0 = Clock::now();
+  auto to_secure = EtcdClient::Connect(o);
+  EXPECT_LT(Clock::now() - t0, milliseconds(3500));
+  ASSERT_FALSE(to_secure.ok());
+  m = std::string(to_secure.status().message());
+  EXPECT_NE(m.find(secure.endpoint()), std::string::npos) << m;
+  // etcd 3.4 hangs up on plain HTTP; Go's own HTTPS server answers 400 "Client sent an HTTP request to an HTTPS server".
+  EXPECT_TRUE(m.find("if it serves TLS, use https:// or --rdzv-conf protocol=https,cacert=...") != std::string::npos ||
+              m.find("etcd there speaks TLS: use https:// or --rdzv-conf protocol=https,cacert=...") != std::string::npos)
+      << m;
+}
+
+// Set-up errors are found before any connection, and name the file or endpoint.
+TEST(EtcdClientTls, UnusableFilesAndMixedProtocolsAreErrorsThatNameThem) {
+  TestCertificates certs;
+  REQUIRE_CERTIFICATES(certs);
+  struct Case {
+    std::vector<std::string> endpoints;
+    std::string ca, cert, key;
+    bool tls;
+    std::string says;
+  };
+  const std::string missing = certs.path("missing.pem");
+  for (const Case& k : std::vector<Case>{
+           {{"https://127.0.0.1:1"}, missing, "", "", false,
+            "the CA certificate (cacert) file " + missing + " cannot be read: No such file or directory"},
+           {{"https://127.0.0.1:1"}, certs.path("server.ext"), "", "", false,
+            "the CA certificate (cacert) file " + certs.path("server.ext") + " cannot be loaded: no certificate or crl found"},
+           {{"127.0.0.1:1"}, certs.ca(), missing, "", true,
+            "the client certificate (cert) file " + missing + " cannot be read"},
+           {{"127.0.0.1:1"}, certs.ca(), certs.client_cert(), missing, true,
+            "the client key (key) file " + missing + " cannot be read"},
+           {{"127.0.0.1:1"}, certs.ca(), certs.client_cert(), certs.server_key(), true,
+            "the client key (key) file " + certs.server_key() + " cannot be loaded: key values mismatch"},
+           {{"127.0.0.1:1"}, certs.ca(), "", certs.client_key(), true,
+            "a client key (key=" + certs.client_key() + ") without its certificate"},
+           {{"http://127.0.0.1:1", "https://127.0.0.1:2"}, "", "", "", false,
+            "mix plain HTTP (http://127.0.0.1:1) and TLS (https://127.0.0.1:2)"},
+           {{"http://127.0.0.1:1"}, certs.ca(), "", "", false,
+            "etcd endpoint http://127.0.0.1:1 is plain HTTP, but TLS is asked for"},
+       }) {
+    EtcdOptions o;
+    o.endpoints = k.endpoints;
+    o.ca_file = k.ca;
+    o.cert_file = k.cert;
+    o.key_file = k.key;
+    o.tls = k.tls;
+    o.request_timeout = seconds(2);
+    const auto t0 = Clock::now();
+    auto c = EtcdClient::Connect(o);
+    EXPECT_LT(Clock::now() - t0, milliseconds(500)) << k.says;  // no connection tried
+    ASSERT_FALSE(c.ok()) << k.says;
+    EXPECT_EQ(c.status().code(), absl::StatusCode::kInvalidArgument) << c.status();
+    EXPECT_NE(std::string(c.status().message()).find(k.says), std::string::npos) << c.status();
+  }
 }
 
 }  // namespace

@@ -1,7 +1,10 @@
 #include "launcher/launch_options.h"
 
 #include <gtest/gtest.h>
+#include <unistd.h>
 
+#include <filesystem>
+#include <fstream>
 #include <map>
 
 namespace flashckpt::launcher {
@@ -154,7 +157,7 @@ TEST(LaunchOptions, Torch2FlagsAreHonouredOrRefusedWithAReason) {
     EXPECT_NE(help.out.find(flag), std::string::npos) << flag;
 }
 
-TEST(LaunchOptions, EtcdV3IsABackendAndTheV2BackendsAndTlsAreRefusedWithTheReason) {
+TEST(LaunchOptions, EtcdV3IsABackendWithTlsAndTheV2BackendsAreRefusedWithTheReason) {
   Parsed ok = Parse({"--rdzv-backend", "etcd-v3", "--rdzv-endpoint", "10.0.0.1:2379,10.0.0.2:2379", "--rdzv-conf",
                      "user=job,password_file=/run/pw,key_prefix=/team/,protocol=http", "--nnodes", "1:4",
                      "--no-python", "p"});
@@ -162,12 +165,33 @@ TEST(LaunchOptions, EtcdV3IsABackendAndTheV2BackendsAndTlsAreRefusedWithTheReaso
   EXPECT_EQ(ok.outcome.options->rdzv_backend, "etcd-v3");
   EXPECT_EQ(ok.outcome.options->rdzv_conf.at("user"), "job");
   EXPECT_EQ(ok.outcome.options->rdzv_conf.at("key_prefix"), "/team/");
+  // TLS as torchrun takes it; the files are checked when the options are parsed.
+  const std::filesystem::path dir =
+      std::filesystem::temp_directory_path() / ("fck-tls-options-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string ca = (dir / "ca.pem").string(), cert = (dir / "client.pem").string(),
+                    key = (dir / "client.key").string(), missing = (dir / "missing.pem").string();
+  for (const std::string& f : {ca, cert, key}) std::ofstream(f) << "PEM\n";
+  Parsed tls = Parse({"--rdzv-backend", "etcd-v3", "--rdzv-endpoint", "etcd-0:2379", "--rdzv-conf",
+                      "protocol=https,cacert=" + ca + ",cert=" + cert + ",key=" + key, "--no-python", "p"});
+  ASSERT_TRUE(tls.outcome.options) << tls.err;
+  EXPECT_EQ(tls.outcome.options->rdzv_conf.at("protocol"), "https");
+  EXPECT_EQ(tls.outcome.options->rdzv_conf.at("cacert"), ca);
+  EXPECT_EQ(tls.outcome.options->rdzv_conf.at("cert"), cert);
+  EXPECT_EQ(tls.outcome.options->rdzv_conf.at("key"), key);
+  EXPECT_TRUE(Parse({"--rdzv-backend", "etcd-v3", "--rdzv-endpoint", "etcd-0:2379", "--rdzv-conf", "cacert=" + ca,
+                     "--no-python", "p"})
+                  .outcome.options);
   for (const auto& [args, says] : std::vector<std::pair<std::vector<std::string>, std::string>>{
            {{"--rdzv-backend", "etcd"}, "'etcd' is torchrun's rendezvous over etcd's v2 API"},
            {{"--rdzv-backend", "etcd-v2"}, "use --rdzv-backend etcd-v3"},
            {{"--rdzv-backend", "zookeeper"}, "choose from 'static', 'c10d', 'etcd-v3'"},
-           {{"--rdzv-conf", "protocol=https"}, "protocol=https: TLS to etcd is not supported yet"},
-           {{"--rdzv-conf", "cacert=/ca.pem"}, "cacert=/ca.pem: TLS to etcd is not supported yet"},
+           {{"--rdzv-conf", "protocol=ftp"}, "argument --rdzv-conf: protocol=ftp must be http or https"},
+           {{"--rdzv-conf", "cacert=" + missing},
+            "argument --rdzv-conf: cacert=" + missing + " cannot be read: No such file or directory"},
+           {{"--rdzv-conf", "cacert=" + ca + ",cert=" + missing}, "cert=" + missing + " cannot be read"},
+           {{"--rdzv-conf", "cert=" + cert + ",key=" + missing}, "key=" + missing + " cannot be read"},
+           {{"--rdzv-conf", "cacert=" + dir.string()}, "cacert=" + dir.string() + " is a directory"},
            {{"--rdzv-conf", "key_prefix=flashrun"}, "key_prefix=flashrun must start with '/'"},
        }) {
     std::vector<std::string> full = args;
@@ -176,6 +200,10 @@ TEST(LaunchOptions, EtcdV3IsABackendAndTheV2BackendsAndTlsAreRefusedWithTheReaso
     EXPECT_FALSE(bad.outcome.options) << says;
     EXPECT_NE(bad.err.find(says), std::string::npos) << bad.err;
   }
+  Parsed help = Parse({"--help"});
+  for (const char* key : {"protocol (http or https)", "cacert (the CA", "cert and key"})
+    EXPECT_NE(help.out.find(key), std::string::npos) << key;
+  std::filesystem::remove_all(dir);
 }
 
 TEST(LaunchOptions, VisibleGpusFollowTorchsRuleForCudaVisibleDevices) {
