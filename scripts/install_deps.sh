@@ -11,7 +11,7 @@ PACKAGES=(
   pybind11-dev python3-pybind11 python3-dev python3-venv python3-pip python3-setuptools python3-wheel
   clang libclang-rt-14-dev
   fio util-linux procps psmisc
-  etcd-server etcd-client libssl-dev
+  etcd-server etcd-client libssl-dev openssl
 )
 
 missing=()
