@@ -112,14 +112,8 @@ class EtcdRendezvous : public NodeRendezvous {
     const Clock::time_point deadline = started + o.join_timeout;
 
     rdzv::NodeEntry entry;
-    rdzv::NodeDescriptor& node = *entry.mutable_node();
-    node.set_node_id(o.node_id);
-    node.set_address(o.node_address);
-    node.set_master_port(static_cast<uint32_t>(PickFreePort()));
-    node.set_local_world_size(static_cast<uint32_t>(o.local_world_size));
-    node.set_payload(payload);
-    node.set_restart_count(static_cast<uint32_t>(restart_count));
-    node.set_incarnation(incarnation_);
+    *entry.mutable_node() = DescribeThisNode(o, payload, restart_count);
+    entry.mutable_node()->set_incarnation(incarnation_);
     entry.set_after_round(last_round_);
     const std::string value = entry.SerializeAsString();
 
@@ -143,13 +137,13 @@ class EtcdRendezvous : public NodeRendezvous {
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait_for(l, milliseconds(100));
       if (joined_at > 0 && snapshot_.revision >= joined_at) {
-        view_ = rdzv::RoundState::ViewOfStored(settings_, snapshot_.stored, o.node_id);
-        if (view_.my_group_rank() >= 0 && !view_.waiting() && view_.round() > last_round_) {
-          last_round_ = view_.round();
-          group_world_size_ = view_.participants_size();
+        const rdzv::RoundView view = rdzv::RoundState::ViewOfStored(settings_, snapshot_.stored, o.node_id);
+        if (view.my_group_rank() >= 0 && !view.waiting() && view.round() > last_round_) {
+          last_round_ = view.round();
+          group_world_size_ = view.participants_size();
           watching_round_ = last_round_;
           rejoin_signalled_ = false;
-          RoundAssignment a = AssignmentFromView(view_);
+          RoundAssignment a = AssignmentFromView(view);
           a.store = RendezvousStore{};
           a.store->run_id = o.run_id;
           a.store->etcd = options_.etcd;
@@ -445,7 +439,6 @@ class EtcdRendezvous : public NodeRendezvous {
   std::mutex mu_;
   std::condition_variable cv_;
   RoundSnapshot snapshot_;
-  rdzv::RoundView view_;
   absl::Status session_error_;
   int64_t lease_ = 0;
   bool lease_lost_ = false;

@@ -61,6 +61,18 @@ std::string NumericAddress(const std::string& host) {
 
 }  // namespace
 
+rendezvous::NodeDescriptor DescribeThisNode(const DynamicRendezvousOptions& options, const std::string& payload,
+                                            int restart_count) {
+  rdzv::NodeDescriptor node;
+  node.set_node_id(options.node_id);
+  node.set_address(options.node_address);
+  node.set_master_port(static_cast<uint32_t>(PickFreePort()));  // fresh per round: MASTER_PORT if rank 0
+  node.set_local_world_size(static_cast<uint32_t>(options.local_world_size));
+  node.set_payload(payload);
+  node.set_restart_count(static_cast<uint32_t>(restart_count));
+  return node;
+}
+
 absl::Status BarrierInterrupted(int rejoin_fd, const std::function<bool()>& stop_requested) {
   uint64_t pending = 0;
   if (::read(rejoin_fd, &pending, sizeof(pending)) == sizeof(pending)) {
@@ -181,13 +193,7 @@ class DynamicRendezvous : public NodeRendezvous {
 
     const Clock::time_point started = Clock::now();
     const Clock::time_point deadline = started + options_.join_timeout;
-    rdzv::NodeDescriptor node;
-    node.set_node_id(options_.node_id);
-    node.set_address(options_.node_address);
-    node.set_master_port(static_cast<uint32_t>(PickFreePort()));
-    node.set_local_world_size(static_cast<uint32_t>(options_.local_world_size));
-    node.set_payload(payload);
-    node.set_restart_count(static_cast<uint32_t>(restart_count));
+    const rdzv::NodeDescriptor node = DescribeThisNode(options_, payload, restart_count);
 
     bool joined = false;
     absl::Status last_error = absl::OkStatus();
@@ -255,7 +261,11 @@ class DynamicRendezvous : public NodeRendezvous {
     group_world_size_ = view.participants_size();
     StartWatcher(view.round());
     RoundAssignment assignment = AssignmentFromView(view);
-    assignment.store = RendezvousStore{client_host_, options_.endpoint_port, options_.token, options_.run_id};
+    assignment.store = RendezvousStore{};
+    assignment.store->host = client_host_;
+    assignment.store->port = options_.endpoint_port;
+    assignment.store->token = options_.token;
+    assignment.store->run_id = options_.run_id;
     return assignment;
   }
 

@@ -113,6 +113,10 @@ std::unique_ptr<NodeRendezvous> MakeStaticRendezvous(StaticRendezvousOptions opt
 // The assignment a round view gives its node (ranks, MASTER_ADDR, the nodes).
 RoundAssignment AssignmentFromView(const rendezvous::RoundView& view);
 
+// What this node tells the others when it joins a round (a free port picked for MASTER_PORT).
+rendezvous::NodeDescriptor DescribeThisNode(const DynamicRendezvousOptions& options, const std::string& payload,
+                                            int restart_count);
+
 // In a barrier's wait: an error when the round ended (the rejoin notifier
 // fired; it is left readable for the agent loop) or the agent is stopping.
 absl::Status BarrierInterrupted(int rejoin_fd, const std::function<bool()>& stop_requested);

@@ -308,6 +308,15 @@ absl::Status FromJson(const std::string& json, google::protobuf::Message* m, con
 
 }  // namespace
 
+std::string EtcdEndpointNames(const std::vector<std::string>& endpoints) {
+  std::vector<std::string> names;
+  for (const std::string& e : endpoints) {
+    absl::StatusOr<Endpoint> ep = ParseEndpoint(e);
+    names.push_back(ep.ok() ? ep->Text() : e);
+  }
+  return absl::StrJoin(names, ", ");
+}
+
 absl::StatusOr<std::vector<std::string>> ParseEtcdEndpoints(const std::string& text) {
   std::vector<Endpoint> parsed;
   for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {

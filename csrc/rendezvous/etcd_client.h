@@ -50,6 +50,9 @@ struct EtcdOptions {
 // "a:1,b:2", "http://a:1,http://b:2" or "https://a:1,https://b:2" -> endpoints
 // (the scheme kept as given); an error names a bad one, or the two kinds mixed.
 absl::StatusOr<std::vector<std::string>> ParseEtcdEndpoints(const std::string& text);
+// "a:1, b:2": the endpoints as errors name them (no scheme); one that does
+// not parse is shown as given.
+std::string EtcdEndpointNames(const std::vector<std::string>& endpoints);
 
 class EtcdClient {
  public:

@@ -17,17 +17,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-std::string EtcdEndpointsText(const EtcdOptions& options) {
-  std::vector<std::string> names;
-  for (const std::string& e : options.endpoints) {
-    absl::string_view t = absl::StripAsciiWhitespace(e);
-    absl::ConsumePrefix(&t, "http://");
-    absl::ConsumeSuffix(&t, "/");
-    names.emplace_back(t);
-  }
-  return absl::StrJoin(names, ", ");
-}
-
 // The built-in store: the rendezvous server's, one connection.
 class RendezvousKeyStore : public KeyStore {
  public:
@@ -164,7 +153,7 @@ class EtcdKeyStore : public KeyStore {
     wake_.notify_all();
   }
 
-  std::string Describe() const override { return absl::StrCat("etcd at ", EtcdEndpointsText(options_)); }
+  std::string Describe() const override { return absl::StrCat("etcd at ", EtcdEndpointNames(options_.endpoints)); }
 
  private:
   // Runs `op` on the client (connecting first) until it is answered, while
@@ -225,12 +214,12 @@ std::unique_ptr<KeyStore> OpenKeyStore(const KeyStoreAddress& address) {
 }
 
 std::string DescribeKeyStore(const KeyStoreAddress& address) {
-  if (address.etcd) return absl::StrCat("etcd at ", EtcdEndpointsText(*address.etcd));
+  if (address.etcd) return absl::StrCat("etcd at ", EtcdEndpointNames(address.etcd->endpoints));
   return absl::StrCat("the rendezvous store at ", FormatEndpoint(address.host, address.port));
 }
 
 std::string KeyStoreEndpoint(const KeyStoreAddress& address) {
-  return address.etcd ? EtcdEndpointsText(*address.etcd) : FormatEndpoint(address.host, address.port);
+  return address.etcd ? EtcdEndpointNames(address.etcd->endpoints) : FormatEndpoint(address.host, address.port);
 }
 
 }  // namespace flashckpt::rendezvous
