@@ -28,6 +28,21 @@
 #include "storage/persister.h"
 
 namespace flashckpt {
+namespace {
+
+// The worker's I/O options where its hello carries them (a Checkpointer sets
+// them always), else the agent's.
+IoOptions PersistIoOptions(const pb::WorkerHello& hello, const IoOptions& fallback) {
+  if (!hello.has_io()) return fallback;
+  IoOptions io;
+  io.use_io_uring = hello.io().use_io_uring();
+  io.use_direct_io = hello.io().use_direct_io();
+  io.chunk_bytes = hello.io().chunk_bytes() ? hello.io().chunk_bytes() : fallback.chunk_bytes;
+  io.queue_depth = hello.io().queue_depth() > 0 ? hello.io().queue_depth() : fallback.queue_depth;
+  return io;
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<CheckpointService>> CheckpointService::Start(CheckpointServiceOptions o) {
   std::unique_ptr<CheckpointService> s(new CheckpointService(std::move(o)));
@@ -116,7 +131,7 @@ void CheckpointService::ServeConnection(int fd) {
       auto& r = ranks_[rank];
       if (!r) {
         r = std::make_unique<Rank>();
-        r->io = std::make_unique<BulkIo>(options_.io);
+        r->io = std::make_unique<BulkIo>(PersistIoOptions(req.hello(), options_.io));
         r->hello = req.hello();
         Persister::Options po;
         po.name = absl::StrCat("agent: rank ", rank);

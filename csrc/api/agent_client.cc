@@ -29,6 +29,10 @@ absl::Status AgentClient::Connect() {
   h->set_keep_last(hello_.keep_last);
   h->set_commit_timeout_ms(hello_.commit_timeout.count());
   h->set_pid(getpid());
+  h->mutable_io()->set_use_io_uring(hello_.io.use_io_uring);
+  h->mutable_io()->set_use_direct_io(hello_.io.use_direct_io);
+  h->mutable_io()->set_chunk_bytes(hello_.io.chunk_bytes);
+  h->mutable_io()->set_queue_depth(hello_.io.queue_depth);
   absl::Status s = WriteFrame(fd, req);
   if (!s.ok()) {
     ::close(fd);

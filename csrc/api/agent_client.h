@@ -9,6 +9,7 @@
 #include <string>
 
 #include "absl/status/status.h"
+#include "storage/uring_io.h"
 
 namespace flashckpt {
 
@@ -20,6 +21,7 @@ struct AgentHello {
   std::string shm_path;    // the rank's segment
   int keep_last = 0;
   std::chrono::milliseconds commit_timeout{0};
+  IoOptions io;            // the agent writes this rank's files with them
 };
 
 class AgentClient {

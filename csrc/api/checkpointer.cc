@@ -263,7 +263,7 @@ void Checkpointer::Impl::Init() {
 
   if (!opt.agent_socket.empty() && opt.use_agent && opt.persist) {
     agent_ = std::make_unique<AgentClient>(AgentHello{opt.agent_socket, opt.rank, opt.world_size, root, shm_path,
-                                                      opt.keep_last, opt.commit_timeout});
+                                                      opt.keep_last, opt.commit_timeout, io});
     absl::Status c = agent_->Connect();
     if (!c.ok())
       throw Error(ErrorCode::kUnavailable,

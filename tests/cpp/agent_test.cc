@@ -11,9 +11,12 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
+#include <vector>
 
 #include "gtest/gtest.h"
+#include "storage/uring_io.h"
 #include "test_util.h"
 
 namespace flashckpt {
@@ -117,6 +120,44 @@ TEST(CheckpointService, UnreachableAgentIsAClearError) {
     EXPECT_EQ(e.code(), ErrorCode::kUnavailable);
     EXPECT_NE(std::string(e.what()).find(o.agent_socket), std::string::npos) << e.what();
   }
+}
+
+// Offsets of the chunks written to files named rank-0.data (the I/O hook sees each chunk).
+std::mutex chunk_mu;
+std::vector<uint64_t> chunk_offsets;
+absl::Status RecordChunk(const std::string& path, uint64_t offset) {
+  if (path.size() >= 11 && path.compare(path.size() - 11, 11, "rank-0.data") == 0) {
+    std::lock_guard<std::mutex> l(chunk_mu);
+    chunk_offsets.push_back(offset);
+  }
+  return absl::OkStatus();
+}
+
+// The worker's I/O options reach the agent that persists for it: its 1 MiB
+// chunks (against the agent's 8 MiB default) split the rank's data file.
+TEST(CheckpointService, PersistsWithTheWorkersIoOptions) {
+  ScratchDirs dirs;
+  CheckpointServiceOptions so;
+  so.socket_path = (dirs.root / "agent.sock").string();
+  so.metrics_port = -1;
+  so.node = "testnode";
+  auto service = CheckpointService::Start(so);
+  ASSERT_TRUE(service.ok()) << service.status();
+  SetIoFaultHookForTesting(&RecordChunk);
+  {
+    CheckpointerOptions o = dirs.Options();
+    o.agent_socket = so.socket_path;
+    o.io_chunk_bytes = 1u << 20;
+    Checkpointer worker(o);
+    FakeState s = FakeState::ForStep(1, /*scale=*/8);  // about 8 MiB
+    SaveHandle h = worker.save(1, s.Refs(), s.Blobs());
+    h.wait_durable();
+    EXPECT_TRUE(h.persisted());
+  }
+  SetIoFaultHookForTesting(nullptr);
+  std::lock_guard<std::mutex> l(chunk_mu);
+  ASSERT_GE(chunk_offsets.size(), 7u) << "the agent wrote with its own chunk size";
+  for (uint64_t off : chunk_offsets) EXPECT_EQ(off % (1u << 20), 0u) << off;
 }
 
 }  // namespace

@@ -44,6 +44,12 @@ def agent_argv(flashrun, node, name, endpoint, run_id, logs, extra, max_restarts
             "--log-dir", str(logs), "-r", "3"] + extra
 
 
+def last_attempt(log_dir):
+    attempts = [int(p.rsplit("_", 1)[1]) for p in glob.glob(str(log_dir / "*" / "attempt_*"))]
+    assert attempts, "no attempt logged under %s" % log_dir
+    return max(attempts)
+
+
 def communicate(p, timeout):
     try:
         return p.communicate(timeout=timeout)
@@ -147,9 +153,11 @@ def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage
     out_a, err_a = communicate(pa, 180)
     out_b2, err_b2 = communicate(pb2, 60)
     assert pa.returncode == 0 and pb2.returncode == 0, err_a[-4000:] + err_b2[-4000:]
-    last_a = max(int(p.rsplit("_", 1)[1]) for p in glob.glob(str(tmp_path / "loss-a" / "*" / "attempt_*")))
-    lines = [resumed(t) for t in worker_logs(tmp_path / "loss-a", last_a).values()]
-    lines_b2 = [resumed(t) for t in worker_logs(tmp_path / "loss-b2", 0).values()]
+    # A restart anywhere counts for every node: the replacement's first attempt
+    # is numbered by the job's restart count, not 0 (it is 1 when node a's workers
+    # failed before node b2 joined, 0 when b2 joined first).
+    lines = [resumed(t) for t in worker_logs(tmp_path / "loss-a", last_attempt(tmp_path / "loss-a")).values()]
+    lines_b2 = [resumed(t) for t in worker_logs(tmp_path / "loss-b2", last_attempt(tmp_path / "loss-b2")).values()]
     steps = {l[0][0] for l in lines + lines_b2}
     assert len(lines + lines_b2) == 4 and len(steps) == 1, (lines, lines_b2)
     assert steps.pop() == max(committed), (lines, lines_b2, committed)
