@@ -1,13 +1,22 @@
-// The built-in rendezvous at scale: N simulated agents (threads, each running
-// the real agent-side rendezvous code, StartDynamicRendezvous, against one
-// server hosted by agent 0), no workers. For each N: the time for the first
-// round to complete (from every agent calling NextRound to the last one
-// holding its assignment), and after one agent is lost (its client gone
-// without a goodbye, as in a crash), the time until every survivor holds the
-// next round, split into detection (keep-alives lapsing: keep_alive_interval x
-// keep_alive_max_attempt) and the round itself.
+// The rendezvous at scale: N simulated agents, each running the real
+// agent-side rendezvous code, no workers.
+//   --backend builtin: StartDynamicRendezvous in N threads, against one
+//     server hosted by agent 0; the lost agent's client goes away without a
+//     goodbye (as in a crash).
+//   --backend etcd: StartEtcdRendezvous against an etcd member the benchmark
+//     starts (Debian's etcd-server, data directory on /dev/shm, so that the
+//     figures are the rendezvous' and not the disk's fsyncs); N-1 agents are
+//     threads here, the lost one runs in a forked child that is SIGKILLed
+//     (its lease lapses, as after a crashed node).
+// For each N: the time for the first round to complete (from every agent
+// calling NextRound to the last one holding its assignment), and after one
+// agent is lost, the time until every survivor holds the next round, split
+// into detection (built-in: keep-alives lapsing, keep_alive_interval x
+// keep_alive_max_attempt; etcd: the lease's TTL, at least 2 s) and the round
+// itself.
 //
 //   rdzv_bench --agents 8,64,256 --reps 3 --out benchmarks/results/rdzv_builtin.json
+//   rdzv_bench --backend etcd --agents 8,64,256 --reps 3 --out benchmarks/results/rdzv_etcd.json
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -16,6 +25,11 @@
 #include <fstream>
 #include <memory>
 #include <poll.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -24,6 +38,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "etcd_process.h"
 #include "launcher/node_rendezvous.h"
 
 using namespace flashckpt::launcher;
@@ -46,6 +61,31 @@ struct Result {
   std::string error;
 };
 
+std::optional<flashckpt::rendezvous::etcd_testing::EtcdServer> etcd;  // --backend etcd
+
+absl::StatusOr<std::unique_ptr<NodeRendezvous>> StartAgent(const DynamicRendezvousOptions& o) {
+  if (!etcd) return StartDynamicRendezvous(o);
+  EtcdRendezvousOptions e;
+  e.rendezvous = o;
+  e.etcd = etcd->client_options();
+  return StartEtcdRendezvous(e);
+}
+
+// The lost agent of an etcd run, in a child process: joins round 1, writes the
+// steady-clock time it held its assignment (or -1) to `fd`, then waits to be killed.
+pid_t ForkLostAgent(const DynamicRendezvousOptions& o, int n, int fd) {
+  pid_t pid = ::fork();
+  if (pid != 0) return pid;
+  double at = -1;
+  auto r = StartAgent(o);
+  if (r.ok()) {
+    auto a = (*r)->NextRound("", 0, [] { return false; });
+    if (a.ok() && a->world_size == n) at = std::chrono::duration<double>(Clock::now().time_since_epoch()).count();
+  }
+  if (::write(fd, &at, sizeof(at)) != sizeof(at)) _exit(1);
+  for (;;) ::pause();
+}
+
 Result OneRun(int n, int rep) {
   Result res;
   const int port = PickFreePort();
@@ -55,7 +95,7 @@ Result OneRun(int n, int rep) {
     o.run_id = run_id;
     o.endpoint_host = "127.0.0.1";
     o.endpoint_port = static_cast<uint16_t>(port);
-    o.is_host = i == 0;
+    o.is_host = i == 0 && !etcd;
     o.node_id = absl::StrCat("agent-", i);
     o.node_address = "127.0.0.1";
     o.local_world_size = 1;
@@ -67,24 +107,37 @@ Result OneRun(int n, int rep) {
     o.keep_alive_max_attempt = 2;
     return o;
   };
-  std::vector<std::unique_ptr<NodeRendezvous>> agents(n);
-  for (int i = 0; i < n; ++i) {
-    auto r = StartDynamicRendezvous(options(i));
+  // etcd: the lost agent is a child process, forked before this process has any thread.
+  int pipe_fds[2] = {-1, -1};
+  pid_t child = -1;
+  const auto t0 = Clock::now();
+  if (etcd) {
+    if (::pipe(pipe_fds) != 0) {
+      res.ok = false;
+      res.error = "pipe failed";
+      return res;
+    }
+    child = ForkLostAgent(options(n - 1), n, pipe_fds[1]);
+  }
+  const int here = etcd ? n - 1 : n;
+  std::vector<std::unique_ptr<NodeRendezvous>> agents(here);
+  for (int i = 0; i < here; ++i) {
+    auto r = StartAgent(options(i));
     if (!r.ok()) {
       res.ok = false;
       res.error = std::string(r.status().message());
+      if (child > 0) ::kill(child, SIGKILL), ::waitpid(child, nullptr, 0);
       return res;
     }
     agents[i] = std::move(*r);
   }
   auto never = [] { return false; };
   // Round 1: everyone at once; complete at max nodes.
-  std::vector<double> done(n, 0);
+  std::vector<double> done(here, 0);
   std::atomic<int> failed{0};
-  const auto t0 = Clock::now();
   {
     std::vector<std::thread> ts;
-    for (int i = 0; i < n; ++i)
+    for (int i = 0; i < here; ++i)
       ts.emplace_back([&, i] {
         auto a = agents[i]->NextRound("", 0, never);
         if (!a.ok() || a->world_size != n) ++failed;
@@ -93,14 +146,29 @@ Result OneRun(int n, int rep) {
     for (auto& t : ts) t.join();
   }
   res.round_s = *std::max_element(done.begin(), done.end());
+  if (child > 0) {
+    double at = -1;
+    pollfd p{pipe_fds[0], POLLIN, 0};
+    if (::poll(&p, 1, 60000) != 1 || ::read(pipe_fds[0], &at, sizeof(at)) != sizeof(at) || at < 0) ++failed;
+    else res.round_s = std::max(res.round_s, at - std::chrono::duration<double>(t0.time_since_epoch()).count());
+    ::close(pipe_fds[0]);
+    ::close(pipe_fds[1]);
+  }
   if (failed) {
     res.ok = false;
     res.error = absl::StrCat(failed.load(), " agents did not get a round of ", n);
+    if (child > 0) ::kill(child, SIGKILL), ::waitpid(child, nullptr, 0);
     return res;
   }
-  // The last agent is lost: its client goes away without leaving.
+  // The last agent is lost: its process is killed (etcd), or its client goes
+  // away without leaving (built-in).
   const auto lost = Clock::now();
-  agents[n - 1].reset();
+  if (child > 0) {
+    ::kill(child, SIGKILL);
+    ::waitpid(child, nullptr, 0);
+  } else {
+    agents[n - 1].reset();
+  }
   std::vector<double> notified(n - 1, 0), rejoined(n - 1, 0);
   {
     std::vector<std::thread> ts;
@@ -136,7 +204,8 @@ Result OneRun(int n, int rep) {
 int main(int argc, char** argv) {
   std::vector<int> sizes = {8, 64, 256};
   int reps = 3;
-  std::string out = "benchmarks/results/rdzv_builtin.json";
+  std::string out;
+  std::string backend = "builtin";
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
     auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
@@ -150,12 +219,33 @@ int main(int argc, char** argv) {
       reps = std::max(1, std::atoi(next().c_str()));
     } else if (a == "--out") {
       out = next();
+    } else if (a == "--backend") {
+      backend = next();
+      if (backend != "builtin" && backend != "etcd") {
+        std::fprintf(stderr, "rdzv_bench: --backend is builtin or etcd, not '%s'\n", backend.c_str());
+        return 2;
+      }
     } else {
-      std::fprintf(stderr, "usage: rdzv_bench [--agents 8,64,256] [--reps 3] [--out FILE]\n");
+      std::fprintf(stderr, "usage: rdzv_bench [--backend builtin|etcd] [--agents 8,64,256] [--reps 3] [--out FILE]\n");
       return 2;
     }
   }
-  std::string json = absl::StrCat("{\n \"backend\": \"built-in (c10d)\", \"cpus\": ", std::thread::hardware_concurrency(),
+  if (out.empty()) out = absl::StrCat("benchmarks/results/rdzv_", backend, ".json");
+  // Each agent holds a few connections (etcd: three): 256 agents need more than 1024 descriptors.
+  rlimit nofile;
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0) {
+    nofile.rlim_cur = nofile.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &nofile);
+  }
+  if (backend == "etcd") {
+    ::setenv("TMPDIR", "/dev/shm", 1);  // the member's data directory (removed at the end)
+    etcd.emplace();
+    if (!etcd->up()) {
+      std::fprintf(stderr, "rdzv_bench: etcd did not come up (is etcd-server installed? apt install etcd-server)\n");
+      return 1;
+    }
+  }
+  std::string json = absl::StrCat("{\n \"backend\": \"", backend == "etcd" ? "etcd-v3 (one member, data on tmpfs)" : "built-in (c10d)", "\", \"cpus\": ", std::thread::hardware_concurrency(),
                                   ",\n \"keep_alive_interval_s\": 0.5, \"keep_alive_max_attempt\": 2,\n \"runs\": [\n");
   for (size_t k = 0; k < sizes.size(); ++k) {
     const int n = sizes[k];
@@ -164,6 +254,7 @@ int main(int argc, char** argv) {
       Result res = OneRun(n, r);
       if (!res.ok) {
         std::fprintf(stderr, "%d agents, run %d: %s\n", n, r, res.error.c_str());
+        etcd.reset();
         return 1;
       }
       round.push_back(res.round_s);
@@ -181,5 +272,6 @@ int main(int argc, char** argv) {
   }
   json += " ]\n}\n";
   std::ofstream(out) << json;
+  etcd.reset();
   return 0;
 }

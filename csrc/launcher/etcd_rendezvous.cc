@@ -86,7 +86,10 @@ class EtcdRendezvous : public NodeRendezvous {
     rdzv::EtcdOptions quick = options_.etcd;
     quick.request_timeout = std::min(quick.request_timeout, std::max(milliseconds(1000), options_.rendezvous.keep_alive_interval));
     const std::pair<std::unique_ptr<rdzv::EtcdClient>*, const rdzv::EtcdOptions*> clients[] = {
-        {&client_, &options_.etcd}, {&watch_client_, &options_.etcd}, {&lease_client_, &quick}};
+        {&client_, &options_.etcd},
+        {&watch_client_, &options_.etcd},
+        {&lead_client_, &options_.etcd},
+        {&lease_client_, &quick}};
     for (const auto& [client, opts] : clients) {
       absl::StatusOr<std::unique_ptr<rdzv::EtcdClient>> c = rdzv::EtcdClient::Connect(*opts);
       if (!c.ok())
@@ -311,6 +314,16 @@ class EtcdRendezvous : public NodeRendezvous {
     int64_t revision = 0;
     bool need_snapshot = true;
     std::optional<Clock::time_point> timer;  // the running last call's deadline
+    // The copy changed (or time passed): lead where this node is the leader, and publish.
+    auto act = [&] {
+      NoteSessionError(absl::OkStatus());
+      RoundSnapshot snap = Decode(copy, revision);
+      if (snap.leader == options_.rendezvous.node_id) Lead(snap);
+      timer.reset();
+      if (const int64_t d = snap.stored.record.last_call_deadline_unix_ms(); d > 0)
+        timer = Clock::now() + milliseconds(std::max<int64_t>(0, d - UnixMsNow()));
+      Publish(std::move(snap));
+    };
     while (!stopping_) {
       if (need_snapshot) {
         absl::StatusOr<etcd::RangeResponse> all = watch_client_->Get(rdzv_prefix_, /*prefix=*/true);
@@ -323,31 +336,34 @@ class EtcdRendezvous : public NodeRendezvous {
         for (const auto& kv : all->kvs()) copy[kv.key()] = kv;
         revision = all->header().revision();
         need_snapshot = false;
-      } else {
-        Clock::time_point until = Clock::now() + milliseconds(1000);
-        if (timer) until = std::min(until, *timer + milliseconds(5));
-        absl::StatusOr<std::vector<etcd::Event>> events = watch_client_->Watch(
-            rdzv_prefix_, /*prefix=*/true, revision + 1, until, [this] { return stopping_.load(); });
-        if (stopping_) return;
-        if (!events.ok()) {
-          NoteSessionError(events.status());
-          need_snapshot = true;  // compacted, or a member went away: read it whole again
-          Pause(milliseconds(200));
-          continue;
-        }
-        for (const etcd::Event& e : *events) {
-          if (e.type() == etcd::Event::DELETE) copy.erase(e.kv().key());
-          else copy[e.kv().key()] = e.kv();
-          revision = std::max(revision, e.kv().mod_revision());
-        }
+        act();
+        continue;
       }
-      NoteSessionError(absl::OkStatus());
-      RoundSnapshot snap = Decode(copy, revision);
-      if (snap.leader == options_.rendezvous.node_id) Lead(snap);
-      timer.reset();
-      if (const int64_t d = snap.stored.record.last_call_deadline_unix_ms(); d > 0)
-        timer = Clock::now() + milliseconds(std::max<int64_t>(0, d - UnixMsNow()));
-      Publish(std::move(snap));
+      // One stream for every event until the next timed look (a running last
+      // call's deadline, else a second): no reconnect per event, which with N
+      // agents joining would cost each of them N watch setups.
+      Clock::time_point until = Clock::now() + milliseconds(1000);
+      if (timer) until = std::min(until, *timer + milliseconds(5));
+      absl::Status watched = watch_client_->WatchEach(
+          rdzv_prefix_, /*prefix=*/true, revision + 1, until, [this] { return stopping_.load(); },
+          [&](std::vector<etcd::Event>& events) {
+            for (const etcd::Event& e : events) {
+              if (e.type() == etcd::Event::DELETE) copy.erase(e.kv().key());
+              else copy[e.kv().key()] = e.kv();
+              revision = std::max(revision, e.kv().mod_revision());
+            }
+            act();
+            // A last call that began with these events ends sooner than this watch.
+            return !stopping_ && !(timer && *timer + milliseconds(5) < until);
+          });
+      if (stopping_) return;
+      if (!watched.ok()) {
+        NoteSessionError(watched);
+        need_snapshot = true;  // compacted, or a member went away: read it whole again
+        Pause(milliseconds(200));
+        continue;
+      }
+      act();  // a timed look: a last call may have ended, a lease lapsed
     }
   }
 
@@ -396,7 +412,8 @@ class EtcdRendezvous : public NodeRendezvous {
     etcd::PutRequest* put = txn.add_success()->mutable_request_put();
     put->set_key(round_key_);
     put->set_value(next.SerializeAsString());
-    absl::StatusOr<etcd::TxnResponse> done = watch_client_->Txn(txn);
+    // Not watch_client_: Lead runs inside its watch, which holds that client.
+    absl::StatusOr<etcd::TxnResponse> done = lead_client_->Txn(txn);
     if (!done.ok()) NoteSessionError(done.status());
     // Written or not, the watch brings the record that is now in etcd.
   }
@@ -428,7 +445,8 @@ class EtcdRendezvous : public NodeRendezvous {
   int64_t ttl_s_ = 15;
   uint64_t incarnation_ = 0;
   std::unique_ptr<rdzv::EtcdClient> client_;        // the agent thread: joins, barriers
-  std::unique_ptr<rdzv::EtcdClient> watch_client_;  // the session thread
+  std::unique_ptr<rdzv::EtcdClient> watch_client_;  // the session thread's watch and snapshot
+  std::unique_ptr<rdzv::EtcdClient> lead_client_;   // the session thread's writes as the leader
   std::unique_ptr<rdzv::EtcdClient> lease_client_;  // the keep-alive thread
   std::thread session_, keeper_;
   std::atomic<bool> stopping_{false};

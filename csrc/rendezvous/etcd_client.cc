@@ -596,6 +596,18 @@ absl::Status EtcdClient::RevokeLease(int64_t lease) {
 absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key, bool prefix, int64_t start_revision,
                                                            Clock::time_point deadline,
                                                            const std::function<bool()>& cancelled) {
+  std::vector<etcd::Event> events;
+  absl::Status s = WatchEach(key, prefix, start_revision, deadline, cancelled, [&](std::vector<etcd::Event>& batch) {
+    events = std::move(batch);
+    return false;  // the first batch is the answer
+  });
+  if (!s.ok()) return s;
+  return events;
+}
+
+absl::Status EtcdClient::WatchEach(std::string_view key, bool prefix, int64_t start_revision,
+                                   Clock::time_point deadline, const std::function<bool()>& cancelled,
+                                   const std::function<bool(std::vector<etcd::Event>&)>& on_events) {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> l(m.mu);
   etcd::WatchRequest w;
@@ -610,7 +622,7 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
   http::response_parser<http::string_body> parser;
   parser.body_limit(boost::none);
   beast::error_code ec;
-  bool failed = false, header = false;
+  bool failed = false, header = false, stopped = false;
   std::vector<etcd::Event> events;
   absl::Status error;
   size_t parsed = 0;
@@ -643,6 +655,13 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
       for (const auto& e : r.events()) events.push_back(e);
     }
   };
+  // Hands what arrived to the caller; false when the watch ends here.
+  auto deliver = [&] {
+    if (events.empty()) return true;
+    stopped = !on_events(events);
+    events.clear();
+    return !stopped;
+  };
   std::function<void()> read_more;
   c.Tcp().expires_never();  // the watch's deadline is the loop's below
   c.AsyncOpen(ep, [&](beast::error_code e) {
@@ -654,7 +673,7 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
         http::async_read_some(stream, buffer, parser, [&](beast::error_code e4, size_t) {
           if (e4) return fail(e4);
           take_lines();
-          if (!error.ok() || !events.empty() || parser.is_done()) return;
+          if (!error.ok() || !deliver() || parser.is_done()) return;
           read_more();
         });
       };
@@ -674,18 +693,18 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
       });
     });
   });
-  auto finished = [&] { return failed || !error.ok() || !events.empty() || parser.is_done(); };
+  auto finished = [&] { return failed || !error.ok() || stopped || parser.is_done(); };
   // Closing the connection at the end ends the watch on the server too.
   const bool ended_here = !m.RunUntil(c, finished, deadline, cancelled);  // the deadline or `cancelled`
   if (!error.ok()) return error;
-  if (!events.empty() || ended_here) return events;
+  if (stopped || ended_here) return absl::OkStatus();
   if (failed && header)
     return Impl::GatewayStatus(ep, Impl::Reply{static_cast<int>(parser.get().result_int()), parser.get().body()});
   if (failed) {
     m.current = (m.current + 1) % m.endpoints.size();  // the next call tries another member
     return ConnectionError(ep, "watch", c, ec, m.options);
   }
-  return events;  // the server ended the watch with nothing
+  return absl::OkStatus();  // the server ended the watch
 }
 
 std::string EtcdClient::Describe() const { return absl::StrCat("etcd at ", impl_->Names()); }

@@ -81,6 +81,14 @@ class EtcdClient {
   absl::StatusOr<std::vector<etcd::Event>> Watch(std::string_view key, bool prefix, int64_t start_revision,
                                                  std::chrono::steady_clock::time_point deadline,
                                                  const std::function<bool()>& cancelled = {});
+  // One watch stream kept open: `on_events` gets each batch of events as it
+  // arrives (in revision order) and returns false to end the watch. OK when it
+  // did, at `deadline`, when `cancelled` turned true, or when the server ended
+  // the stream; errors as Watch. A caller that follows a prefix pays one
+  // connection per call, not one per event.
+  absl::Status WatchEach(std::string_view key, bool prefix, int64_t start_revision,
+                         std::chrono::steady_clock::time_point deadline, const std::function<bool()>& cancelled,
+                         const std::function<bool(std::vector<etcd::Event>&)>& on_events);
 
   // "etcd at a:1, b:2"
   std::string Describe() const;
