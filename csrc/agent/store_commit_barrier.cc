@@ -61,13 +61,19 @@ void StoreCommitBarrier::Wake() {
 }
 
 rendezvous::KeyStore& StoreCommitBarrier::Store() {
+  // Asked outside mu_: `cancelled_` belongs to the persist's owner.
+  const bool abandoned = Abandoned();
   std::lock_guard<std::mutex> l(mu_);
-  if (!store_) {
-    store_ = rendezvous::OpenKeyStore(options_.address());
-    if (woken_) store_->Interrupt();  // a wake before the first call is not lost
-  }
+  if (!store_) store_ = rendezvous::OpenKeyStore(options_.address());
+  // A wake before the first call is not lost; and once the step is abandoned
+  // every call fails at once, also the first on a connection that a wake's
+  // Rearm() replaced: with the store unreachable, each would otherwise wait
+  // out unreachable_timeout, one after the other, in a persist nobody wants.
+  if (woken_ || abandoned) store_->Interrupt();
   return *store_;
 }
+
+bool StoreCommitBarrier::Abandoned() const { return cancelled_ && cancelled_(); }
 
 void StoreCommitBarrier::Rearm() {
   std::lock_guard<std::mutex> l(mu_);
@@ -88,6 +94,8 @@ absl::StatusOr<T> StoreCommitBarrier::Run(int64_t step, const char* doing, F&& c
   for (;;) {
     absl::StatusOr<T> r = call();
     if (r.ok()) return r;
+    // An abandoned step's calls end at once, whatever the store said.
+    if (Abandoned()) return absl::CancelledError(RestartMessage(step));
     if (r.status().code() != absl::StatusCode::kCancelled) return Unreachable(step, doing, r.status());
     // Interrupted by Wake(): the next call gets a fresh connection.
     Rearm();
@@ -121,6 +129,8 @@ absl::StatusOr<std::optional<std::string>> StoreCommitBarrier::WaitKey(int64_t s
   absl::StatusOr<std::optional<std::string>> r =
       Store().Wait(key, wait, now + wait + options_.unreachable_timeout);
   if (r.ok()) return r;
+  // Abandoned: an error, so that no caller's loop turns on a store that fails at once.
+  if (Abandoned()) return absl::CancelledError(RestartMessage(step));
   if (r.status().code() != absl::StatusCode::kCancelled) return Unreachable(step, "waiting", r.status());
   Rearm();  // woken: the caller looks at cancelled
   return std::optional<std::string>();

@@ -93,6 +93,8 @@ class StoreCommitBarrier : public core::CommitBarrier {
   // until Rearm() drops it.
   rendezvous::KeyStore& Store();
   void Rearm();
+  // `cancelled_` says the step is obsolete.
+  bool Abandoned() const;
   // Runs a store call until it is answered; kCancelled when Wake()
   // interrupted it and `cancelled` says so; kUnavailable (Unreachable) when
   // the store does not answer.

@@ -284,6 +284,35 @@ TEST_F(StoreCommit, AStoreThatWentAwayFailsThePersistNamingHostPort) {
   EXPECT_FALSE(fs::exists(StepDir(dir_, 4) + "/COMMIT"));  // nothing committed from partial information
 }
 
+// An abandoned persist whose store went away (etcd down at a restart) ends at
+// once: every later call fails without waiting out unreachable_timeout, also
+// after a wake replaced the connection.
+TEST_F(StoreCommit, AnAbandonedStepOnAStoreThatIsGoneEndsEveryCallAtOnce) {
+  port_ = server_->port();
+  CommitStoreOptions o = Store();
+  o.unreachable_timeout = milliseconds(4000);
+  StoreCommits commits(o);
+  std::atomic<bool> restarted{false};
+  auto b = commits.Barrier(dir_, [&] { return restarted.load(); });
+  ASSERT_TRUE(b->RankDurable(3, 0, Record(3, 0, 2)).ok());
+  server_.reset();  // the store is gone
+  restarted = true;
+  commits.WakeAll();
+  const auto t0 = Clock::now();
+  absl::StatusOr<std::vector<std::string>> all = b->WaitAll(3, 2, milliseconds(30000));
+  EXPECT_EQ(all.status().code(), absl::StatusCode::kCancelled) << all.status();
+  EXPECT_NE(std::string(all.status().message()).find("a restart made it obsolete"), std::string::npos);
+  absl::Status durable = b->RankDurable(4, 0, Record(4, 0, 2));
+  EXPECT_EQ(durable.code(), absl::StatusCode::kCancelled) << durable;
+  absl::Status committed = b->WaitCommitted(3, milliseconds(30000), [&] { return restarted.load(); });
+  EXPECT_EQ(committed.code(), absl::StatusCode::kCancelled) << committed;
+  b->ReportFailure(3, 0, "obsolete");
+  b->Committed(3);
+  // Before: each of these calls waited out the 4 s unreachable timeout.
+  EXPECT_LT(Clock::now() - t0, milliseconds(2000));
+  EXPECT_FALSE(fs::exists(StepDir(dir_, 3) + "/COMMIT"));
+}
+
 TEST_F(StoreCommit, ARankThatLostTheStoreAfterTheCommitReadsCOMMIT) {
   port_ = server_->port();
   StoreCommits commits(Store());
