@@ -170,9 +170,14 @@ class Connection {
     then_ = std::move(then);
     stage_ = "resolving";
     resolver_.async_resolve(ep.host, ep.port, [this, ep](beast::error_code e, tcp::resolver::results_type results) {
+      // A resolve that completed just before Close() still succeeds (cancel()
+      // reaches only one not yet done): it must not open a connection then,
+      // a watch on which nothing would ever end.
+      if (!e && closed_) e = asio::error::operation_aborted;
       if (e) return then_(e);
       stage_ = "connecting";
       Tcp().async_connect(results, [this, ep](beast::error_code e2, const tcp::endpoint&) {
+        if (!e2 && closed_) e2 = asio::error::operation_aborted;
         if (e2 || !secure_) return then_(e2);
         Handshake(ep);
       });
@@ -185,7 +190,9 @@ class Connection {
   const std::string& verify_failure() const { return verify_failure_; }
 
   // Ends what is in flight too (its handlers run with operation_aborted).
+  // Nothing is started after it: see AsyncOpen.
   void Close() {
+    closed_ = true;
     resolver_.cancel();
     beast::error_code ignored;
     Tcp().socket().shutdown(tcp::socket::shutdown_both, ignored);
@@ -222,6 +229,7 @@ class Connection {
   std::function<void(beast::error_code)> then_;
   std::string stage_ = "resolving";
   std::string verify_failure_;
+  bool closed_ = false;  // by Close(); the handlers run on the same thread
 };
 
 // A failed connection or exchange as a status that names the endpoint and the

@@ -50,13 +50,21 @@ def last_attempt(log_dir):
     return max(attempts)
 
 
-def communicate(p, timeout):
+def communicate(p, timeout, *others):
+    """p's output once it exits within `timeout` s. On a timeout, p and `others`
+    (the other nodes' agents, still running) are killed and every one's output
+    goes into the error: a hang on one node often shows only on another."""
     try:
         return p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
-        out, err = p.communicate(timeout=10)
-        raise AssertionError("timed out after %s s\nstdout:\n%s\nstderr:\n%s" % (timeout, out[-3000:], err[-6000:]))
+        report = ["timed out after %s s" % timeout]
+        for i, q in enumerate((p,) + others):
+            if q.poll() is None:
+                os.killpg(q.pid, signal.SIGKILL)
+            out, err = q.communicate(timeout=10)
+            report.append("--- %s\nstdout:\n%s\nstderr:\n%s" % ("this agent" if i == 0 else "agent %d" % i,
+                                                                 out[-3000:], err[-6000:]))
+        raise AssertionError("\n".join(report))
 
 
 def test_nodes_have_their_own_address_memory_and_nothing_else(bed, tmp_path):
@@ -121,7 +129,7 @@ def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage
     pa = a.start(agent(flashrun, a, "node-a", endpoint, "bed-kill", tmp_path / "logs-a", crash), env=env)
     rdzv.settle()
     pb = b.start(agent(flashrun, b, "node-b", endpoint, "bed-kill", tmp_path / "logs-b", crash), env=env)
-    out_a, err_a = communicate(pa, 120)
+    out_a, err_a = communicate(pa, 120, pb)
     out_b, err_b = communicate(pb, 60)
     assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
     for err in (err_a, err_b):
@@ -150,7 +158,7 @@ def test_worker_kill_resumes_from_each_nodes_memory_and_a_lost_node_from_storage
     assert committed, "nothing committed before the node was lost"
     b2 = bed.add_node("b2")
     pb2 = b2.start(agent(flashrun, b2, "node-b", endpoint, "bed-loss", tmp_path / "loss-b2", slow), env=env)
-    out_a, err_a = communicate(pa, 180)
+    out_a, err_a = communicate(pa, 180, pb2)
     out_b2, err_b2 = communicate(pb2, 60)
     assert pa.returncode == 0 and pb2.returncode == 0, err_a[-4000:] + err_b2[-4000:]
     # A restart anywhere counts for every node: the replacement's first attempt
@@ -193,7 +201,7 @@ def test_a_partitioned_node_is_left_behind_and_stops_its_workers(bed, flashrun, 
              "the world of 4 to save step 10")
     b.partition()
     cut = time.time()
-    out_b, err_b = communicate(pb, 120)
+    out_b, err_b = communicate(pb, 120, pa)
     b_exited = time.time() - cut
     out_a, err_a = communicate(pa, 180)
     assert pa.returncode == 0, err_a[-6000:]
@@ -245,7 +253,7 @@ def test_an_etcd_member_killed_mid_run_does_not_stop_the_job(bed, flashrun, tmp_
     wait_for(lambda: len([l for l in _lines(ev) if l.startswith("save step=10 ")]) == 4, 120,
              "the world of 4 to save step 10")
     etcd.stop(0)
-    out_a, err_a = communicate(pa, 180)
+    out_a, err_a = communicate(pa, 180, pb)
     out_b, err_b = communicate(pb, 60)
     assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
     for err in (err_a, err_b):
@@ -273,7 +281,7 @@ def test_etcd_down_mid_run_stops_the_workers_and_the_job_resumes_when_it_is_back
     assert len([l for l in _lines(ev) if l.startswith("save ")]) == saves_then, "workers trained on without etcd"
     etcd.start(0)
     etcd.wait_healthy(30)
-    out_a, err_a = communicate(pa, 180)
+    out_a, err_a = communicate(pa, 180, pb)
     out_b, err_b = communicate(pb, 60)
     assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
     for err in (err_a, err_b):
@@ -330,7 +338,7 @@ def test_sigterm_to_every_flashrun_commits_the_newest_snapshot(bed, flashrun, tm
     assert _committed_steps(ck) == [5]
     pa.send_signal(signal.SIGTERM)
     pb.send_signal(signal.SIGTERM)
-    out_a, err_a = communicate(pa, 90)
+    out_a, err_a = communicate(pa, 90, pb)
     out_b, err_b = communicate(pb, 90)
     assert pa.returncode == 128 + signal.SIGTERM and pb.returncode == 128 + signal.SIGTERM, err_a[-4000:] + err_b[-4000:]
     newest = newest_all()
@@ -354,7 +362,7 @@ def test_a_node_joining_below_max_starts_a_round_with_it(bed, flashrun, tmp_path
     wait_for(lambda: [l for l in _lines(ev) if l.startswith("save step=10 ") and " world=2 " in l], 120,
              "node a alone to save step 10")
     pb = start(b, "node-b")
-    out_a, err_a = communicate(pa, 180)
+    out_a, err_a = communicate(pa, 180, pb)
     out_b, err_b = communicate(pb, 90)
     assert pa.returncode == 0 and pb.returncode == 0, err_a[-4000:] + err_b[-4000:]
     resumes = [l for l in _lines(ev) if l.startswith("resume ") and " world=4 " in l]

@@ -20,7 +20,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstdio>
 #include <filesystem>
+#include <future>
 #include <optional>
 #include <string>
 #include <thread>
@@ -165,6 +167,27 @@ void CheckWatches(EtcdClient& c, EtcdClient& writer, const std::string& dir) {
   ASSERT_TRUE(cancelled.ok()) << cancelled.status();
   EXPECT_TRUE(cancelled->empty());
   EXPECT_LT(Clock::now() - t1, seconds(5));
+  // Cancelled while its connection is being made: the address is resolved by
+  // the time the predicate answers, and the watch must not connect after
+  // that (it would watch on, with nothing to end it, past every deadline).
+  std::promise<absl::StatusOr<std::vector<etcd::Event>>> late;
+  auto answer = late.get_future();
+  std::thread watcher([&] {
+    late.set_value(c.Watch(dir, true, rev + 10, Clock::now() + seconds(30), [] {
+      std::this_thread::sleep_for(milliseconds(100));
+      return true;
+    }));
+  });
+  if (answer.wait_for(seconds(10)) != std::future_status::ready) {
+    std::fprintf(stderr, "FAILED: a watch cancelled while connecting did not return within 10 s\n");
+    std::_Exit(1);  // the watch thread cannot be stopped
+  }
+  watcher.join();
+  auto early = answer.get();
+  ASSERT_TRUE(early.ok()) << early.status();
+  EXPECT_TRUE(early->empty());
+  // The client is still usable.
+  EXPECT_TRUE(c.Get(dir + "after").ok());
 }
 
 TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
