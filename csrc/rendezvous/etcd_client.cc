@@ -169,6 +169,15 @@ class Connection {
   void AsyncOpen(const Endpoint& ep, std::function<void(beast::error_code)> then) {
     then_ = std::move(then);
     stage_ = "resolving";
+    // An address needs no resolve: it would be a hand-off to asio's resolver
+    // thread and back on every call (most of the agents' CPU with 64 on a host).
+    beast::error_code not_an_address;
+    const asio::ip::address addr = asio::ip::make_address(ep.host, not_an_address);
+    int port = 0;
+    if (!not_an_address && absl::SimpleAtoi(ep.port, &port) && port > 0 && port < 65536) {
+      Connect(ep, tcp::endpoint(addr, static_cast<unsigned short>(port)));
+      return;
+    }
     resolver_.async_resolve(ep.host, ep.port, [this, ep](beast::error_code e, tcp::resolver::results_type results) {
       // A resolve that completed just before Close() still succeeds (cancel()
       // reaches only one not yet done): it must not open a connection then,
@@ -176,11 +185,7 @@ class Connection {
       if (!e && closed_) e = asio::error::operation_aborted;
       if (e) return then_(e);
       stage_ = "connecting";
-      Tcp().async_connect(results, [this, ep](beast::error_code e2, const tcp::endpoint&) {
-        if (!e2 && closed_) e2 = asio::error::operation_aborted;
-        if (e2 || !secure_) return then_(e2);
-        Handshake(ep);
-      });
+      Tcp().async_connect(results, [this, ep](beast::error_code e2, const tcp::endpoint&) { Connected(ep, e2); });
     });
   }
 
@@ -200,6 +205,17 @@ class Connection {
   }
 
  private:
+  void Connect(const Endpoint& ep, const tcp::endpoint& to) {
+    stage_ = "connecting";
+    Tcp().async_connect(to, [this, ep](beast::error_code e) { Connected(ep, e); });
+  }
+
+  void Connected(const Endpoint& ep, beast::error_code e) {
+    if (!e && closed_) e = asio::error::operation_aborted;
+    if (e || !secure_) return then_(e);
+    Handshake(ep);
+  }
+
   void Handshake(const Endpoint& ep) {
     stage_ = "TLS handshake";
     SSL* native = secure_->native_handle();

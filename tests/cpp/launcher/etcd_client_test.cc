@@ -130,6 +130,31 @@ TEST(EtcdClient, ALeaseKeptAliveHoldsItsKeyAndOneLeftToExpireTakesItAway) {
   EXPECT_EQ(c->Get("/alive/kept")->kvs_size(), 0);
 }
 
+// Cancelled while its connection is being made: the connect (or the resolve
+// of a host name) has completed by the time the predicate answers, and the
+// watch must not go on from there (it would watch on, with nothing to end it,
+// past every deadline).
+void CheckACancelledWatchDoesNotConnect(EtcdClient& c, const std::string& dir, int64_t rev) {
+  std::promise<absl::StatusOr<std::vector<etcd::Event>>> late;
+  auto answer = late.get_future();
+  std::thread watcher([&] {
+    late.set_value(c.Watch(dir, true, rev + 10, Clock::now() + seconds(30), [] {
+      std::this_thread::sleep_for(milliseconds(100));
+      return true;
+    }));
+  });
+  if (answer.wait_for(seconds(10)) != std::future_status::ready) {
+    std::fprintf(stderr, "FAILED: a watch cancelled while connecting did not return within 10 s\n");
+    std::_Exit(1);  // the watch thread cannot be stopped
+  }
+  watcher.join();
+  auto early = answer.get();
+  ASSERT_TRUE(early.ok()) << early.status();
+  EXPECT_TRUE(early->empty());
+  // The client is still usable.
+  EXPECT_TRUE(c.Get(dir + "after").ok());
+}
+
 // What a watch does, over plain HTTP or TLS: `c` watches under `dir`, `writer` puts.
 void CheckWatches(EtcdClient& c, EtcdClient& writer, const std::string& dir) {
   auto p = c.Put(dir + "before", "0");
@@ -167,27 +192,7 @@ void CheckWatches(EtcdClient& c, EtcdClient& writer, const std::string& dir) {
   ASSERT_TRUE(cancelled.ok()) << cancelled.status();
   EXPECT_TRUE(cancelled->empty());
   EXPECT_LT(Clock::now() - t1, seconds(5));
-  // Cancelled while its connection is being made: the address is resolved by
-  // the time the predicate answers, and the watch must not connect after
-  // that (it would watch on, with nothing to end it, past every deadline).
-  std::promise<absl::StatusOr<std::vector<etcd::Event>>> late;
-  auto answer = late.get_future();
-  std::thread watcher([&] {
-    late.set_value(c.Watch(dir, true, rev + 10, Clock::now() + seconds(30), [] {
-      std::this_thread::sleep_for(milliseconds(100));
-      return true;
-    }));
-  });
-  if (answer.wait_for(seconds(10)) != std::future_status::ready) {
-    std::fprintf(stderr, "FAILED: a watch cancelled while connecting did not return within 10 s\n");
-    std::_Exit(1);  // the watch thread cannot be stopped
-  }
-  watcher.join();
-  auto early = answer.get();
-  ASSERT_TRUE(early.ok()) << early.status();
-  EXPECT_TRUE(early->empty());
-  // The client is still usable.
-  EXPECT_TRUE(c.Get(dir + "after").ok());
+  CheckACancelledWatchDoesNotConnect(c, dir, rev);
 }
 
 TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
@@ -197,6 +202,14 @@ TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
   auto writer = ClientOf({etcd.endpoint()});
   ASSERT_TRUE(c && writer);
   CheckWatches(*c, *writer, "/w/");
+  // By host name: through the resolver.
+  std::string by_name = etcd.endpoint();
+  ASSERT_EQ(by_name.rfind("127.0.0.1:", 0), 0u) << by_name;
+  auto named = ClientOf({"localhost:" + by_name.substr(by_name.find(':') + 1)});
+  ASSERT_TRUE(named);
+  auto p = named->Put("/w/named", "1");
+  ASSERT_TRUE(p.ok()) << p.status();
+  CheckACancelledWatchDoesNotConnect(*named, "/w/", p->header().revision());
 }
 
 TEST(EtcdClient, AMemberThatIsDownIsPassedOverAndAllDownNamesEveryEndpoint) {
