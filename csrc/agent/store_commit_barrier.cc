@@ -89,17 +89,16 @@ absl::Status StoreCommitBarrier::Unreachable(int64_t step, const char* doing, co
 }
 
 template <typename T, typename F>
-absl::StatusOr<T> StoreCommitBarrier::Run(int64_t step, const char* doing, F&& call,
-                                          const std::function<bool()>& cancelled) {
+absl::StatusOr<T> StoreCommitBarrier::Run(int64_t step, const char* doing, F&& call) {
   for (;;) {
     absl::StatusOr<T> r = call();
     if (r.ok()) return r;
     // An abandoned step's calls end at once, whatever the store said.
     if (Abandoned()) return absl::CancelledError(RestartMessage(step));
     if (r.status().code() != absl::StatusCode::kCancelled) return Unreachable(step, doing, r.status());
-    // Interrupted by Wake(): the next call gets a fresh connection.
+    // Interrupted by Wake() while the step is still wanted: the next call
+    // gets a fresh connection.
     Rearm();
-    if (cancelled && cancelled()) return absl::CancelledError(RestartMessage(step));
   }
 }
 
@@ -109,16 +108,14 @@ absl::Status StoreCommitBarrier::Set(int64_t step, const std::string& key, const
              [&]() -> absl::StatusOr<bool> {
                FCK_RETURN_IF_ERROR(Store().Set(key, value, Clock::now() + options_.unreachable_timeout));
                return true;
-             },
-             cancelled_)
+             })
       .status();
 }
 
 absl::StatusOr<std::optional<std::string>> StoreCommitBarrier::GetNow(int64_t step, const std::string& key) {
   return Run<std::optional<std::string>>(
       step, "reading a key",
-      [&] { return Store().Wait(key, std::chrono::milliseconds(0), Clock::now() + options_.unreachable_timeout); },
-      cancelled_);
+      [&] { return Store().Wait(key, std::chrono::milliseconds(0), Clock::now() + options_.unreachable_timeout); });
 }
 
 absl::StatusOr<std::optional<std::string>> StoreCommitBarrier::WaitKey(int64_t step, const std::string& key,
@@ -156,8 +153,7 @@ absl::Status StoreCommitBarrier::RankDurable(int64_t step, int rank, const std::
                                       [&] {
                                         return Store().Add(p + "/count", 1,
                                                            Clock::now() + options_.unreachable_timeout);
-                                      },
-                                      cancelled_));
+                                      }));
   if (n >= static_cast<int64_t>(rec.world_size())) FCK_RETURN_IF_ERROR(Set(step, p + "/wake", "all"));
   return absl::OkStatus();
 }

@@ -95,11 +95,11 @@ class StoreCommitBarrier : public core::CommitBarrier {
   void Rearm();
   // `cancelled_` says the step is obsolete.
   bool Abandoned() const;
-  // Runs a store call until it is answered; kCancelled when Wake()
-  // interrupted it and `cancelled` says so; kUnavailable (Unreachable) when
-  // the store does not answer.
+  // Runs a store call until it is answered; kCancelled once the step is
+  // abandoned (`cancelled_`); kUnavailable (Unreachable) when the store does
+  // not answer.
   template <typename T, typename F>
-  absl::StatusOr<T> Run(int64_t step, const char* doing, F&& call, const std::function<bool()>& cancelled);
+  absl::StatusOr<T> Run(int64_t step, const char* doing, F&& call);
   // The error for a call that got no answer: names the store's host:port
   // (or etcd's endpoints).
   absl::Status Unreachable(int64_t step, const char* doing, const absl::Status& s) const;
