@@ -363,6 +363,9 @@ struct EtcdClient::Impl {
   std::unique_ptr<ssl::context> tls;  // null: plain HTTP
   std::mutex mu;  // one exchange at a time: the io_context is not shared between threads
   asio::io_context ioc;
+  std::unique_ptr<Connection> kept;  // the calls' connection, open while etcd keeps it (not the watches')
+  size_t kept_at = 0;                // to endpoints[kept_at]
+  bool kept_alive = false;           // the last answer allows another request on its connection
 
   struct Reply {
     int http_status = 0;
@@ -370,16 +373,24 @@ struct EtcdClient::Impl {
   };
 
   // Runs the io_context until `finished()`, the deadline or `cancelled()`
-  // (checked every 100 ms); then closes the connection and runs the handlers
-  // that cancels, which refer to the caller's frame. True when `finished()`.
+  // (checked every 100 ms). True when `finished()`. Then closes the connection
+  // and runs the handlers that cancels, which refer to the caller's frame;
+  // with `keep`, a finished exchange leaves it open for the next one instead
+  // (its timer disarmed, nothing left in flight).
   bool RunUntil(Connection& c, const std::function<bool()>& finished, Clock::time_point deadline,
-                const std::function<bool()>& cancelled = {}) {
+                const std::function<bool()>& cancelled = {}, bool keep = false) {
     ioc.restart();
     while (!finished() && Clock::now() < deadline && !(cancelled && cancelled())) {
       ioc.run_one_until(std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
       if (ioc.stopped()) ioc.restart();
     }
     const bool done = finished();
+    if (done && keep) {
+      c.Tcp().expires_never();
+      ioc.restart();
+      ioc.poll();
+      return true;
+    }
     c.Close();
     ioc.restart();
     ioc.run();
@@ -396,35 +407,79 @@ struct EtcdClient::Impl {
     return req;
   }
 
-  // One POST to one endpoint (a fresh connection).
-  absl::StatusOr<Reply> Exchange(const Endpoint& ep, const std::string& target, const std::string& body,
+  // One POST to endpoint `i`, on the connection kept from the call before
+  // when it went there (HTTP/1.1 keep-alive: no TCP connect, no TLS handshake,
+  // no socket for etcd to accept and tear down per call), else on a new one.
+  absl::StatusOr<Reply> Exchange(size_t i, const std::string& target, const std::string& body,
                                  Clock::time_point deadline) {
-    Connection c(ioc, tls.get());
+    if (kept != nullptr && kept_at == i) {
+      bool unanswered = false;
+      absl::StatusOr<Reply> r = ExchangeOn(*kept, endpoints[i], /*open=*/false, target, body, deadline, &unanswered);
+      if (r.ok() && kept_alive) return r;
+      kept.reset();
+      // etcd had closed the idle connection before it took this request: once more, on a new one.
+      if (r.ok() || !unanswered) return r;
+    }
+    kept = std::make_unique<Connection>(ioc, tls.get());
+    kept_at = i;
+    bool unanswered = false;
+    absl::StatusOr<Reply> r = ExchangeOn(*kept, endpoints[i], /*open=*/true, target, body, deadline, &unanswered);
+    if (!r.ok() || !kept_alive) kept.reset();
+    return r;
+  }
+
+  // The request and its answer on `c`, opened first when `open`. Sets
+  // `unanswered` when the connection turned out closed before a byte of an
+  // answer came (a kept one that etcd let go), and `kept_alive` when the
+  // connection may carry the next call.
+  absl::StatusOr<Reply> ExchangeOn(Connection& c, const Endpoint& ep, bool open, const std::string& target,
+                                   const std::string& body, Clock::time_point deadline, bool* unanswered) {
     http::request<http::string_body> req = Request(ep, target, body);
     beast::flat_buffer buffer;
     http::response<http::string_body> res;
     beast::error_code ec;
     bool done = false;
+    size_t answered = 0;
     auto fail = [&](beast::error_code e) {
       ec = e;
       done = true;
     };
-    c.Tcp().expires_at(deadline);  // the connect, the handshake, the write and the read
-    c.AsyncOpen(ep, [&](beast::error_code e) {
-      if (e) return fail(e);
+    auto exchange = [&] {
       c.set_stage("sending");
       c.Visit([&](auto& s) {
         // The handlers run after Visit returns: they hold the stream itself, not Visit's parameter.
         http::async_write(s, req, [&, &stream = s](beast::error_code e2, size_t) {
           if (e2) return fail(e2);
           c.set_stage("waiting for the answer");
-          http::async_read(stream, buffer, res, [&](beast::error_code e3, size_t) { fail(e3); });
+          http::async_read(stream, buffer, res, [&](beast::error_code e3, size_t n) {
+            answered = n;
+            fail(e3);
+          });
         });
       });
-    });
-    if (!RunUntil(c, [&] { return done; }, deadline))
+    };
+    kept_alive = false;
+    c.Tcp().expires_at(deadline);  // the connect, the handshake, the write and the read
+    if (open) {
+      c.AsyncOpen(ep, [&](beast::error_code e) {
+        if (e) return fail(e);
+        exchange();
+      });
+    } else {
+      exchange();
+    }
+    if (!RunUntil(c, [&] { return done; }, deadline, {}, /*keep=*/true)) {
       return absl::DeadlineExceededError(absl::StrCat(ep.Text(), ": no answer in time (", c.stage(), ")"));
-    if (ec) return ConnectionError(ep, "", c, ec, options);
+    }
+    if (ec) {
+      c.Close();  // a kept connection that failed is not used again
+      *unanswered = answered == 0 && buffer.size() == 0 &&
+                    (ec == http::error::end_of_stream || ec == asio::error::eof ||
+                     ec == asio::error::connection_reset || ec == asio::error::broken_pipe ||
+                     ec == ssl::error::stream_truncated);
+      return ConnectionError(ep, "", c, ec, options);
+    }
+    kept_alive = res.keep_alive();
     return Reply{static_cast<int>(res.result_int()), std::move(res.body())};
   }
 
@@ -475,7 +530,7 @@ struct EtcdClient::Impl {
       // Each endpoint left gets its share of the time (at least a second, if there is that much).
       const auto share = (deadline - now) / static_cast<int64_t>(endpoints.size() - n);
       const auto until = std::min(deadline, now + std::max<Clock::duration>(share, std::chrono::seconds(1)));
-      absl::StatusOr<Reply> r = Exchange(endpoints[i], target, body, until);
+      absl::StatusOr<Reply> r = Exchange(i, target, body, until);
       if (!r.ok()) {
         tried.push_back(std::string(r.status().message()));
         all_refused = all_refused && r.status().code() == absl::StatusCode::kFailedPrecondition;

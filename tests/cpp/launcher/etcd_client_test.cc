@@ -22,6 +22,8 @@
 #include <cstdlib>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <future>
 #include <optional>
 #include <string>
@@ -210,6 +212,51 @@ TEST(EtcdClient, AWatchReturnsWhatChangedFromItsRevision) {
   auto p = named->Put("/w/named", "1");
   ASSERT_TRUE(p.ok()) << p.status();
   CheckACancelledWatchDoesNotConnect(*named, "/w/", p->header().revision());
+}
+
+// Sockets on this host (any state, TIME_WAIT included) that a client opened to
+// 127.0.0.1:`port`: each a connection that was made, whether still open or not.
+int ConnectionsMadeTo(int port) {
+  std::ifstream tcp("/proc/net/tcp");
+  std::string line;
+  std::getline(tcp, line);  // the header
+  char remote[16];
+  std::snprintf(remote, sizeof(remote), "0100007F:%04X", port);
+  int n = 0;
+  while (std::getline(tcp, line)) {
+    std::istringstream fields(line);
+    std::string slot, local, rem;
+    fields >> slot >> local >> rem;
+    if (rem == remote) ++n;
+  }
+  return n;
+}
+
+TEST(EtcdClient, CallsShareOneConnectionAndOneThatEtcdDroppedIsReplacedUnseen) {
+  EtcdServer etcd;
+  REQUIRE_ETCD(etcd);
+  auto c = ClientOf({etcd.endpoint()});
+  ASSERT_TRUE(c);
+  const int port = std::stoi(etcd.endpoint().substr(etcd.endpoint().rfind(':') + 1));
+  const int before = ConnectionsMadeTo(port);  // etcd's own gateway, the probes, this client's first
+  for (int i = 0; i < 40; ++i) ASSERT_TRUE(c->Put("/k" + std::to_string(i), "v").ok());
+  auto lease = c->GrantLease(5);
+  ASSERT_TRUE(lease.ok()) << lease.status();
+  ASSERT_TRUE(c->KeepAlive(*lease).ok());
+  auto got = c->Get("/k", /*prefix=*/true);
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(got->kvs_size(), 40);
+  // 43 calls: on a connection per call they would leave 43 (closed by this
+  // side, each stays in TIME_WAIT for a minute).
+  EXPECT_LE(ConnectionsMadeTo(port) - before, 1);
+  // etcd restarted: the connection this client keeps is dead; the next call
+  // finds that out and goes again on a new one, with no error for the caller.
+  ASSERT_TRUE(etcd.Restart());
+  auto after = c->Get("/k7");
+  ASSERT_TRUE(after.ok()) << after.status();
+  ASSERT_EQ(after->kvs_size(), 1);
+  EXPECT_EQ(after->kvs(0).value(), "v");
+  EXPECT_TRUE(c->Put("/k7", "w").ok());
 }
 
 TEST(EtcdClient, AMemberThatIsDownIsPassedOverAndAllDownNamesEveryEndpoint) {

@@ -144,28 +144,17 @@ class EtcdServer {
       args.insert(args.end(), {"--cert-file", c.server_cert(), "--key-file", c.server_key()});
       if (tls_->client_cert_auth) args.insert(args.end(), {"--client-cert-auth", "--trusted-ca-file", c.ca()});
     }
-    std::vector<char*> argv;
-    for (std::string& a : args) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    pid_ = fork();
-    if (pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGKILL);  // a crashed test leaves no etcd behind
-      FILE* f = freopen(log.c_str(), "w", stderr);
-      (void)f;
-      execv(bin->c_str(), argv.data());
-      _exit(127);
-    }
-    // Up when a client can read (at most 20 s).
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-    while (std::chrono::steady_clock::now() < deadline) {
-      EtcdOptions o = client_options();
-      o.request_timeout = std::chrono::milliseconds(500);
-      if (EtcdClient::Connect(o).ok()) {
-        up_ = true;
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    }
+    args_ = std::move(args);
+    log_ = log;
+    bin_ = *bin;
+    Start();
+  }
+  // Stops this member and starts it again on the same ports and data (what a
+  // client had open to it is gone); true when it answers again.
+  bool Restart() {
+    Stop();
+    Start();
+    return up_;
   }
   ~EtcdServer() {
     Stop();
@@ -199,6 +188,34 @@ class EtcdServer {
   pid_t pid() const { return pid_; }
 
  private:
+  void Start() {
+    up_ = false;
+    std::vector<char*> argv;
+    for (std::string& a : args_) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    pid_ = fork();
+    if (pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // a crashed test leaves no etcd behind
+      FILE* f = freopen(log_.c_str(), "a", stderr);
+      (void)f;
+      execv(bin_.c_str(), argv.data());
+      _exit(127);
+    }
+    // Up when a client can read (at most 20 s).
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+    while (std::chrono::steady_clock::now() < deadline) {
+      EtcdOptions o = client_options();
+      o.request_timeout = std::chrono::milliseconds(500);
+      if (EtcdClient::Connect(o).ok()) {
+        up_ = true;
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+  }
+
+  std::vector<std::string> args_;
+  std::string log_, bin_;
   static inline int counter_ = 0;
   std::optional<EtcdTls> tls_;
   etcd_fs::path dir_;
