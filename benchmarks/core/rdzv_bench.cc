@@ -24,6 +24,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <memory>
+#include <mutex>
 #include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
@@ -99,10 +100,14 @@ Result OneRun(int n, int rep) {
     o.node_id = absl::StrCat("agent-", i);
     o.node_address = "127.0.0.1";
     o.local_world_size = 1;
-    o.min_nodes = 1;
+    // The round forms at max nodes, whenever the last one joins: a short last
+    // call would end it early with whoever had joined (and time the last call,
+    // not the rendezvous). After a loss, the survivors' round forms when all
+    // of them are back (no last call either).
+    o.min_nodes = std::max(1, n - 1);
     o.max_nodes = n;
     o.join_timeout = std::chrono::seconds(120);
-    o.last_call_timeout = std::chrono::milliseconds(500);
+    o.last_call_timeout = std::chrono::seconds(30);
     o.keep_alive_interval = std::chrono::milliseconds(500);
     o.keep_alive_max_attempt = 2;
     return o;
@@ -110,7 +115,6 @@ Result OneRun(int n, int rep) {
   // etcd: the lost agent is a child process, forked before this process has any thread.
   int pipe_fds[2] = {-1, -1};
   pid_t child = -1;
-  const auto t0 = Clock::now();
   if (etcd) {
     if (::pipe(pipe_fds) != 0) {
       res.ok = false;
@@ -132,15 +136,23 @@ Result OneRun(int n, int rep) {
     agents[i] = std::move(*r);
   }
   auto never = [] { return false; };
-  // Round 1: everyone at once; complete at max nodes.
+  // Round 1: everyone at once (the agents above are up: their clients
+  // connected, their copies read); complete at max nodes.
+  const auto t0 = Clock::now();
   std::vector<double> done(here, 0);
   std::atomic<int> failed{0};
+  std::mutex why_mu;
+  std::string why;  // the first failure
   {
     std::vector<std::thread> ts;
     for (int i = 0; i < here; ++i)
       ts.emplace_back([&, i] {
         auto a = agents[i]->NextRound("", 0, never);
-        if (!a.ok() || a->world_size != n) ++failed;
+        if (!a.ok() || a->world_size != n) {
+          ++failed;
+          std::lock_guard<std::mutex> l(why_mu);
+          if (why.empty()) why = a.ok() ? absl::StrCat("one got a world of ", a->world_size) : a.status().ToString();
+        }
         done[i] = Secs(Clock::now() - t0);
       });
     for (auto& t : ts) t.join();
@@ -156,7 +168,8 @@ Result OneRun(int n, int rep) {
   }
   if (failed) {
     res.ok = false;
-    res.error = absl::StrCat(failed.load(), " agents did not get a round of ", n);
+    res.error = absl::StrCat(failed.load(), " agents did not get a round of ", n, why.empty() ? "" : " (", why,
+                             why.empty() ? "" : ")");
     if (child > 0) ::kill(child, SIGKILL), ::waitpid(child, nullptr, 0);
     return res;
   }
@@ -246,7 +259,7 @@ int main(int argc, char** argv) {
     }
   }
   std::string json = absl::StrCat("{\n \"backend\": \"", backend == "etcd" ? "etcd-v3 (one member, data on tmpfs)" : "built-in (c10d)", "\", \"cpus\": ", std::thread::hardware_concurrency(),
-                                  ",\n \"keep_alive_interval_s\": 0.5, \"keep_alive_max_attempt\": 2,\n \"runs\": [\n");
+                                  ",\n \"min_nodes\": \"N-1\", \"max_nodes\": \"N\", \"last_call_timeout_s\": 30,\n \"keep_alive_interval_s\": 0.5, \"keep_alive_max_attempt\": 2,\n \"runs\": [\n");
   for (size_t k = 0; k < sizes.size(); ++k) {
     const int n = sizes[k];
     std::vector<double> round, detect, reround;

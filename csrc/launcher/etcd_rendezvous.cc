@@ -23,6 +23,7 @@
 #include <cstdio>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <set>
 #include <thread>
@@ -123,6 +124,7 @@ class EtcdRendezvous : public NodeRendezvous {
     absl::Status last_error = absl::OkStatus();
     int64_t joined_at = 0;  // the revision of our entry; 0 while not written
     int64_t lease_of_entry = 0;
+    uint64_t viewed = 0;  // the decode of the copy that was last looked at here
     while (Clock::now() < deadline) {
       if (stop_requested()) return absl::CancelledError("rendezvous abandoned: the agent was asked to stop");
       const int64_t lease = LeaseFor(&last_error);
@@ -139,7 +141,9 @@ class EtcdRendezvous : public NodeRendezvous {
       }
       std::unique_lock<std::mutex> l(mu_);
       cv_.wait_for(l, milliseconds(100));
-      if (joined_at > 0 && snapshot_.revision >= joined_at) {
+      // A view of the copy as decoded last (not again for a copy unchanged since).
+      if (joined_at > 0 && snapshot_.revision >= joined_at && decoded_ != viewed) {
+        viewed = decoded_;
         const rdzv::RoundView view = rdzv::RoundState::ViewOfStored(settings_, snapshot_.stored, o.node_id);
         if (view.my_group_rank() >= 0 && !view.waiting() && view.round() > last_round_) {
           last_round_ = view.round();
@@ -307,22 +311,78 @@ class EtcdRendezvous : public NodeRendezvous {
     (void)!::write(rejoin_fd_, &one, sizeof(one));
   }
 
-  // The session thread: keeps the copy of P rdzv/ current through a watch,
-  // does the leader's work, and tells the agent when its round is over.
+  // A key of the copy of P rdzv/, with its node entry parsed once, when it
+  // arrives (not on every look at the copy).
+  struct Held {
+    etcd::KeyValue kv;
+    std::optional<rdzv::NodeEntry> node;  // for a key under nodes/ that parses
+  };
+  struct Copy {
+    std::map<std::string, Held> keys;
+    std::set<std::pair<int64_t, std::string>> entries;  // (create revision, key) of the node entries: the first leads
+
+    void Put(const etcd::KeyValue& kv, const std::string& nodes_prefix) {
+      Held& h = keys[kv.key()];
+      if (h.node) entries.erase({h.kv.create_revision(), kv.key()});
+      h.kv = kv;
+      h.node.reset();
+      if (kv.key().rfind(nodes_prefix, 0) != 0) return;
+      if (!h.node.emplace().ParseFromString(kv.value())) h.node.reset();
+      else entries.insert({kv.create_revision(), kv.key()});
+    }
+    void Erase(const std::string& key) {
+      auto it = keys.find(key);
+      if (it == keys.end()) return;
+      if (it->second.node) entries.erase({it->second.kv.create_revision(), key});
+      keys.erase(it);
+    }
+    void Clear() {
+      keys.clear();
+      entries.clear();
+    }
+    const std::string& LeaderKey() const {
+      static const std::string none;
+      return entries.empty() ? none : entries.begin()->second;
+    }
+  };
+
+  // The session thread: keeps the copy of P rdzv/ current through one watch
+  // stream, does the leader's work, and tells the agent when its round is
+  // over. With N agents joining, each would decode its copy of N entries N
+  // times (N^3 work on a host of simulated agents); instead, events that come
+  // close together are looked at together (at most kCoalesce after the
+  // first), and an agent that does not lead decodes only for events that can
+  // change what it does: the round record, its own entry, or who leads. The
+  // others only move its copy's revision on (and the timed look decodes all).
   void SessionLoop() {
-    std::map<std::string, etcd::KeyValue> copy;
+    constexpr milliseconds kCoalesce(20);
+    Copy copy;
     int64_t revision = 0;
     bool need_snapshot = true;
+    bool unseen = false;                  // events came that can change what this node does, not decoded yet
+    Clock::time_point looked = Clock::now();
+    std::string leader_key;               // the leader's entry when last decoded
     std::optional<Clock::time_point> timer;  // the running last call's deadline
     // The copy changed (or time passed): lead where this node is the leader, and publish.
     auto act = [&] {
       NoteSessionError(absl::OkStatus());
+      looked = Clock::now();
+      unseen = false;
+      leader_key = copy.LeaderKey();
       RoundSnapshot snap = Decode(copy, revision);
       if (snap.leader == options_.rendezvous.node_id) Lead(snap);
       timer.reset();
       if (const int64_t d = snap.stored.record.last_call_deadline_unix_ms(); d > 0)
         timer = Clock::now() + milliseconds(std::max<int64_t>(0, d - UnixMsNow()));
       Publish(std::move(snap));
+    };
+    // The next look: events put off, a running last call's deadline, else a
+    // second after the last (a lease may have lapsed, a last call ended).
+    auto next_look = [&] {
+      Clock::time_point t = looked + milliseconds(1000);
+      if (timer) t = std::min(t, *timer + milliseconds(5));
+      if (unseen) t = std::min(t, looked + kCoalesce);
+      return t;
     };
     while (!stopping_) {
       if (need_snapshot) {
@@ -332,29 +392,40 @@ class EtcdRendezvous : public NodeRendezvous {
           Pause(milliseconds(200));
           continue;
         }
-        copy.clear();
-        for (const auto& kv : all->kvs()) copy[kv.key()] = kv;
+        copy.Clear();
+        for (const auto& kv : all->kvs()) copy.Put(kv, nodes_prefix_);
         revision = all->header().revision();
         need_snapshot = false;
         act();
         continue;
       }
-      // One stream for every event until the next timed look (a running last
-      // call's deadline, else a second): no reconnect per event, which with N
-      // agents joining would cost each of them N watch setups.
-      Clock::time_point until = Clock::now() + milliseconds(1000);
-      if (timer) until = std::min(until, *timer + milliseconds(5));
+      // One stream, kept open (no reconnect per event or per look, which with
+      // N agents would cost etcd N connections a second); the deadline only
+      // bounds how long one stream lives.
       absl::Status watched = watch_client_->WatchEach(
-          rdzv_prefix_, /*prefix=*/true, revision + 1, until, [this] { return stopping_.load(); },
+          rdzv_prefix_, /*prefix=*/true, revision + 1, Clock::now() + std::chrono::minutes(1),
+          [this] { return stopping_.load(); },
           [&](std::vector<etcd::Event>& events) {
             for (const etcd::Event& e : events) {
-              if (e.type() == etcd::Event::DELETE) copy.erase(e.kv().key());
-              else copy[e.kv().key()] = e.kv();
+              const std::string& key = e.kv().key();
+              if (e.type() == etcd::Event::DELETE) copy.Erase(key);
+              else copy.Put(e.kv(), nodes_prefix_);
               revision = std::max(revision, e.kv().mod_revision());
+              unseen = unseen || key == round_key_ || key == my_key_;
             }
-            act();
-            // A last call that began with these events ends sooner than this watch.
-            return !stopping_ && !(timer && *timer + milliseconds(5) < until);
+            const std::string& leads = copy.LeaderKey();
+            unseen = unseen || leads != leader_key || leads == my_key_;
+            if (!unseen) {
+              PublishRevision(revision);
+              return !stopping_.load();
+            }
+            if (Clock::now() - looked >= kCoalesce) act();
+            return !stopping_.load();
+          },
+          [&]() -> std::optional<Clock::time_point> {
+            if (stopping_) return std::nullopt;
+            if (Clock::now() >= next_look()) act();
+            return next_look();
           });
       if (stopping_) return;
       if (!watched.ok()) {
@@ -363,37 +434,31 @@ class EtcdRendezvous : public NodeRendezvous {
         Pause(milliseconds(200));
         continue;
       }
-      act();  // a timed look: a last call may have ended, a lease lapsed
+      act();  // the stream ended: look once before the next
     }
   }
 
-  RoundSnapshot Decode(const std::map<std::string, etcd::KeyValue>& copy, int64_t revision) const {
+  RoundSnapshot Decode(const Copy& copy, int64_t revision) const {
     RoundSnapshot snap;
     snap.revision = revision;
-    if (auto it = copy.find(round_key_); it != copy.end()) {
+    if (auto it = copy.keys.find(round_key_); it != copy.keys.end()) {
       // A record that does not parse counts as none, and the leader's next write replaces it.
-      if (!snap.stored.record.ParseFromString(it->second.value())) snap.stored.record.Clear();
-      snap.record_revision = it->second.mod_revision();
+      if (!snap.stored.record.ParseFromString(it->second.kv.value())) snap.stored.record.Clear();
+      snap.record_revision = it->second.kv.mod_revision();
     }
     std::map<std::string, uint64_t> members;  // node id -> the incarnation in the round
     for (const auto& n : snap.stored.record.participants()) members[n.node_id()] = n.incarnation();
-    std::vector<std::pair<int64_t, rdzv::NodeEntry>> entries;
-    for (auto it = copy.lower_bound(nodes_prefix_); it != copy.end() && it->first.rfind(nodes_prefix_, 0) == 0; ++it) {
-      rdzv::NodeEntry e;
-      if (!e.ParseFromString(it->second.value())) continue;
-      entries.emplace_back(it->second.create_revision(), std::move(e));
-    }
-    std::sort(entries.begin(), entries.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
-    for (const auto& [rev, e] : entries) {
-      const std::string& id = e.node().node_id();
+    for (const auto& [rev, key] : copy.entries) {
+      const rdzv::NodeEntry* e = &*copy.keys.at(key).node;
+      const std::string& id = e->node().node_id();
       snap.alive.insert(id);
       if (snap.leader.empty()) snap.leader = id;
       // In line: not in the round, a new agent under a member's id (it never
       // ran that round), or a member that wants a newer round.
       auto member = members.find(id);
-      if (member == members.end() || member->second != e.node().incarnation() ||
-          e.after_round() >= snap.stored.record.round())
-        snap.stored.in_line.push_back(e.node());
+      if (member == members.end() || member->second != e->node().incarnation() ||
+          e->after_round() >= snap.stored.record.round())
+        snap.stored.in_line.push_back(e->node());
     }
     return snap;
   }
@@ -421,11 +486,19 @@ class EtcdRendezvous : public NodeRendezvous {
   void Publish(RoundSnapshot snap) {
     std::lock_guard<std::mutex> l(mu_);
     snapshot_ = std::move(snap);
+    ++decoded_;
     if (watching_round_ != 0) {
       const rdzv::RoundView v = rdzv::RoundState::ViewOfStored(settings_, snapshot_.stored, options_.rendezvous.node_id);
       if (v.must_rejoin() || v.round() != watching_round_ || v.my_group_rank() < 0) SignalRejoinLocked();
     }
     cv_.notify_all();
+  }
+
+  // Events that change nothing this node does: the copy is at `revision`,
+  // and what was decoded last still holds.
+  void PublishRevision(int64_t revision) {
+    std::lock_guard<std::mutex> l(mu_);
+    snapshot_.revision = revision;
   }
 
   void NoteSessionError(const absl::Status& s) {
@@ -457,6 +530,7 @@ class EtcdRendezvous : public NodeRendezvous {
   std::mutex mu_;
   std::condition_variable cv_;
   RoundSnapshot snapshot_;
+  uint64_t decoded_ = 0;  // snapshot_ was decoded anew this many times
   absl::Status session_error_;
   int64_t lease_ = 0;
   bool lease_lost_ = false;

@@ -3,6 +3,8 @@
 #include <google/protobuf/util/json_util.h>
 #include <openssl/err.h>
 #include <openssl/ssl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <openssl/x509_vfy.h>
 
 #include <algorithm>
@@ -139,6 +141,20 @@ absl::StatusOr<std::unique_ptr<ssl::context>> MakeTlsContext(const EtcdOptions& 
                   });
   if (!s.ok()) return s;
   return ctx;
+}
+
+// A watch is quiet while nothing changes, and a peer that went away without a
+// word (its host down, a partition) would leave it waiting for ever: TCP
+// keep-alive probes after 2 s of quiet, one a second, end it after the third
+// goes unanswered (about 5 s), and the caller reads the state whole again.
+void KeepProbing(tcp::socket& socket) {
+  beast::error_code ignored;
+  socket.set_option(asio::socket_base::keep_alive(true), ignored);
+  const int fd = socket.native_handle();
+  const int idle = 2, interval = 1, count = 3;
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval, sizeof(interval));
+  (void)::setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &count, sizeof(count));
 }
 
 bool IsIpAddress(const std::string& host) {
@@ -377,11 +393,20 @@ struct EtcdClient::Impl {
   // and runs the handlers that cancels, which refer to the caller's frame;
   // with `keep`, a finished exchange leaves it open for the next one instead
   // (its timer disarmed, nothing left in flight).
+  // `look`, when given, is called first at once, after each handler, and at
+  // the time it returned last, on this thread.
   bool RunUntil(Connection& c, const std::function<bool()>& finished, Clock::time_point deadline,
-                const std::function<bool()>& cancelled = {}, bool keep = false) {
+                const std::function<bool()>& cancelled = {}, bool keep = false,
+                const std::function<Clock::time_point()>& look = {}) {
     ioc.restart();
+    Clock::time_point next_look = look ? Clock::now() : Clock::time_point::max();
     while (!finished() && Clock::now() < deadline && !(cancelled && cancelled())) {
-      ioc.run_one_until(std::min(deadline, Clock::now() + std::chrono::milliseconds(100)));
+      if (Clock::now() >= next_look) {
+        next_look = look();
+        continue;
+      }
+      const size_t ran = ioc.run_one_until(std::min({deadline, next_look, Clock::now() + std::chrono::milliseconds(100)}));
+      if (ran > 0 && look) next_look = Clock::now();  // a handler may have changed what `look` wants
       if (ioc.stopped()) ioc.restart();
     }
     const bool done = finished();
@@ -686,7 +711,8 @@ absl::StatusOr<std::vector<etcd::Event>> EtcdClient::Watch(std::string_view key,
 
 absl::Status EtcdClient::WatchEach(std::string_view key, bool prefix, int64_t start_revision,
                                    Clock::time_point deadline, const std::function<bool()>& cancelled,
-                                   const std::function<bool(std::vector<etcd::Event>&)>& on_events) {
+                                   const std::function<bool(std::vector<etcd::Event>&)>& on_events,
+                                   const std::function<std::optional<Clock::time_point>()>& look) {
   Impl& m = *impl_;
   std::lock_guard<std::mutex> l(m.mu);
   etcd::WatchRequest w;
@@ -733,6 +759,9 @@ absl::Status EtcdClient::WatchEach(std::string_view key, bool prefix, int64_t st
       }
       for (const auto& e : r.events()) events.push_back(e);
     }
+    // What was read goes: a stream kept open for minutes must not hold all it ever carried.
+    b.erase(0, parsed);
+    parsed = 0;
   };
   // Hands what arrived to the caller; false when the watch ends here.
   auto deliver = [&] {
@@ -745,6 +774,7 @@ absl::Status EtcdClient::WatchEach(std::string_view key, bool prefix, int64_t st
   c.Tcp().expires_never();  // the watch's deadline is the loop's below
   c.AsyncOpen(ep, [&](beast::error_code e) {
     if (e) return fail(e);
+    KeepProbing(c.Tcp().socket());
     c.set_stage("sending");
     c.Visit([&](auto& s) {
       // The handlers run after Visit returns: they hold the stream itself, not Visit's parameter.
@@ -774,7 +804,15 @@ absl::Status EtcdClient::WatchEach(std::string_view key, bool prefix, int64_t st
   });
   auto finished = [&] { return failed || !error.ok() || stopped || parser.is_done(); };
   // Closing the connection at the end ends the watch on the server too.
-  const bool ended_here = !m.RunUntil(c, finished, deadline, cancelled);  // the deadline or `cancelled`
+  std::function<Clock::time_point()> timed;
+  if (look)
+    timed = [&] {
+      const std::optional<Clock::time_point> next = look();
+      if (!next) stopped = true;
+      return next.value_or(Clock::time_point::max());
+    };
+  // the deadline or `cancelled`
+  const bool ended_here = !m.RunUntil(c, finished, deadline, cancelled, /*keep=*/false, timed);
   if (!error.ok()) return error;
   if (stopped || ended_here) return absl::OkStatus();
   if (failed && header)

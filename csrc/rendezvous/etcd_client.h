@@ -25,6 +25,7 @@
 #include <chrono>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -86,9 +87,14 @@ class EtcdClient {
   // did, at `deadline`, when `cancelled` turned true, or when the server ended
   // the stream; errors as Watch. A caller that follows a prefix pays one
   // connection per call, not one per event.
+  // `look`, when given, is the caller's timed work on the watch's thread (a
+  // deadline of its own, work it put off to batch events): called when the
+  // watch starts, after each batch, and at the time it returned last;
+  // nullopt ends the watch (OK). The stream stays open across looks.
   absl::Status WatchEach(std::string_view key, bool prefix, int64_t start_revision,
                          std::chrono::steady_clock::time_point deadline, const std::function<bool()>& cancelled,
-                         const std::function<bool(std::vector<etcd::Event>&)>& on_events);
+                         const std::function<bool(std::vector<etcd::Event>&)>& on_events,
+                         const std::function<std::optional<std::chrono::steady_clock::time_point>()>& look = {});
 
   // "etcd at a:1, b:2"
   std::string Describe() const;

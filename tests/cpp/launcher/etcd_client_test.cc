@@ -259,6 +259,46 @@ TEST(EtcdClient, CallsShareOneConnectionAndOneThatEtcdDroppedIsReplacedUnseen) {
   EXPECT_TRUE(c->Put("/k7", "w").ok());
 }
 
+TEST(EtcdClient, AWatchStreamStaysOpenAcrossTheCallersTimedLooksAndEndsWhenALookSaysSo) {
+  EtcdServer etcd;
+  REQUIRE_ETCD(etcd);
+  auto c = ClientOf({etcd.endpoint()});
+  auto writer = ClientOf({etcd.endpoint()});
+  ASSERT_TRUE(c && writer);
+  auto start = writer->Put("/l/0", "x");
+  ASSERT_TRUE(start.ok()) << start.status();
+  const int port = std::stoi(etcd.endpoint().substr(etcd.endpoint().rfind(':') + 1));
+  const int before = ConnectionsMadeTo(port);
+  std::atomic<bool> done{false};
+  std::thread writes([&] {
+    for (int i = 1; i <= 5 && !done; ++i) {
+      std::this_thread::sleep_for(milliseconds(100));
+      EXPECT_TRUE(writer->Put("/l/" + std::to_string(i), "x").ok());
+    }
+  });
+  int looks = 0, seen = 0;
+  const auto t0 = Clock::now();
+  absl::Status s = c->WatchEach(
+      "/l/", /*prefix=*/true, start->header().revision() + 1, Clock::now() + seconds(10), [] { return false; },
+      [&](std::vector<etcd::Event>& events) {
+        seen += static_cast<int>(events.size());
+        return true;
+      },
+      [&]() -> std::optional<Clock::time_point> {
+        ++looks;
+        if (seen >= 5 && Clock::now() - t0 >= milliseconds(800)) return std::nullopt;  // the caller is done
+        return Clock::now() + milliseconds(50);
+      });
+  done = true;
+  writes.join();
+  EXPECT_TRUE(s.ok()) << s;
+  EXPECT_EQ(seen, 5);
+  EXPECT_LT(Clock::now() - t0, seconds(5));  // ended by the look, not the deadline
+  EXPECT_GE(looks, 10);                      // every 50 ms (and after each batch), for 0.8 s at least
+  // The writer's calls share its kept connection, the watch has one: two at most.
+  EXPECT_LE(ConnectionsMadeTo(port) - before, 2);
+}
+
 TEST(EtcdClient, AMemberThatIsDownIsPassedOverAndAllDownNamesEveryEndpoint) {
   EtcdServer etcd;
   REQUIRE_ETCD(etcd);
