@@ -415,12 +415,8 @@ class EtcdRendezvous : public NodeRendezvous {
             }
             const std::string& leads = copy.LeaderKey();
             unseen = unseen || leads != leader_key || leads == my_key_;
-            if (!unseen) {
-              PublishRevision(revision);
-              return !stopping_.load();
-            }
-            if (Clock::now() - looked >= kCoalesce) act();
-            return !stopping_.load();
+            if (!unseen) PublishRevision(revision);
+            return !stopping_.load();  // the look that follows each batch decodes, when it is due
           },
           [&]() -> std::optional<Clock::time_point> {
             if (stopping_) return std::nullopt;
