@@ -324,6 +324,15 @@ void CheckpointService::AbandonPersists(const std::vector<int>& ranks, const std
   }
 }
 
+void CheckpointService::AbandonAll(const std::string& why) {
+  std::vector<int> local_ranks;
+  {
+    std::lock_guard<std::mutex> l(mu_);
+    for (auto& [rank, r] : ranks_) local_ranks.push_back(rank);
+  }
+  AbandonPersists(local_ranks, why, "; a step it commits now is not in this node's rendezvous payload");
+}
+
 void CheckpointService::Restart(int64_t restore_step) {
   std::vector<int> local_ranks;
   std::string dir;

@@ -78,6 +78,10 @@ class CheckpointService {
   // dead timeline with the new one), this node's files of uncommitted other
   // steps are removed, and `restore_step` is persisted if only memory holds it.
   void Restart(int64_t restore_step);
+  // Every queued and in-flight persist of every registered rank is abandoned
+  // (`why` says so in their logs); returns once none runs, so that no step
+  // commits through this node after it returns.
+  void AbandonAll(const std::string& why);
   // From now on, persists commit through `commits` (nullptr: the file barrier).
   // Persists already in flight keep theirs; Restart() wakes them.
   void UseCommits(std::shared_ptr<CommitCoordinator> commits);

@@ -113,6 +113,14 @@ absl::Status CheckpointHooks::OnJobStart(const std::string& agent_socket, const 
   return absl::OkStatus();
 }
 
+void CheckpointHooks::BeforeRejoin() {
+  // The payload's committed steps decide the restore step of a world of
+  // another size. A persist of the ended round that commits after the payload
+  // was taken would leave the new world restoring an older step, and its save
+  // of the newer step number refused (committed with other contents).
+  if (service_) service_->AbandonAll("abandoned: the workers stopped for a new rendezvous round");
+}
+
 std::string CheckpointHooks::NodePayload() {
   NodeSteps s;
   if (!service_) return "";

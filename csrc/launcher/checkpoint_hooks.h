@@ -48,6 +48,7 @@ std::optional<int64_t> AgreeRestoreStep(const std::vector<NodeSteps>& nodes, con
 
 class CheckpointHooks : public NodeHooks {
  public:
+  void BeforeRejoin() override;
   std::string NodePayload() override;
   absl::Status BeforeWorkersStart(int restart_count, const RoundAssignment& round) override;
   std::string RestoreStep() override { return restore_step_; }

@@ -452,8 +452,11 @@ int RunElasticAgent(const LaunchOptions& o, NodeHooks& hooks) {
     return ::poll(&p, 1, 0) == 1;
   };
 
+  bool first_round = true;
   while (true) {
     if (int sig = take_signal()) return exit_on_signal(sig);
+    if (!first_round) hooks.BeforeRejoin();
+    first_round = false;
     absl::StatusOr<RoundAssignment> round =
         rendezvous->NextRound(hooks.NodePayload(), o.max_restarts - remaining_restarts, signal_pending);
     if (!round.ok() && round.status().code() == absl::StatusCode::kCancelled) {

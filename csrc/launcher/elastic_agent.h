@@ -17,6 +17,11 @@ namespace flashckpt::launcher {
 class NodeHooks {
  public:
   virtual ~NodeHooks() = default;
+  // Before every round after the first, once the workers stopped: nothing of
+  // the round that ended may change what NodePayload() reports from now on
+  // (e.g. its persists still in flight are abandoned, so that no step commits
+  // after the payload said it was not committed).
+  virtual void BeforeRejoin() {}
   // Carried by the rendezvous to every agent (e.g. the snapshot steps held here).
   virtual std::string NodePayload() { return {}; }
   // Called after each round, before workers start, with every node's payload

@@ -97,7 +97,8 @@ def main():
     if args.ckpt == "flashckpt":
         ckpt = flashckpt.Checkpointer(args.dir, keep_last=2, persist_every=args.persist_every,
                                       replicated=True if args.replicated else None)
-        if ckpt.latest_step() is not None or os.environ.get("FLASHCKPT_RESTORE_STEP"):
+        # the same decision on every rank (collective): a rank's own latest_step() may differ
+        if ckpt.restorable_step() is not None:
             resume_from = "flashckpt"
     else:
         path = os.path.join(args.dir, f"rank{rank}.pt")

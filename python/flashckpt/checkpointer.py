@@ -205,6 +205,7 @@ class Checkpointer:
         self._group = process_group
         self._lock = threading.RLock()
         self._pending: Optional[SaveHandle] = None
+        self._resume: Optional[int] = None  # restorable_step()'s answer, for the next load without a step
         self._closed = False
         self.last_load: Optional[LoadInfo] = None
 
@@ -360,43 +361,80 @@ class Checkpointer:
             return infos
         return [s["step"] for s in infos if s["committed"] or s["in_memory"]]
 
+    def restorable_step(self) -> Optional[int]:
+        """The step this job resumes from, or None to start fresh; the next
+        ``load()`` or ``load_into()`` without a step loads it.
+
+        Collective under torch.distributed (every rank calls it, as it calls
+        ``load()``), and the same on every rank: under flashrun the step the node
+        agents agreed on, else the newest step every rank can load. Decide
+        whether to resume with this, not with ``latest_step()``, which is this
+        rank's own view: after a change of world size some ranks may still hold
+        the old world's snapshots in memory, and a load that only those ranks
+        start waits forever on the others."""
+        with self._lock:
+            self._check_open()
+            agreed = self._take_agreed()
+            if agreed is None:
+                common, _ = self._common_steps(None)
+                agreed = max(common) if common else None
+            self._resume = agreed
+            return agreed
+
     # -- load --------------------------------------------------------------
+    def _take_agreed(self) -> Optional[int]:
+        """$FLASHCKPT_RESTORE_STEP, the first time only (checked against this rank's steps)."""
+        agreed = self._core.take_restore_step()
+        if agreed is not None and agreed not in self.steps():
+            under = "flashrun" if os.environ.get("FLASHCKPT_AGENT_SOCKET") else "no flashrun"
+            raise NotFoundError(
+                f"FLASHCKPT_RESTORE_STEP={agreed} names a step that {self.directory!r} does not "
+                f"hold for rank {self.rank} (loadable: {self.steps()[-5:] or 'none'}; {under}). "
+                "flashrun sets this variable for its workers: outside flashrun, unset it "
+                "(a value left in the environment by an earlier run?)")
+        return agreed
+
+    def _common_steps(self, step: Optional[int]):
+        """(the steps every rank of the process group can load, each rank's list): with ``step``,
+        ``{step}`` when every rank has it, else empty. Collective; without torch.distributed (or in
+        a world of one), this rank's own steps."""
+        local = sorted(self.steps()) if step is None else [step]
+        dist = _dist()
+        if dist is None or dist.get_world_size(self._group) == 1:
+            return set(local), [local]
+        gathered: List[Any] = [None] * dist.get_world_size(self._group)
+        dist.all_gather_object(gathered, local, group=self._group)
+        common = set(gathered[0])
+        for g in gathered[1:]:
+            common &= set(g)
+        return common, gathered
+
     def _agree_step(self, step: Optional[int]) -> Optional[int]:
         """With torch.distributed up, the newest step every rank can load.
 
         Under flashrun the node agents already agreed on it during the
         rendezvous and pass it as ``$FLASHCKPT_RESTORE_STEP``, which the first load
-        without a step takes (later loads take the newest step again)."""
+        without a step takes (later loads take the newest step again); after
+        ``restorable_step()``, the first load without a step takes its answer."""
         step = _check_step(step, "load()", optional=True)
         if step is None:
-            agreed = self._core.take_restore_step()  # the first load only
+            if self._resume is not None:
+                agreed, self._resume = self._resume, None
+                return agreed
+            agreed = self._take_agreed()
             if agreed is not None:
-                if agreed not in self.steps():
-                    under = "flashrun" if os.environ.get("FLASHCKPT_AGENT_SOCKET") else "no flashrun"
-                    raise NotFoundError(
-                        f"FLASHCKPT_RESTORE_STEP={agreed} names a step that {self.directory!r} does not "
-                        f"hold for rank {self.rank} (loadable: {self.steps()[-5:] or 'none'}; {under}). "
-                        "flashrun sets this variable for its workers: outside flashrun, unset it "
-                        "(a value left in the environment by an earlier run?)")
                 return agreed
         dist = _dist()
         if dist is None or dist.get_world_size(self._group) == 1:
             return step
-        mine = step if step is not None else None
-        local = set(self.steps()) if step is None else {step}
-        gathered: List[Any] = [None] * dist.get_world_size(self._group)
-        dist.all_gather_object(gathered, sorted(local), group=self._group)
-        common = set(gathered[0])
-        for g in gathered[1:]:
-            common &= set(g)
+        common, gathered = self._common_steps(step)
         if not common:
+            if step is not None:
+                raise NotFoundError(f"step {step} is not available on every rank")
             raise NotFoundError(
                 f"no step of {self.directory!r} is available on every rank "
                 f"(per rank: {[g[-3:] if g else [] for g in gathered]})")
-        agreed = max(common)
-        if mine is not None and agreed != mine:
-            raise NotFoundError(f"step {mine} is not available on every rank")
-        return agreed
+        return max(common)
 
     def load(self, step: Optional[int] = None, *, map_location=None, prefer_memory: bool = True,
              verify: bool = True, allow_fallback: bool = False) -> Any:

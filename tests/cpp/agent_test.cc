@@ -15,6 +15,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "gtest/gtest.h"
 #include "storage/uring_io.h"
 #include "test_util.h"
@@ -166,38 +167,58 @@ TEST(CheckpointService, PersistsWithTheWorkersIoOptions) {
 namespace flashckpt {
 namespace {
 
+// A checkpoint service and its workers `ranks` of a world of `world` (commit
+// timeout 600 s), each saving step 1 (FakeState::ForStep(seed + i)); returns
+// once every one's record is durable, so that their persists wait in the commit.
+struct StuckCommits {
+  std::unique_ptr<CheckpointService> service;
+  std::vector<std::unique_ptr<Checkpointer>> workers;
+  std::vector<SaveHandle> handles;
+};
+StuckCommits ServiceWithStep1WaitingForTheCommit(const ScratchDirs& dirs, const std::vector<int>& ranks, int world,
+                                                 int seed) {
+  StuckCommits out;
+  CheckpointServiceOptions so;
+  so.socket_path = (dirs.root / "agent.sock").string();
+  so.status_file = (dirs.root / "status.json").string();
+  auto service = CheckpointService::Start(so);
+  EXPECT_TRUE(service.ok()) << service.status();
+  if (!service.ok()) return out;
+  out.service = std::move(*service);
+  for (int r : ranks) {
+    CheckpointerOptions o = dirs.Options(r, world);
+    o.agent_socket = so.socket_path;
+    o.commit_timeout = std::chrono::seconds(600);
+    out.workers.push_back(std::make_unique<Checkpointer>(o));
+  }
+  for (size_t i = 0; i < out.workers.size(); ++i) {
+    FakeState s = FakeState::ForStep(seed + static_cast<int>(i));
+    out.handles.push_back(out.workers[i]->save(1, s.Refs(), s.Blobs()));
+  }
+  auto durable = [&] {
+    for (int r : ranks)
+      if (!fs::exists(absl::StrCat(dirs.ckpt, "/step-1/rank-", r, ".durable"))) return false;
+    return true;
+  };
+  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while (!durable() && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_TRUE(durable()) << "the records of step 1 were not durable within 30 s";
+  return out;
+}
+
 // After an elastic change the node no longer runs ranks 2 and 3 of a world of 4:
 // their persist of step 1, a non-zero rank waiting for a COMMIT that rank 0 (on
 // a node that is gone) will never write, is abandoned at once rather than after
 // its 600 s commit timeout, and their segments are removed.
 TEST(CheckpointService, RetiresTheRanksANewWorldDoesNotGiveThisNode) {
   ScratchDirs dirs;
-  CheckpointServiceOptions so;
-  so.socket_path = (dirs.root / "agent.sock").string();
-  so.status_file = (dirs.root / "status.json").string();
-  auto service = CheckpointService::Start(so);
-  ASSERT_TRUE(service.ok()) << service.status();
-  std::vector<std::unique_ptr<Checkpointer>> workers;
-  for (int r : {2, 3}) {
-    CheckpointerOptions o = dirs.Options(r, 4);
-    o.agent_socket = so.socket_path;
-    o.commit_timeout = std::chrono::seconds(600);
-    workers.push_back(std::make_unique<Checkpointer>(o));
-  }
-  std::vector<SaveHandle> hs;
-  for (size_t i = 0; i < workers.size(); ++i) {
-    FakeState s = FakeState::ForStep(10 + static_cast<int>(i));
-    hs.push_back(workers[i]->save(1, s.Refs(), s.Blobs()));
-  }
   // Both ranks' records are durable: they now wait for rank 0's COMMIT.
-  auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while (!(fs::exists(dirs.ckpt + "/step-1/rank-2.durable") && fs::exists(dirs.ckpt + "/step-1/rank-3.durable")) &&
-         std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  ASSERT_TRUE(fs::exists(dirs.ckpt + "/step-1/rank-3.durable"));
+  auto [service, workers, hs] = ServiceWithStep1WaitingForTheCommit(dirs, {2, 3}, 4, 10);
+  ASSERT_FALSE(::testing::Test::HasFailure());
   int world = -1;
   std::set<int> ranks;
-  (*service)->MemoryLayout(&world, &ranks);
+  service->MemoryLayout(&world, &ranks);
   EXPECT_EQ(world, 4);
   EXPECT_EQ(ranks, (std::set<int>{2, 3}));
   std::vector<std::string> segments;
@@ -205,20 +226,65 @@ TEST(CheckpointService, RetiresTheRanksANewWorldDoesNotGiveThisNode) {
   EXPECT_EQ(segments.size(), 2u);
 
   auto t0 = std::chrono::steady_clock::now();
-  (*service)->RetireRanksOutside({0, 1});  // the new world: ranks 0 and 1 of 2 here
+  service->RetireRanksOutside({0, 1});  // the new world: ranks 0 and 1 of 2 here
   const double took = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   EXPECT_LT(took, 10.0) << "the retired ranks' persists waited for their commit timeout";
   for (auto& h : hs) {
     h.wait_durable();  // answered: dropped, which is no failure of the worker's
     EXPECT_FALSE(h.persisted());
   }
-  (*service)->MemoryLayout(&world, &ranks);
+  service->MemoryLayout(&world, &ranks);
   EXPECT_EQ(world, 0);
   EXPECT_TRUE(ranks.empty());
-  EXPECT_TRUE((*service)->MemorySteps().empty());
+  EXPECT_TRUE(service->MemorySteps().empty());
   for (const std::string& s : segments) EXPECT_FALSE(fs::exists(s)) << s << " was not removed";
   EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-1/COMMIT"));
   for (auto& w : workers) w->close();
+}
+
+// Before the next rendezvous round (the workers stopped): the round's persists
+// are abandoned, so that no step commits after this node's payload said which
+// steps are committed; the snapshots stay in memory for the payload.
+TEST(CheckpointService, AbandonAllLeavesNoPersistThatCouldCommitLater) {
+  ScratchDirs dirs;
+  // Ranks 0 and 1 of a world of 3 (rank 2 is late): rank 0's persist waits to commit.
+  auto [service, workers, hs] = ServiceWithStep1WaitingForTheCommit(dirs, {0, 1}, 3, 20);
+  ASSERT_FALSE(::testing::Test::HasFailure());
+
+  auto t0 = std::chrono::steady_clock::now();
+  service->AbandonAll("abandoned for the test");
+  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 10.0)
+      << "the abandon waited for the commit timeout";
+  for (auto& h : hs) {
+    h.wait_durable();
+    EXPECT_FALSE(h.persisted());
+  }
+  // Rank 2 arrives after all, with its own persister: its record would have let
+  // rank 0's commit through, had that persist still waited.
+  {
+    CheckpointerOptions o = dirs.Options(2, 3);
+    o.use_agent = false;
+    o.commit_timeout = std::chrono::seconds(2);
+    Checkpointer late(o);
+    FakeState s = FakeState::ForStep(22);
+    SaveHandle h = late.save(1, s.Refs(), s.Blobs());
+    std::string error;
+    try {
+      h.wait_durable();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    EXPECT_NE(error.find("COMMIT of step 1"), std::string::npos) << "rank 2's persist: " << error;
+    EXPECT_FALSE(h.persisted());
+    late.unlink_memory();
+  }
+  EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-1/COMMIT")) << "a persist of the abandoned round committed";
+  // The snapshots stay: the next round's payload reports them.
+  auto mem = service->MemorySteps();
+  ASSERT_EQ(mem.size(), 2u);
+  EXPECT_EQ(mem[0], std::vector<int64_t>{1});
+  for (auto& w : workers) w->close();
+  service->ReleaseMemory();
 }
 
 }  // namespace

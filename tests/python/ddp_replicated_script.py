@@ -5,6 +5,10 @@ save <dir> <expected.pt>: 4-rank DDP training, step 10 saved with the model and
 load <dir> <expected.pt>: any world size loads step 10 from storage (load()
   and load_into() a fresh model) and checks it bit-exact against expected.pt.
 diverge <dir>: rank 1's parameters drift; the commit must fail naming them.
+memsave <dir> <expected.pt>: as save, but step 10 stays in shared memory only (no persist).
+resume <dir> <expected.pt>: every rank asks restorable_step(), and loads into a fresh model
+  what it answers (load_into() without a step); memsave's world of 2 left its segments
+  for ranks 0 and 1 only. `unlink` as a fourth argument removes this rank's segment.
 """
 
 import json
@@ -51,8 +55,11 @@ def main():
     result = {"rank": rank, "world": world}
     model = DDP(make_model())
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    memory_only = mode in ("memsave", "resume")
     with flashckpt.Checkpointer(directory, commit_timeout=60, replicated=("model", "optimizer"),
-                                run_id=f"rep-{mode}-{world}") as ckpt:
+                                run_id="rep-grow" if memory_only else f"rep-{mode}-{world}",
+                                persist=not memory_only) as ckpt:
+        result["segment"] = ckpt.memory_segment_path
         if mode == "save":
             train(model, opt, 3)
             state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "rank": rank}
@@ -82,6 +89,27 @@ def main():
             train(fresh, fresh_opt, 1)
             ckpt.save(10 + world, {"model": fresh.state_dict(), "optimizer": fresh_opt.state_dict()}).wait(timeout=60)
             ckpt.unlink_memory()
+        elif mode == "memsave":
+            train(model, opt, 3)
+            ckpt.save(10, {"model": model.state_dict(), "optimizer": opt.state_dict()}).wait(timeout=60)
+            if rank == 0:
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, sys.argv[3])
+            result["memory"] = ckpt.latest_memory_step()
+        elif mode == "resume":
+            result["latest"] = ckpt.latest_step()  # this rank's own view
+            result["restorable"] = ckpt.restorable_step()
+            if result["restorable"] is not None:
+                expected = torch.load(sys.argv[3])
+                fresh = DDP(make_model())
+                fresh_opt = torch.optim.Adam(fresh.parameters(), lr=1e-3)
+                res = ckpt.load_into(fresh, fresh_opt, optimizer_key="optimizer")
+                result["loaded"] = res.step
+                result["into_source"] = ckpt.last_load.source
+                result["into_same"] = (same(fresh.state_dict(), expected["model"]) and
+                                       same(fresh_opt.state_dict(), expected["optimizer"]))
+            dist.barrier()  # a collective after the decision: every rank took the same path
+            if len(sys.argv) > 4 and sys.argv[4] == "unlink":
+                ckpt.unlink_memory()
         elif mode == "diverge":
             train(model, opt, 1)
             state = {"model": model.state_dict(), "optimizer": opt.state_dict()}

@@ -45,3 +45,29 @@ def test_replicated_bytes_that_differ_across_ranks_fail_the_commit(tmp_path, pro
     msg = results[0]["error"]
     assert "model/module.2.bias" in msg and "ranks 0 and 1" in msg and "step 2" in msg, msg
     assert not (d / "step-2" / "COMMIT").exists()
+
+
+def test_a_grown_world_where_only_some_ranks_hold_snapshots_agrees_to_start_fresh(tmp_path, procs):
+    """A world of 2 leaves step 10 in shared memory only (replicated state, so rank 0 and 1 of any
+    world may load it). The world of 2 again resumes it on both ranks from memory; a world of 4
+    finds it on ranks 0 and 1 only: restorable_step() says None on every rank (no step every rank
+    has), where a per-rank latest_step() would have sent ranks 0 and 1 alone into a collective load."""
+    d, expected = tmp_path / "ckpt", tmp_path / "expected.pt"
+    segments = set()
+    try:
+        saved = run_world(procs, SCRIPT, 2, "memsave", d, expected)
+        segments |= {r["segment"] for r in saved.values()}
+        assert [saved[r]["memory"] for r in (0, 1)] == [10, 10], saved
+        again = run_world(procs, SCRIPT, 2, "resume", d, expected)
+        for r in again.values():
+            assert r["restorable"] == 10 and r["loaded"] == 10, r
+            assert r["into_source"] == "memory" and r["into_same"], r
+        grown = run_world(procs, SCRIPT, 4, "resume", d, expected, "unlink")
+        segments |= {r["segment"] for r in grown.values()}
+        assert [grown[r]["latest"] for r in range(4)] == [10, 10, None, None], grown
+        assert [grown[r]["restorable"] for r in range(4)] == [None] * 4, grown
+        assert not os.path.exists(d / "step-10"), "memory only: nothing was persisted"
+    finally:
+        for s in segments:
+            if os.path.exists(s):
+                os.unlink(s)
