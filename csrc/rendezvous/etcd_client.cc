@@ -815,7 +815,8 @@ absl::Status EtcdClient::WatchEach(std::string_view key, bool prefix, int64_t st
   const bool ended_here = !m.RunUntil(c, finished, deadline, cancelled, /*keep=*/false, timed);
   if (!error.ok()) return error;
   if (stopped || ended_here) return absl::OkStatus();
-  if (failed && header)
+  // An error answer; a stream cut after its 200 header is a connection error (the member went away).
+  if (failed && header && parser.get().result_int() != 200)
     return Impl::GatewayStatus(ep, Impl::Reply{static_cast<int>(parser.get().result_int()), parser.get().body()});
   if (failed) {
     m.current = (m.current + 1) % m.endpoints.size();  // the next call tries another member

@@ -299,6 +299,58 @@ TEST(EtcdClient, AWatchStreamStaysOpenAcrossTheCallersTimedLooksAndEndsWhenALook
   EXPECT_LE(ConnectionsMadeTo(port) - before, 2);
 }
 
+// A member that goes away while a watch streams (after its 200 header): the
+// watch ends with a connection error naming the member, not an "HTTP 200"
+// gateway status, and the next watch goes to the other member at once.
+TEST(EtcdClient, AWatchCutMidStreamIsAConnectionErrorAndTheNextWatchGoesToAnotherMember) {
+  EtcdServer first, second;
+  REQUIRE_ETCD(first);
+  REQUIRE_ETCD(second);
+  auto c = ClientOf({first.endpoint(), second.endpoint()});
+  auto writer = ClientOf({first.endpoint()});
+  ASSERT_TRUE(c && writer);
+  auto start = writer->Put("/w/0", "x");
+  ASSERT_TRUE(start.ok()) << start.status();
+  std::atomic<int> seen{0};
+  std::thread stop([&] {
+    const auto until = Clock::now() + seconds(10);
+    while (seen == 0 && Clock::now() < until) std::this_thread::sleep_for(milliseconds(10));
+    first.Stop();
+  });
+  std::thread put([&] {
+    std::this_thread::sleep_for(milliseconds(200));
+    EXPECT_TRUE(writer->Put("/w/1", "x").ok());
+  });
+  absl::Status s = c->WatchEach(
+      "/w/", /*prefix=*/true, start->header().revision() + 1, Clock::now() + seconds(20), [] { return false; },
+      [&](std::vector<etcd::Event>& events) {
+        seen += static_cast<int>(events.size());
+        return true;
+      });
+  put.join();
+  stop.join();
+  EXPECT_EQ(seen, 1);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnavailable) << s;
+  const std::string m(s.message());
+  EXPECT_NE(m.find(first.endpoint() + ": watch: "), std::string::npos) << m;
+  EXPECT_EQ(m.find("HTTP 200"), std::string::npos) << m;
+  // The next watch is the other member's: it sees a put there, first time.
+  auto there = ClientOf({second.endpoint()});
+  ASSERT_TRUE(there);
+  auto rev = there->Put("/w/2", "y");
+  ASSERT_TRUE(rev.ok()) << rev.status();
+  int got = 0;
+  absl::Status again = c->WatchEach(
+      "/w/", /*prefix=*/true, rev->header().revision(), Clock::now() + seconds(10), [] { return false; },
+      [&](std::vector<etcd::Event>& events) {
+        got += static_cast<int>(events.size());
+        return false;  // one batch is enough
+      });
+  EXPECT_TRUE(again.ok()) << again;
+  EXPECT_EQ(got, 1);
+}
+
 TEST(EtcdClient, AMemberThatIsDownIsPassedOverAndAllDownNamesEveryEndpoint) {
   EtcdServer etcd;
   REQUIRE_ETCD(etcd);
