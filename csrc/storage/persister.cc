@@ -180,7 +180,12 @@ absl::StatusOr<PersistStats> PersistSlot(SharedSegment& seg_ref, int slot, int64
     // reported this step durable: it is housekeeping, not durability.
   } else {
     s = barrier_->WaitCommitted(job.step, opt.commit_timeout, ctx.cancelled);
-    // Rank 0 gave the step up, or a restart did: no COMMIT will come.
+    // Abandoned here after this rank's record went out: rank 0 (on another
+    // node, whose agent may abandon later) can still commit with it, so the
+    // files stay; what never commits goes at the next round's Restart() or by
+    // retention.
+    if (core::GivenUp(s) && ctx.cancelled && ctx.cancelled()) return Annotate(s, absl::StrCat("persist step ", job.step));
+    // Rank 0 gave the step up: no COMMIT will come.
     if (core::GivenUp(s)) return cleanup(s);
     // After a timeout, or with the barrier unreachable, rank 0 may still
     // commit: the files stay.

@@ -289,6 +289,7 @@ class Checkpointer:
         step = _check_step(step, "save()")
         with self._lock:
             self._check_open()
+            self._resume = None  # training went on: a later load() takes the newest step, not the resumed one
             if self._pending is not None:
                 self._pending.fence()
                 self._pending = None
@@ -367,7 +368,8 @@ class Checkpointer:
 
         Collective under torch.distributed (every rank calls it, as it calls
         ``load()``), and the same on every rank: under flashrun the step the node
-        agents agreed on, else the newest step every rank can load. Decide
+        agents agreed on, else the newest step every rank can load (a ``save()``
+        or a load of another step forgets it). Decide
         whether to resume with this, not with ``latest_step()``, which is this
         rank's own view: after a change of world size some ranks may still hold
         the old world's snapshots in memory, and a load that only those ranks
@@ -417,7 +419,9 @@ class Checkpointer:
         without a step takes (later loads take the newest step again); after
         ``restorable_step()``, the first load without a step takes its answer."""
         step = _check_step(step, "load()", optional=True)
-        if step is None:
+        if step is not None:
+            self._resume = None  # a load of a step the caller chose: restorable_step()'s answer is spent
+        else:
             if self._resume is not None:
                 agreed, self._resume = self._resume, None
                 return agreed

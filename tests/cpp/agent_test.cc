@@ -287,5 +287,41 @@ TEST(CheckpointService, AbandonAllLeavesNoPersistThatCouldCommitLater) {
   service->ReleaseMemory();
 }
 
+// A rank other than 0 abandoned after its record went out keeps its files:
+// rank 0 (on a node whose agent has not abandoned yet) may still commit with
+// that record, and the committed step must then be whole.
+TEST(CheckpointService, AnAbandonedRankKeepsTheFilesItsPublishedRecordNames) {
+  ScratchDirs dirs;
+  auto [service, workers, hs] = ServiceWithStep1WaitingForTheCommit(dirs, {1}, 2, 31);
+  ASSERT_FALSE(::testing::Test::HasFailure());
+  service->AbandonAll("abandoned for the test");
+  hs[0].wait_durable();
+  EXPECT_FALSE(hs[0].persisted());
+  {
+    CheckpointerOptions o = dirs.Options(0, 2);
+    o.use_agent = false;
+    o.commit_timeout = std::chrono::seconds(20);
+    Checkpointer rank0(o);
+    FakeState s = FakeState::ForStep(30);
+    SaveHandle h = rank0.save(1, s.Refs(), s.Blobs());
+    h.wait_durable();  // commits with rank 1's record
+    EXPECT_TRUE(h.persisted());
+    rank0.unlink_memory();
+  }
+  ASSERT_TRUE(fs::exists(dirs.ckpt + "/step-1/COMMIT"));
+  for (auto& w : workers) w->close();
+  CheckpointerOptions o = dirs.Options(1, 2);
+  o.use_agent = false;
+  Checkpointer reader(o);
+  LoadOptions lo;
+  lo.prefer_memory = false;
+  auto snap = reader.load(lo);
+  ASSERT_TRUE(snap);
+  EXPECT_EQ(snap->step(), 1);
+  EXPECT_EQ(FakeState::ForStep(31).Diff(*snap), "") << "the committed step lost rank 1's files";
+  reader.close();
+  service->ReleaseMemory();
+}
+
 }  // namespace
 }  // namespace flashckpt

@@ -360,3 +360,21 @@ def test_a_mismatched_optimizer_fails_load_into_before_the_model_changes(tmp_pat
         assert "nothing was changed" in str(e.value)
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_restorable_step_is_the_next_load_and_a_save_or_another_step_forgets_it(tmp_path):
+    d = tmp_path / "ckpt"
+    with flashckpt.Checkpointer(d, keep_last=5) as ckpt:
+        assert ckpt.restorable_step() is None  # nothing saved: start fresh
+        for step in (1, 2):
+            ckpt.save(step, small_state(step)).wait(timeout=60)
+    with flashckpt.Checkpointer(d, keep_last=5) as ckpt:
+        assert ckpt.restorable_step() == 2
+        assert ckpt.load()["extra"]["v"] == 2 and ckpt.last_load.step == 2
+        assert ckpt.restorable_step() == 2  # asked, not loaded: then training goes on
+        ckpt.save(3, small_state(3)).wait(timeout=60)
+        assert ckpt.load()["extra"]["v"] == 3, "a save did not forget restorable_step()'s answer"
+        assert ckpt.restorable_step() == 3
+        assert ckpt.load(1)["extra"]["v"] == 1  # a step the caller chose
+        assert ckpt.load()["extra"]["v"] == 3
+        ckpt.unlink_memory()
