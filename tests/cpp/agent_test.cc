@@ -207,6 +207,27 @@ StuckCommits ServiceWithStep1WaitingForTheCommit(const ScratchDirs& dirs, const 
   return out;
 }
 
+// Rank `rank` of `world` with its own persister (no agent) saves step 1
+// (FakeState::ForStep(seed)); "" once it is durable, else the error.
+std::string SaveStep1Alone(const ScratchDirs& dirs, int rank, int world, int seed,
+                           std::chrono::seconds commit_timeout) {
+  CheckpointerOptions o = dirs.Options(rank, world);
+  o.use_agent = false;
+  o.commit_timeout = commit_timeout;
+  Checkpointer alone(o);
+  FakeState s = FakeState::ForStep(seed);
+  SaveHandle h = alone.save(1, s.Refs(), s.Blobs());
+  std::string error;
+  try {
+    h.wait_durable();
+    if (!h.persisted()) error = "not persisted";
+  } catch (const std::exception& e) {
+    error = e.what();
+  }
+  alone.unlink_memory();
+  return error;
+}
+
 // After an elastic change the node no longer runs ranks 2 and 3 of a world of 4:
 // their persist of step 1, a non-zero rank waiting for a COMMIT that rank 0 (on
 // a node that is gone) will never write, is abandoned at once rather than after
@@ -261,23 +282,8 @@ TEST(CheckpointService, AbandonAllLeavesNoPersistThatCouldCommitLater) {
   }
   // Rank 2 arrives after all, with its own persister: its record would have let
   // rank 0's commit through, had that persist still waited.
-  {
-    CheckpointerOptions o = dirs.Options(2, 3);
-    o.use_agent = false;
-    o.commit_timeout = std::chrono::seconds(2);
-    Checkpointer late(o);
-    FakeState s = FakeState::ForStep(22);
-    SaveHandle h = late.save(1, s.Refs(), s.Blobs());
-    std::string error;
-    try {
-      h.wait_durable();
-    } catch (const std::exception& e) {
-      error = e.what();
-    }
-    EXPECT_NE(error.find("COMMIT of step 1"), std::string::npos) << "rank 2's persist: " << error;
-    EXPECT_FALSE(h.persisted());
-    late.unlink_memory();
-  }
+  const std::string error = SaveStep1Alone(dirs, 2, 3, 22, std::chrono::seconds(2));
+  EXPECT_NE(error.find("COMMIT of step 1"), std::string::npos) << "rank 2's persist: " << error;
   EXPECT_FALSE(fs::exists(dirs.ckpt + "/step-1/COMMIT")) << "a persist of the abandoned round committed";
   // The snapshots stay: the next round's payload reports them.
   auto mem = service->MemorySteps();
@@ -297,17 +303,7 @@ TEST(CheckpointService, AnAbandonedRankKeepsTheFilesItsPublishedRecordNames) {
   service->AbandonAll("abandoned for the test");
   hs[0].wait_durable();
   EXPECT_FALSE(hs[0].persisted());
-  {
-    CheckpointerOptions o = dirs.Options(0, 2);
-    o.use_agent = false;
-    o.commit_timeout = std::chrono::seconds(20);
-    Checkpointer rank0(o);
-    FakeState s = FakeState::ForStep(30);
-    SaveHandle h = rank0.save(1, s.Refs(), s.Blobs());
-    h.wait_durable();  // commits with rank 1's record
-    EXPECT_TRUE(h.persisted());
-    rank0.unlink_memory();
-  }
+  EXPECT_EQ(SaveStep1Alone(dirs, 0, 2, 30, std::chrono::seconds(20)), "");  // commits with rank 1's record
   ASSERT_TRUE(fs::exists(dirs.ckpt + "/step-1/COMMIT"));
   for (auto& w : workers) w->close();
   CheckpointerOptions o = dirs.Options(1, 2);
