@@ -123,31 +123,37 @@ class EtcdServer {
     if (!bin) return;
     dir_ = etcd_fs::temp_directory_path() / ("fck-etcd-" + std::to_string(getpid()) + "-" + std::to_string(counter_++));
     etcd_fs::create_directories(dir_);
-    client_port_ = FreePort();
-    const int peer = FreePort();
-    const std::string client = url();
-    const std::string peer_url = "http://127.0.0.1:" + std::to_string(peer);
-    const std::string data = (dir_ / "data").string();
-    const std::string log = (dir_ / "etcd.log").string();
-    const std::string initial_cluster = "m0=" + peer_url;
-    std::vector<std::string> args = {"etcd",
-                                     "--name", "m0",
-                                     "--data-dir", data,
-                                     "--listen-client-urls", client,
-                                     "--advertise-client-urls", client,
-                                     "--listen-peer-urls", peer_url,
-                                     "--initial-advertise-peer-urls", peer_url,
-                                     "--initial-cluster", initial_cluster,
-                                     "--log-level", "error"};
-    if (tls_) {
-      const TestCertificates& c = *tls_->certificates;
-      args.insert(args.end(), {"--cert-file", c.server_cert(), "--key-file", c.server_key()});
-      if (tls_->client_cert_auth) args.insert(args.end(), {"--client-cert-auth", "--trusted-ca-file", c.ca()});
-    }
-    args_ = std::move(args);
-    log_ = log;
+    log_ = (dir_ / "etcd.log").string();
     bin_ = *bin;
-    Start();
+    // A port FreePort() gave can be taken (by another process, or as the local
+    // port of an outgoing connection) before etcd binds it: etcd then exits,
+    // and another pair of ports is tried.
+    for (int attempt = 0; attempt < 3 && !up_; ++attempt) {
+      std::error_code ec;
+      etcd_fs::remove_all(dir_ / "data", ec);
+      client_port_ = FreePort();
+      int peer = FreePort();
+      while (peer == client_port_) peer = FreePort();
+      const std::string client = url();
+      const std::string peer_url = "http://127.0.0.1:" + std::to_string(peer);
+      std::vector<std::string> args = {"etcd",
+                                       "--name", "m0",
+                                       "--data-dir", (dir_ / "data").string(),
+                                       "--listen-client-urls", client,
+                                       "--advertise-client-urls", client,
+                                       "--listen-peer-urls", peer_url,
+                                       "--initial-advertise-peer-urls", peer_url,
+                                       "--initial-cluster", "m0=" + peer_url,
+                                       "--log-level", "error"};
+      if (tls_) {
+        const TestCertificates& c = *tls_->certificates;
+        args.insert(args.end(), {"--cert-file", c.server_cert(), "--key-file", c.server_key()});
+        if (tls_->client_cert_auth) args.insert(args.end(), {"--client-cert-auth", "--trusted-ca-file", c.ca()});
+      }
+      args_ = std::move(args);
+      Start();
+      if (!up_) Stop();
+    }
   }
   // Stops this member and starts it again on the same ports and data (what a
   // client had open to it is gone); true when it answers again.
@@ -163,10 +169,13 @@ class EtcdServer {
   }
   void Stop() {
     if (pid_ <= 0) return;
-    kill(pid_, SIGKILL);
-    int status;
-    waitpid(pid_, &status, 0);
+    if (!exited_) {  // a pid reaped already may be another process's by now
+      kill(pid_, SIGKILL);
+      int status;
+      waitpid(pid_, &status, 0);
+    }
     pid_ = -1;
+    exited_ = false;
   }
   bool up() const { return up_; }
   std::string endpoint() const { return "127.0.0.1:" + std::to_string(client_port_); }
@@ -204,6 +213,11 @@ class EtcdServer {
     // Up when a client can read (at most 20 s).
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
     while (std::chrono::steady_clock::now() < deadline) {
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {  // it gave up (a port in use?): see etcd.log
+        exited_ = true;
+        return;
+      }
       EtcdOptions o = client_options();
       o.request_timeout = std::chrono::milliseconds(500);
       if (EtcdClient::Connect(o).ok()) {
@@ -221,6 +235,7 @@ class EtcdServer {
   etcd_fs::path dir_;
   int client_port_ = 0;
   pid_t pid_ = -1;
+  bool exited_ = false;  // reaped already (it exited on its own)
   bool up_ = false;
 };
 
